@@ -1,0 +1,77 @@
+"""Crash-safe file output: write to a temporary sibling, rename into place when complete.
+
+A reader therefore sees either the previous complete file or the new complete file, never a
+half-written one, and a killed stage leaves only ``*.tmp`` debris that the next run overwrites.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def temporary_sibling(path: str | os.PathLike) -> Path:
+    """A unique temporary name in the same directory as ``path`` (same filesystem, so rename is atomic)."""
+    target = Path(path)
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write to; on success rename it to ``path``, on error delete it.
+
+    Works for files and directories alike (a directory is moved into place whole).
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(target)
+    try:
+        yield temporary
+        if target.is_dir() and temporary.is_dir():
+            shutil.rmtree(target)
+        os.replace(temporary, target)
+    except BaseException:
+        if temporary.is_dir():
+            shutil.rmtree(temporary, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write ``data`` as indented JSON to ``path`` atomically."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_dataframe(path: str | os.PathLike, frame: "Any") -> None:
+    """Write a pandas DataFrame atomically, as Parquet or CSV by the file suffix."""
+    target = Path(path)
+    with atomic_path(target) as temporary:
+        if target.suffix == ".parquet":
+            frame.to_parquet(temporary, index=False)
+        elif target.suffix == ".csv":
+            frame.to_csv(temporary, index=False)
+        else:
+            raise ValueError(f"write_dataframe: unsupported suffix {target.suffix!r} for {target}")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
