@@ -1,0 +1,23 @@
+# sae-stability: how stable and how steerable are SAE features, and how does weight regularization
+# change both? Stages: subject model -> cache -> train -> match -> autointerp -> steer -> regress
+# (plus evaluate, and the digits stability experiment). Each rule calls one function of the
+# sae_pipeline package through a one-line script in workflow/scripts/; no science lives here.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/subject.smk"
+include: "workflow/rules/cache.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        ALL_TARGETS,
