@@ -1,0 +1,216 @@
+"""The cache stage: run the subject model over the text and store the hook's activations as Parquet.
+
+Output folder (see :mod:`sae_pipeline.shards` for the format)::
+
+    manifest.json      declared Snakemake output, written last
+    tokens.parquet     the token ids of every sequence (contexts for autointerp and steering)
+    shards/            shard-00000.parquet ... each ``sequences_per_shard * context_size`` rows
+    .fingerprint.json  settings the shards were made with (a changed setting discards them)
+
+Sharding is deterministic (shard ``i`` holds sequences ``[i*S, (i+1)*S)``) and each shard is written
+to a temporary name and renamed, so a rerun after a kill finds the complete shards, skips them and
+resumes at the first missing one. The forward pass stops after the hooked block
+(``stop_at_layer``); finished batches move to the host asynchronously and shards are written by a
+small thread pool so Parquet writing overlaps the next forward passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sae_pipeline.atomic import write_json
+from sae_pipeline.config import resolve_device
+from sae_pipeline.corpus import load_documents, pack_sequences
+from sae_pipeline.shards import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SHARD_FOLDER,
+    SUPPORTED_DTYPES,
+    TOKENS_NAME,
+    ShardData,
+    file_sha256,
+    shard_name,
+    write_sequences,
+    write_shard,
+)
+from sae_pipeline.subject import bos_token_id, hook_layer, load_subject_model
+
+logger = logging.getLogger("sae_pipeline.cache")
+FINGERPRINT_NAME = ".fingerprint.json"
+
+
+def tokenize_corpus(documents: Iterator[str], tokenizer: Any, context_size: int, max_tokens: int, bos: int, chunk_documents: int = 256) -> np.ndarray:
+    """Tokenize streamed documents (in chunks, with the fast tokenizer's batch path) into ``[n, context_size]`` sequences.
+
+    Stops as soon as ``max_tokens // context_size`` sequences exist.
+    """
+    max_sequences = max(1, max_tokens // context_size)
+
+    def token_lists() -> Iterator[list[int]]:
+        chunk: list[str] = []
+        for document in documents:
+            chunk.append(document)
+            if len(chunk) == chunk_documents:
+                yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+                chunk = []
+        if chunk:
+            yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+
+    sequences = pack_sequences(token_lists(), context_size, bos, max_sequences=max_sequences)
+    if len(sequences) == 0:
+        raise ValueError(f"the corpus yields no complete sequence of {context_size} tokens")
+    return sequences
+
+
+def settings_fingerprint(model_ref: str, hook_name: str, settings: Mapping[str, Any], corpus_settings: Mapping[str, Any]) -> str:
+    """Hash of everything that determines the shard contents."""
+    relevant = {key: settings[key] for key in ("context_size", "max_tokens", "dtype", "rows_per_shard") if key in settings}
+    payload = json.dumps({"model": model_ref, "hook": hook_name, "cache": relevant, "corpus": corpus_settings}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class HookActivations:
+    """Forward passes that stop after the hooked block and return the hook's activations.
+
+    ``__call__(tokens [B, T] int64 on the model device) -> [B, T, d_model]`` tensor on the device.
+    """
+
+    def __init__(self, bridge: Any, hook_name: str):
+        self.bridge = bridge
+        self.hook_name = hook_name
+        self.stop_at_layer = hook_layer(hook_name) + 1
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, cache = self.bridge.run_with_cache(tokens, names_filter=lambda name: name == self.hook_name, stop_at_layer=self.stop_at_layer)
+        return cache[self.hook_name]
+
+
+def cache_activations(
+    model_ref: str,
+    hook_name: str,
+    corpus_settings: Mapping[str, Any],
+    documents_path: str | None,
+    manifest_path: str,
+    settings: Mapping[str, Any],
+) -> dict:
+    """Cache activations of ``hook_name`` over the corpus into the folder of ``manifest_path``.
+
+    Args:
+        model_ref: Hub id or local Hugging Face folder of the subject model.
+        hook_name: TransformerLens hook, e.g. ``blocks.3.hook_resid_post``.
+        corpus_settings: the config's ``corpus`` section; ``documents_path`` the exported local corpus
+            (None for a Hub dataset).
+        manifest_path: where the manifest goes; shards and tokens go beside it.
+        settings: the config's ``cache`` section (context_size, max_tokens, batch_size, dtype,
+            rows_per_shard, device).
+
+    Returns the manifest dictionary.
+    """
+    started = time.time()
+    root = Path(manifest_path).parent
+    shard_folder = root / SHARD_FOLDER
+    dtype = settings["dtype"]
+    context_size = int(settings["context_size"])
+    sequences_per_shard = max(1, int(settings.get("rows_per_shard", 65536)) // context_size)
+    batch_size = int(settings.get("batch_size", 64))
+    device = resolve_device(settings.get("device", "auto"))
+
+    fingerprint = settings_fingerprint(model_ref, hook_name, settings, corpus_settings)
+    fingerprint_path = root / FINGERPRINT_NAME
+    if fingerprint_path.exists() and json.loads(fingerprint_path.read_text()).get("fingerprint") != fingerprint:
+        logger.info("settings changed since the shards in %s were written: discarding them", shard_folder)
+        shutil.rmtree(shard_folder, ignore_errors=True)
+    shard_folder.mkdir(parents=True, exist_ok=True)
+    write_json(fingerprint_path, {"fingerprint": fingerprint})
+
+    model_dtype = torch.float16 if (dtype == "float16" and device.startswith("cuda")) else torch.float32
+    bridge = load_subject_model(model_ref, device=device, dtype=model_dtype)
+    bos = bos_token_id(bridge)
+    sequences = tokenize_corpus(load_documents(corpus_settings, documents_path), bridge.tokenizer, context_size, int(settings["max_tokens"]), bos)
+    write_sequences(root / TOKENS_NAME, sequences)
+    n_shards = -(-len(sequences) // sequences_per_shard)
+    forward = HookActivations(bridge, hook_name)
+
+    shard_infos: list[dict | Future] = []
+    progress = tqdm(total=len(sequences) * context_size, desc="cache", unit="tok", unit_scale=True, mininterval=2.0)
+    with ThreadPoolExecutor(max_workers=4) as writers:
+        pending: list[Future] = []
+        for shard_index in range(n_shards):
+            path = shard_folder / shard_name(shard_index)
+            shard_sequences = sequences[shard_index * sequences_per_shard : (shard_index + 1) * sequences_per_shard]
+            if path.exists():
+                shard_infos.append({"path": f"{SHARD_FOLDER}/{path.name}", "rows": int(shard_sequences.size), "sha256": None})
+                progress.update(shard_sequences.size)
+                continue
+            activations = _forward_shard(forward, shard_sequences, batch_size, device, dtype, progress)
+            doc_ids = np.repeat(np.arange(shard_index * sequences_per_shard, shard_index * sequences_per_shard + len(shard_sequences)), context_size)
+            positions = np.tile(np.arange(context_size, dtype=np.int32), len(shard_sequences))
+            data = ShardData(activations, doc_ids, positions, shard_sequences.reshape(-1), positions == 0)
+            while len(pending) >= 4:
+                pending.pop(0).result()
+            future = writers.submit(write_shard, path, data, dtype)
+            pending.append(future)
+            shard_infos.append(future)
+        resolved = []
+        for index, info in enumerate(shard_infos):
+            if isinstance(info, Future):
+                result = info.result()
+                resolved.append({"path": f"{SHARD_FOLDER}/{shard_name(index)}", "rows": result["rows"], "sha256": result["sha256"]})
+            else:
+                resolved.append(dict(info, sha256=file_sha256(root / info["path"])))
+    progress.close()
+
+    elapsed = time.time() - started
+    manifest = {
+        "format": FORMAT_VERSION,
+        "model": model_ref,
+        "hook_name": hook_name,
+        "dtype": dtype,
+        "d_model": int(bridge.cfg.d_model),
+        "context_size": context_size,
+        "rows_per_shard": sequences_per_shard * context_size,
+        "n_rows": int(sequences.size),
+        "n_sequences": int(len(sequences)),
+        "n_bos_rows": int(len(sequences)),
+        "bos_token_id": bos,
+        "prepend_bos": True,
+        "dataset": corpus_settings.get("hf_dataset", {}).get("path") if corpus_settings["source"] == "hf_dataset" else corpus_settings["source"],
+        "tokens": TOKENS_NAME,
+        "shards": resolved,
+        "fingerprint": fingerprint,
+        "wall_time_s": elapsed,
+    }
+    write_json(manifest_path, manifest)
+    logger.info("cached %d tokens in %d shards in %.1f s (%.0f tokens/s)", sequences.size, n_shards, elapsed, sequences.size / elapsed)
+    return manifest
+
+
+def _forward_shard(forward: HookActivations, shard_sequences: np.ndarray, batch_size: int, device: str, dtype: str, progress: tqdm) -> np.ndarray:
+    """Activations ``[len(shard_sequences) * T, d_model]`` (host, ``dtype``) of one shard's sequences."""
+    host_batches: list[torch.Tensor] = []
+    target_dtype = torch.float16 if dtype == "float16" else torch.float32
+    for start in range(0, len(shard_sequences), batch_size):
+        tokens = torch.from_numpy(shard_sequences[start : start + batch_size].astype(np.int64)).to(device, non_blocking=True)
+        activations = forward(tokens).to(target_dtype)
+        host = activations.reshape(-1, activations.shape[-1])
+        if device.startswith("cuda"):
+            pinned = torch.empty(host.shape, dtype=target_dtype, pin_memory=True)
+            pinned.copy_(host, non_blocking=True)
+            host = pinned
+        host_batches.append(host)
+        progress.update(tokens.numel())
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return torch.cat(host_batches).numpy() if len(host_batches) > 1 else host_batches[0].numpy()

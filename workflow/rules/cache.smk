@@ -1,0 +1,27 @@
+# Activation caching: subject model over the corpus -> Parquet shards + manifest.
+
+
+rule cache:
+    """Cache the configured hook's activations (plus doc id, position, token id, BOS flag) as Parquet shards."""
+    input:
+        documents=corpus_documents_input(),
+        model=subject_model_input(),
+    output:
+        manifest=f"{RESULTS}/lm/cache/manifest.json",
+    params:
+        model_ref=subject_model_ref(),
+        hook_name=config["subject_model"]["hook_name"],
+        corpus=config["corpus"],
+        settings=config["cache"],
+    log:
+        f"{RESULTS}/logs/cache.log",
+    threads: 2
+    resources:
+        gpu=1,
+        mem_mb=8000,
+        runtime=120,
+    script:
+        "../scripts/cache.py"
+
+
+ALL_TARGETS.append(rules.cache.output.manifest)

@@ -1,0 +1,42 @@
+# The text corpus and, for the offline default, the subject model trained on it.
+
+
+rule export_corpus:
+    """Write a local corpus (King James Bible from Debian's bible-kjv, or text files) as JSON lines."""
+    output:
+        documents=f"{RESULTS}/lm/corpus/documents.jsonl",
+    params:
+        corpus=config["corpus"],
+    log:
+        f"{RESULTS}/logs/export_corpus.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/export_corpus.py"
+
+
+def corpus_documents_input():
+    """The exported documents file for a local corpus; nothing for a Hub dataset (streamed directly)."""
+    if config["corpus"]["source"] == "hf_dataset":
+        return []
+    return [f"{RESULTS}/lm/corpus/documents.jsonl"]
+
+
+rule train_subject_model:
+    """Train the small offline GPT-NeoX subject model and save it as a Hugging Face folder."""
+    input:
+        documents=corpus_documents_input(),
+    output:
+        model=directory(f"{RESULTS}/lm/subject_model"),
+    params:
+        corpus=config["corpus"],
+        settings=config["subject_model"].get("train", {}),
+    log:
+        f"{RESULTS}/logs/train_subject_model.log",
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    script:
+        "../scripts/train_subject_model.py"

@@ -1,0 +1,12 @@
+from sae_pipeline.cache import cache_activations
+from sae_pipeline.logs import stage_log
+
+with stage_log(snakemake.log[0], "cache"):
+    cache_activations(
+        snakemake.params.model_ref,
+        snakemake.params.hook_name,
+        snakemake.params.corpus,
+        snakemake.input.documents[0] if snakemake.input.documents else None,
+        snakemake.output.manifest,
+        snakemake.params.settings,
+    )
