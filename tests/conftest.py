@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny random GPT-NeoX subject model with its own BPE tokenizer, a tiny corpus,
+and a tiny activation cache made by the real cache stage. Everything is small enough for CPU in seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TINY_TEXT_SENTENCES = [
+    "In the beginning the river ran past the old mill and the children played beside it.",
+    "The king of the north sent seven riders to the city with gold and silver.",
+    "She said that the light was good, and the evening and the morning were the first day.",
+    "Many people believe that the most important thing is a quiet mind and an honest heart.",
+    "According to experts, the weather in the mountains changes quickly in the spring.",
+    "He counted the sheep: one, two, three, four, five, and then he slept.",
+    "The ship sailed across the sea for forty days and forty nights before it found land.",
+    "Bread, wine, oil and salt were carried to the market on the back of a grey donkey.",
+]
+
+
+def tiny_documents(n_documents: int = 40) -> list[str]:
+    """Deterministic little English documents built from the sentences above."""
+    documents = []
+    for index in range(n_documents):
+        sentences = [TINY_TEXT_SENTENCES[(index * 3 + offset) % len(TINY_TEXT_SENTENCES)] for offset in range(4)]
+        documents.append(" ".join(sentences))
+    return documents
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> tuple[dict, Path]:
+    """(corpus settings, JSON-lines documents file) for a local text corpus."""
+    folder = tmp_path_factory.mktemp("corpus")
+    path = folder / "documents.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in tiny_documents()))
+    return {"source": "text_files", "text_files": [], "heldout_fraction": 0.1}, path
+
+
+@pytest.fixture(scope="session")
+def tiny_subject_model(tmp_path_factory) -> Path:
+    """A random tiny GPT-NeoX (d_model 32, 2 layers) with a 300-token BPE tokenizer, as a local HF folder."""
+    from sae_pipeline.subject import build_gpt_neox, build_tokenizer
+
+    folder = tmp_path_factory.mktemp("subject_model")
+    tokenizer = build_tokenizer(tiny_documents(), vocab_size=300)
+    model = build_gpt_neox(len(tokenizer), d_model=32, n_layers=2, n_heads=2, d_mlp=64, context_size=32, seed=0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+TINY_CACHE_SETTINGS = {"context_size": 16, "max_tokens": 2048, "batch_size": 8, "dtype": "float16", "rows_per_shard": 512, "device": "cpu"}
+TINY_HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, tiny_subject_model, tiny_corpus) -> Path:
+    """A finished activation cache (4 shards of 512 rows, d_model 32) from the real cache stage; returns the folder."""
+    from sae_pipeline.cache import cache_activations
+
+    corpus_settings, documents = tiny_corpus
+    folder = tmp_path_factory.mktemp("cache")
+    cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(folder / "manifest.json"), TINY_CACHE_SETTINGS)
+    return folder

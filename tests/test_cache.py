@@ -1,0 +1,116 @@
+"""The cache stage: shapes, dtypes, values against a direct forward pass, crash-safety and resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import sae_pipeline.cache as cache_module
+from sae_pipeline.cache import cache_activations
+from sae_pipeline.shards import ActivationStore, read_shard
+from tests.conftest import TINY_CACHE_SETTINGS, TINY_HOOK
+
+
+def test_manifest_and_shard_shapes(tiny_cache):
+    store = ActivationStore(tiny_cache)
+    manifest = store.manifest
+    assert manifest["d_model"] == 32
+    assert manifest["hook_name"] == TINY_HOOK
+    assert manifest["dtype"] == "float16"
+    assert manifest["context_size"] == 16
+    assert manifest["n_rows"] == 2048 and manifest["n_sequences"] == 128
+    assert [shard["rows"] for shard in manifest["shards"]] == [512, 512, 512, 512]
+    store.verify()
+    shard = store.read_shard(1)
+    assert shard.activations.shape == (512, 32) and shard.activations.dtype == np.float16
+    assert shard.doc_id.dtype == np.int64 and shard.position.dtype == np.int32 and shard.token_id.dtype == np.int32
+    assert np.array_equal(shard.is_bos, shard.position == 0)
+    assert shard.doc_id[0] == 32 and shard.doc_id[-1] == 63
+
+
+def test_token_ids_match_tokens_table_and_bos(tiny_cache):
+    store = ActivationStore(tiny_cache)
+    sequences = store.sequences()
+    assert sequences.shape == (128, 16)
+    assert np.all(sequences[:, 0] == store.manifest["bos_token_id"])
+    for shard in store.iter_shards(columns=["doc_id", "position", "token_id", "is_bos"]):
+        assert np.array_equal(shard.token_id, sequences[shard.doc_id, shard.position])
+    without_bos = next(store.iter_shards(drop_bos=True))
+    assert len(without_bos) == 512 - 32 and not without_bos.is_bos.any()
+
+
+def test_activations_equal_direct_forward_pass(tiny_cache, tiny_subject_model):
+    from transformers import GPTNeoXForCausalLM
+
+    store = ActivationStore(tiny_cache)
+    model = GPTNeoXForCausalLM.from_pretrained(tiny_subject_model).eval()
+    sequences = torch.from_numpy(store.sequences()[:4].astype(np.int64))
+    captured = {}
+    handle = model.gpt_neox.layers[1].register_forward_hook(lambda module, args, output: captured.setdefault("out", output[0] if isinstance(output, tuple) else output))
+    with torch.no_grad():
+        model(sequences)
+    handle.remove()
+    hidden = captured["out"]  # residual stream after block 1 (HF's last hidden_states entry is after the final LayerNorm)
+    stored = torch.from_numpy(store.read_shard(0).activations[: 4 * 16].astype(np.float32)).reshape(4, 16, 32)
+    torch.testing.assert_close(stored, hidden, atol=2e-2, rtol=1e-2)
+
+
+def test_float32_dtype(tmp_path, tiny_subject_model, tiny_corpus):
+    corpus_settings, documents = tiny_corpus
+    settings = dict(TINY_CACHE_SETTINGS, dtype="float32", max_tokens=512)
+    manifest = cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(tmp_path / "manifest.json"), settings)
+    shard = read_shard(tmp_path / manifest["shards"][0]["path"])
+    assert shard.activations.dtype == np.float32 and shard.activations.shape == (512, 32)
+
+
+def test_crash_leaves_no_partial_shard_and_rerun_resumes(tmp_path, tiny_subject_model, tiny_corpus, monkeypatch):
+    corpus_settings, documents = tiny_corpus
+    manifest_path = tmp_path / "manifest.json"
+    real_write_shard = cache_module.write_shard
+    written = []
+
+    def crash_on_third_shard(path, data, dtype):
+        if len(written) == 2:
+            # die half-way through writing: a temporary file exists, then the process "is killed"
+            (path.parent / f".{path.name}.deadbeef.tmp").write_bytes(b"partial")
+            raise KeyboardInterrupt("simulated kill")
+        written.append(path.name)
+        return real_write_shard(path, data, dtype)
+
+    monkeypatch.setattr(cache_module, "write_shard", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), TINY_CACHE_SETTINGS)
+    assert not manifest_path.exists()
+    complete = sorted(path.name for path in (tmp_path / "shards").glob("shard-*.parquet"))
+    assert complete == ["shard-00000.parquet", "shard-00001.parquet"]
+    for name in complete:
+        assert len(read_shard(tmp_path / "shards" / name)) == 512
+
+    monkeypatch.setattr(cache_module, "write_shard", real_write_shard)
+    forwarded_batches = []
+    real_call = cache_module.HookActivations.__call__
+
+    def counting_call(self, tokens):
+        forwarded_batches.append(tokens.shape[0])
+        return real_call(self, tokens)
+
+    monkeypatch.setattr(cache_module.HookActivations, "__call__", counting_call)
+    manifest = cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), TINY_CACHE_SETTINGS)
+    assert sum(forwarded_batches) == 64  # only shards 2 and 3 (32 sequences each) were recomputed
+    store = ActivationStore(tmp_path)
+    store.verify()
+    assert manifest["n_rows"] == 2048
+
+
+def test_changed_settings_discard_old_shards(tmp_path, tiny_subject_model, tiny_corpus):
+    corpus_settings, documents = tiny_corpus
+    manifest_path = tmp_path / "manifest.json"
+    cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), dict(TINY_CACHE_SETTINGS, max_tokens=1024))
+    first = read_shard(tmp_path / "shards" / "shard-00000.parquet").activations.dtype
+    manifest = cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), dict(TINY_CACHE_SETTINGS, max_tokens=1024, dtype="float32"))
+    assert first == np.float16
+    assert read_shard(tmp_path / manifest["shards"][0]["path"]).activations.dtype == np.float32
+    assert json.loads(manifest_path.read_text())["dtype"] == "float32"

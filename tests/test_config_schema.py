@@ -1,0 +1,77 @@
+"""Config validation: the default and paper configs pass; a wrong type, an unknown key or a missing
+required key is rejected with the key named."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from tests.conftest import REPO_ROOT
+
+SCHEMA = str(REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
+
+
+def load(path: str) -> dict:
+    return yaml.safe_load((REPO_ROOT / path).read_text())
+
+
+def rejection_message(config: dict) -> str:
+    with pytest.raises(WorkflowError) as error:
+        validate(config, SCHEMA)
+    return str(error.value)
+
+
+@pytest.mark.parametrize("path", ["config.yaml", "workflow/configs/paper.yaml"])
+def test_shipped_configs_validate(path):
+    config = load("config.yaml")
+    if path != "config.yaml":
+        config = _merge(config, load(path))
+    validate(copy.deepcopy(config), SCHEMA)
+
+
+def test_wrong_type_names_the_key():
+    config = load("config.yaml")
+    config["cache"]["max_tokens"] = "lots"
+    message = rejection_message(config)
+    assert "max_tokens" in message and "'lots' is not of type 'integer'" in message
+
+
+def test_unknown_key_is_named():
+    config = load("config.yaml")
+    config["cache"]["rows_per_shart"] = 10
+    assert "rows_per_shart" in rejection_message(config)
+
+
+def test_unknown_top_level_section_is_named():
+    config = load("config.yaml")
+    config["trian"] = {}
+    assert "trian" in rejection_message(config)
+
+
+def test_missing_required_key_is_named():
+    config = load("config.yaml")
+    del config["cache"]["dtype"]
+    assert "'dtype' is a required property" in rejection_message(config)
+
+
+def test_bad_enum_value_is_named():
+    config = load("config.yaml")
+    config["cache"]["dtype"] = "bfloat17"
+    message = rejection_message(config)
+    assert "bfloat17" in message and "dtype" in message
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Snakemake's --configfile semantics: nested dictionaries are merged, other values replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
