@@ -1,0 +1,15 @@
+from pathlib import Path
+
+from sae_pipeline.evaluate import run_evaluation
+from sae_pipeline.logs import stage_log
+
+with stage_log(snakemake.log[0], "evaluate"):
+    run_evaluation(
+        snakemake.params.sae,
+        str(Path(snakemake.input.cache).parent),
+        dict(snakemake.output.items()),
+        snakemake.params.settings,
+        variant=snakemake.wildcards.variant,
+        seed=int(snakemake.wildcards.seed),
+        condition=snakemake.params.condition,
+    )
