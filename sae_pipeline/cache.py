@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from sae_pipeline.atomic import write_json
 from sae_pipeline.config import resolve_device
-from sae_pipeline.corpus import load_documents, pack_sequences
+from sae_pipeline.corpus import load_documents
 from sae_pipeline.shards import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -48,29 +48,86 @@ from sae_pipeline.subject import bos_token_id, hook_layer, load_subject_model
 
 logger = logging.getLogger("sae_pipeline.cache")
 FINGERPRINT_NAME = ".fingerprint.json"
+WRITER_THREADS = 8
 
 
-def tokenize_corpus(documents: Iterator[str], tokenizer: Any, context_size: int, max_tokens: int, bos: int, chunk_documents: int = 256) -> np.ndarray:
-    """Tokenize streamed documents (in chunks, with the fast tokenizer's batch path) into ``[n, context_size]`` sequences.
+def iter_sequence_blocks(
+    documents: Iterator[str], tokenizer: Any, context_size: int, max_sequences: int, bos: int, block_sequences: int, chunk_documents: int = 1024
+) -> Iterator[np.ndarray]:
+    """Stream documents into blocks of ``block_sequences`` packed sequences, ``[<=block_sequences, context_size]`` int32.
 
-    Stops as soon as ``max_tokens // context_size`` sequences exist.
+    Documents are tokenized in chunks with the fast tokenizer's batch path (Rust, parallel, GIL
+    released), joined with BOS/EOS between documents and cut into BOS-prefixed sequences as in
+    :func:`sae_pipeline.corpus.pack_sequences`. Stops after ``max_sequences`` sequences.
     """
-    max_sequences = max(1, max_tokens // context_size)
+    body = context_size - 1
+    carry = np.zeros(0, dtype=np.int32)
+    pending: list[np.ndarray] = []
+    pending_count = produced = 0
 
-    def token_lists() -> Iterator[list[int]]:
+    def chunks() -> Iterator[list[str]]:
         chunk: list[str] = []
         for document in documents:
             chunk.append(document)
             if len(chunk) == chunk_documents:
-                yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+                yield chunk
                 chunk = []
         if chunk:
-            yield from tokenizer(chunk, add_special_tokens=False)["input_ids"]
+            yield chunk
 
-    sequences = pack_sequences(token_lists(), context_size, bos, max_sequences=max_sequences)
-    if len(sequences) == 0:
+    for chunk in chunks():
+        token_lists = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        flat = np.fromiter((token for tokens in token_lists for token in (*tokens, bos)), dtype=np.int32)
+        stream = np.concatenate([carry, flat])
+        n_new = min(len(stream) // body, max_sequences - produced)
+        if n_new > 0:
+            bodies = stream[: n_new * body].reshape(n_new, body)
+            pending.append(np.concatenate([np.full((n_new, 1), bos, dtype=np.int32), bodies], axis=1))
+            pending_count += n_new
+            produced += n_new
+        carry = stream[n_new * body :]
+        while pending_count >= block_sequences:
+            merged = np.concatenate(pending)
+            yield merged[:block_sequences]
+            pending = [merged[block_sequences:]]
+            pending_count -= block_sequences
+        if produced >= max_sequences:
+            break
+    if pending_count:
+        yield np.concatenate(pending)
+
+
+def tokenize_corpus(documents: Iterator[str], tokenizer: Any, context_size: int, max_tokens: int, bos: int) -> np.ndarray:
+    """All packed sequences of the corpus up to ``max_tokens`` tokens, ``[n, context_size]`` int32."""
+    blocks = list(iter_sequence_blocks(documents, tokenizer, context_size, max(1, max_tokens // context_size), bos, block_sequences=1 << 16))
+    if not blocks:
         raise ValueError(f"the corpus yields no complete sequence of {context_size} tokens")
-    return sequences
+    return np.concatenate(blocks)
+
+
+def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``iterator`` in a background thread, keeping up to ``depth`` items ready; re-raises its errors."""
+    import queue
+    import threading
+
+    items: "queue.Queue[tuple[str, Any]]" = queue.Queue(maxsize=depth)
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                items.put(("item", item))
+            items.put(("done", None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            items.put(("error", error))
+
+    threading.Thread(target=produce, daemon=True, name="prefetch").start()
+    while True:
+        kind, value = items.get()
+        if kind == "done":
+            return
+        if kind == "error":
+            raise value
+        yield value
 
 
 def settings_fingerprint(model_ref: str, hook_name: str, settings: Mapping[str, Any], corpus_settings: Mapping[str, Any]) -> str:
@@ -138,39 +195,46 @@ def cache_activations(
     model_dtype = torch.float16 if (dtype == "float16" and device.startswith("cuda")) else torch.float32
     bridge = load_subject_model(model_ref, device=device, dtype=model_dtype)
     bos = bos_token_id(bridge)
-    sequences = tokenize_corpus(load_documents(corpus_settings, documents_path), bridge.tokenizer, context_size, int(settings["max_tokens"]), bos)
-    write_sequences(root / TOKENS_NAME, sequences)
-    n_shards = -(-len(sequences) // sequences_per_shard)
+    max_sequences = max(1, int(settings["max_tokens"]) // context_size)
+    blocks = prefetch(
+        iter_sequence_blocks(load_documents(corpus_settings, documents_path), bridge.tokenizer, context_size, max_sequences, bos, sequences_per_shard)
+    )
     forward = HookActivations(bridge, hook_name)
 
-    shard_infos: list[dict | Future] = []
-    progress = tqdm(total=len(sequences) * context_size, desc="cache", unit="tok", unit_scale=True, mininterval=2.0)
-    with ThreadPoolExecutor(max_workers=4) as writers:
+    all_sequences: list[np.ndarray] = []
+    shard_records: list[dict] = []
+    progress = tqdm(total=max_sequences * context_size, desc="cache", unit="tok", unit_scale=True, mininterval=2.0)
+    with ThreadPoolExecutor(max_workers=WRITER_THREADS) as writers:
         pending: list[Future] = []
-        for shard_index in range(n_shards):
+        for shard_index, shard_sequences in enumerate(blocks):
+            all_sequences.append(shard_sequences)
             path = shard_folder / shard_name(shard_index)
-            shard_sequences = sequences[shard_index * sequences_per_shard : (shard_index + 1) * sequences_per_shard]
+            record = {"path": f"{SHARD_FOLDER}/{path.name}", "rows": int(shard_sequences.size), "sha256": None}
+            shard_records.append(record)
             if path.exists():
-                shard_infos.append({"path": f"{SHARD_FOLDER}/{path.name}", "rows": int(shard_sequences.size), "sha256": None})
+                record["sha256"] = writers.submit(file_sha256, path)
                 progress.update(shard_sequences.size)
                 continue
             activations = _forward_shard(forward, shard_sequences, batch_size, device, dtype, progress)
-            doc_ids = np.repeat(np.arange(shard_index * sequences_per_shard, shard_index * sequences_per_shard + len(shard_sequences)), context_size)
+            first_doc = shard_index * sequences_per_shard
+            doc_ids = np.repeat(np.arange(first_doc, first_doc + len(shard_sequences)), context_size)
             positions = np.tile(np.arange(context_size, dtype=np.int32), len(shard_sequences))
             data = ShardData(activations, doc_ids, positions, shard_sequences.reshape(-1), positions == 0)
-            while len(pending) >= 4:
+            pending = [future for future in pending if not future.done()]
+            while len(pending) >= WRITER_THREADS:
                 pending.pop(0).result()
             future = writers.submit(write_shard, path, data, dtype)
             pending.append(future)
-            shard_infos.append(future)
-        resolved = []
-        for index, info in enumerate(shard_infos):
-            if isinstance(info, Future):
-                result = info.result()
-                resolved.append({"path": f"{SHARD_FOLDER}/{shard_name(index)}", "rows": result["rows"], "sha256": result["sha256"]})
-            else:
-                resolved.append(dict(info, sha256=file_sha256(root / info["path"])))
+            record["sha256"] = future
+        for record in shard_records:
+            result = record["sha256"].result()
+            record["sha256"] = result if isinstance(result, str) else result["sha256"]
     progress.close()
+    if not all_sequences:
+        raise ValueError(f"the corpus yields no complete sequence of {context_size} tokens")
+    sequences = np.concatenate(all_sequences)
+    write_sequences(root / TOKENS_NAME, sequences)
+    n_shards = len(shard_records)
 
     elapsed = time.time() - started
     manifest = {
@@ -188,7 +252,7 @@ def cache_activations(
         "prepend_bos": True,
         "dataset": corpus_settings.get("hf_dataset", {}).get("path") if corpus_settings["source"] == "hf_dataset" else corpus_settings["source"],
         "tokens": TOKENS_NAME,
-        "shards": resolved,
+        "shards": shard_records,
         "fingerprint": fingerprint,
         "wall_time_s": elapsed,
     }

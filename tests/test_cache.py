@@ -114,3 +114,18 @@ def test_changed_settings_discard_old_shards(tmp_path, tiny_subject_model, tiny_
     assert first == np.float16
     assert read_shard(tmp_path / manifest["shards"][0]["path"]).activations.dtype == np.float32
     assert json.loads(manifest_path.read_text())["dtype"] == "float32"
+
+
+def test_streamed_packing_equals_reference_packing(tiny_subject_model):
+    from transformers import AutoTokenizer
+
+    from sae_pipeline.cache import iter_sequence_blocks
+    from sae_pipeline.corpus import pack_sequences
+    from tests.conftest import tiny_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_subject_model)
+    documents = tiny_documents(30)
+    reference = pack_sequences(tokenizer(documents, add_special_tokens=False)["input_ids"], 16, 0, max_sequences=50)
+    blocks = list(iter_sequence_blocks(iter(documents), tokenizer, 16, 50, 0, block_sequences=7, chunk_documents=4))
+    assert [len(block) for block in blocks] == [7] * 7 + [1]
+    assert np.array_equal(np.concatenate(blocks), reference)
