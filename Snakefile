@@ -15,6 +15,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/subject.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/autointerp.smk"
 
 
 rule all:

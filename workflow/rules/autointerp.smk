@@ -1,0 +1,39 @@
+# Autointerp: explain and score the features of one seed's SAE per variant (the seed steering uses).
+
+
+def autointerp_judge_cache_dir():
+    """The LLM judge's response cache folder (``{results_dir}`` in the setting is replaced)."""
+    return config["autointerp"]["llm"]["cache_dir"].format(results_dir=RESULTS)
+
+
+rule autointerp:
+    """Mine top/quantile/non-activating contexts of SAE features, explain them and score the explanations."""
+    input:
+        manifest=f"{RESULTS}/lm/cache/manifest.json",
+        sae_group=lambda wildcards: f"{RESULTS}/lm/sae/{wildcards.variant}/{group_of('lm', wildcards.seed)}",
+        sharedness=f"{RESULTS}/lm/match/{{variant}}/features.parquet",
+    output:
+        scores=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/scores.parquet",
+        audit=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/audit.jsonl",
+    params:
+        settings=config["autointerp"],
+        sae=lambda wildcards: sae_dir("lm", wildcards.variant, wildcards.seed),
+        judge_cache_dir=autointerp_judge_cache_dir(),
+    log:
+        f"{RESULTS}/logs/autointerp/{{variant}}/seed{{seed}}.log",
+    threads: config["autointerp"]["threads"]
+    resources:
+        gpu=0 if config["autointerp"]["mining"]["device"] == "cpu" else 1,
+        mem_mb=8000,
+        runtime=240,
+    script:
+        "../scripts/autointerp.py"
+
+
+ALL_TARGETS.extend(
+    expand(
+        f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/scores.parquet",
+        variant=list(variants("lm")),
+        seed=config["autointerp"]["seed"],
+    )
+)

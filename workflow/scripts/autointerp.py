@@ -1,0 +1,16 @@
+import os
+
+from sae_pipeline.autointerp import run_autointerp
+from sae_pipeline.logs import stage_log
+
+with stage_log(snakemake.log[0], "autointerp"):
+    run_autointerp(
+        os.path.dirname(snakemake.input.manifest),
+        snakemake.params.sae,
+        snakemake.input.sharedness,
+        snakemake.output.scores,
+        snakemake.output.audit,
+        snakemake.params.settings,
+        judge_cache_dir=snakemake.params.judge_cache_dir,
+        threads=snakemake.threads,
+    )
