@@ -1,0 +1,288 @@
+"""Regress stage: fitted coefficients recover known ones within their intervals, degenerate inputs give
+clear messages (never a crash or a silent NaN), and a whole run writes its tables, summary and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sae_pipeline.regress import (
+    cluster_bootstrap_rate,
+    completely_separated,
+    fit_all_models,
+    fit_outcome_model,
+    judge_frames,
+    reference_condition,
+    run_regression,
+    steering_success_by_condition,
+    wilson_interval,
+)
+
+SETTINGS = {
+    "judges": ["embedding", "llm"],
+    "models": ["logit_row", "binomial_feature", "ols_feature"],
+    "share_count_covariate": True,
+    "reference_condition": None,
+    "min_rows": 20,
+    "min_features": 10,
+    "bootstrap_samples": 400,
+    "seed": 0,
+    "plot_bins": 5,
+    "curve_metrics": ["fvu", "l0", "dead_fraction"],
+}
+
+# condition -> (intercept, interp slope) of the true logit, and (intercept, slope) of the true mean embedding score
+TRUTH = {"l2w0+noreg": ((-1.0, 1.0), (0.2, 0.1)), "l2w1e-03+noreg": ((-2.0, 4.0), (0.1, 0.5))}
+
+
+def synthetic_rows(n_features: int = 250, n_prompts: int = 8, seed: int = 0, truth=TRUTH) -> pd.DataFrame:
+    """Steering rows in the steer stage's layout, drawn from known logits (no feature-level effects)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for variant_index, (condition, ((a, b), (c, d))) in enumerate(truth.items()):
+        interp = rng.random(n_features)
+        share = rng.integers(0, 4, n_features)
+        feature = np.repeat(np.arange(n_features), n_prompts)
+        x = np.repeat(interp, n_prompts)
+        success = rng.random(x.size) < 1 / (1 + np.exp(-(a + b * x)))
+        score = c + d * x + rng.normal(0, 0.05, x.size)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "variant": f"variant{variant_index}",
+                    "condition": condition,
+                    "feature": feature,
+                    "category": "sometimes",
+                    "share_count": np.repeat(share, n_prompts),
+                    "interp_score": x,
+                    "prompt": np.tile([f"prompt {i}" for i in range(n_prompts)], n_features),
+                    "embedding_score": score,
+                    "embedding_success": pd.array(success, dtype="boolean"),
+                    "llm_score": pd.array([pd.NA] * x.size, dtype="Int64"),
+                    "llm_success": pd.array([pd.NA] * x.size, dtype="boolean"),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def slope_row(table: pd.DataFrame, model: str, scope: str, term: str = "interp_score") -> pd.Series:
+    match = table[(table["outcome_model"] == model) & (table["scope"] == scope) & (table["term"] == term) & (table["judge"] == "embedding")]
+    assert len(match) == 1, table[(table["outcome_model"] == model) & (table["scope"] == scope)]
+    return match.iloc[0]
+
+
+def test_known_coefficients_fall_within_their_intervals():
+    rows = synthetic_rows()
+    table, fitted = fit_all_models(rows, {**SETTINGS, "share_count_covariate": False})
+    for condition, ((a, b), (c, d)) in TRUTH.items():
+        for model in ("logit_row", "binomial_feature"):
+            slope, intercept = slope_row(table, model, condition), slope_row(table, model, condition, "Intercept")
+            assert slope["ci_low"] <= b <= slope["ci_high"], (model, condition, slope)
+            assert intercept["ci_low"] <= a <= intercept["ci_high"], (model, condition, intercept)
+        ols = slope_row(table, "ols_feature", condition)
+        assert ols["ci_low"] <= d <= ols["ci_high"]
+    # pooled interaction: the slope difference between the conditions
+    interaction = slope_row(table, "logit_row", "pooled", "interp_score:condition[l2w1e-03+noreg]")
+    assert interaction["ci_low"] <= 3.0 <= interaction["ci_high"]
+    assert interaction["p_value"] < 0.001
+    assert "reference condition l2w0+noreg" in interaction["message"]
+    # the logit and the binomial GLM on the same attempts give the same estimates
+    assert slope_row(table, "binomial_feature", "l2w0+noreg")["estimate"] == pytest.approx(slope_row(table, "logit_row", "l2w0+noreg")["estimate"], rel=1e-4)
+    assert 0 < slope_row(table, "logit_row", "pooled")["pseudo_r2"] < 1
+    assert ("embedding", "logit_row", "l2w0+noreg") in fitted
+
+
+def test_share_count_covariate_is_estimated_and_dropped_when_constant():
+    rows = synthetic_rows(n_features=120)
+    table, _ = fit_all_models(rows, SETTINGS)
+    share = slope_row(table, "logit_row", "l2w0+noreg", "share_count")
+    assert share["ci_low"] <= 0.0 <= share["ci_high"]  # the truth has no share_count effect
+    rows["share_count"] = 2
+    table, _ = fit_all_models(rows, SETTINGS)
+    assert "share_count left out" in slope_row(table, "logit_row", "l2w0+noreg")["message"]
+
+
+def test_llm_judge_not_run_gives_a_message_row():
+    table, _ = fit_all_models(synthetic_rows(n_features=30), SETTINGS)
+    llm = table[table["judge"] == "llm"]
+    assert len(llm) == 1 and "no steering rows scored by the llm judge" in llm["message"].iloc[0]
+
+
+def test_no_silent_nans():
+    rows = synthetic_rows(n_features=30)
+    rows.loc[rows["condition"] == "l2w0+noreg", "embedding_success"] = True  # degenerate condition
+    table, _ = fit_all_models(rows, SETTINGS)
+    missing = table["estimate"].isna()
+    assert missing.any()
+    assert (table.loc[missing, "message"].str.len() > 0).all()
+
+
+def base_frame(n: int, success: np.ndarray, interp: np.ndarray, condition: str = "a") -> pd.DataFrame:
+    return pd.DataFrame({"variant": "v", "feature": np.arange(n), "condition": condition, "interp_score": interp, "share_count": 0.0, "success": success.astype(int)})
+
+
+@pytest.mark.parametrize(
+    "frame, pooled, expected",
+    [
+        (base_frame(40, np.ones(40), np.linspace(0, 1, 40)), False, "all 40 steering attempts are successes"),
+        (base_frame(40, np.zeros(40), np.linspace(0, 1, 40)), False, "all 40 steering attempts are failures"),
+        (base_frame(5, np.array([0, 1, 0, 1, 1]), np.linspace(0, 1, 5)), False, "5 rows, fewer than regress.min_n=20"),
+        (base_frame(40, np.arange(40) >= 20, np.linspace(0, 1, 40)), False, "complete separation"),
+        (base_frame(40, np.arange(40) % 2, np.full(40, 0.5)), False, "interp_score takes the single value 0.5"),
+        (base_frame(40, np.arange(40) % 3 == 0, np.linspace(0, 1, 40)), True, "only one condition (a)"),
+    ],
+)
+def test_degenerate_inputs_give_clear_messages(frame, pooled, expected):
+    rows, result = fit_outcome_model(frame, "logit_row", pooled, "a", True, 20, {"judge": "embedding", "scope": "x"})
+    assert result is None and len(rows) == 1
+    assert expected in rows[0]["message"]
+    assert rows[0]["estimate"] is None and rows[0]["term"] == ""
+
+
+def test_binomial_separation_and_constant_ols_scores():
+    features = pd.DataFrame(
+        {"variant": "v", "feature": np.arange(20), "condition": "a", "interp_score": np.linspace(0, 1, 20), "share_count": 0.0,
+         "successes": np.where(np.arange(20) >= 10, 8, 0), "trials": 8, "mean_score": 0.3}
+    )
+    features["failures"] = features["trials"] - features["successes"]
+    rows, _ = fit_outcome_model(features, "binomial_feature", False, None, False, 10, {})
+    assert "complete separation" in rows[0]["message"]
+    rows, _ = fit_outcome_model(features, "ols_feature", False, None, False, 10, {})
+    assert "mean judge score is 0.3 for every feature" in rows[0]["message"]
+
+
+def test_completely_separated_lp():
+    design = np.column_stack([np.ones(6), [0.0, 1, 2, 3, 4, 5]])
+    assert completely_separated(design, np.array([0, 0, 0, 1, 1, 1]))
+    assert not completely_separated(design, np.array([0, 1, 0, 1, 0, 1]))
+
+
+def test_intervals_match_hand_computation():
+    low, high = wilson_interval(5, 10)
+    assert (low, high) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    draws = cluster_bootstrap_rate(np.array([2, 4, 6]), np.array([4, 8, 12]), 100, np.random.default_rng(0))
+    assert draws == pytest.approx(np.full(100, 0.5))  # every feature has rate 0.5, so every resample does
+    features = pd.DataFrame({"condition": ["a", "a", "b", "b"], "successes": [1, 1, 2, 2], "trials": [4, 4, 4, 4]})
+    table = steering_success_by_condition(features, "a", 200, 0).set_index("condition")
+    assert table.loc["a", "success_rate"] == 0.25 and table.loc["b", "success_rate"] == 0.5
+    assert table.loc["b", "ratio_to_reference"] == pytest.approx(2.0)
+    assert table.loc["b", "ratio_ci_low"] == pytest.approx(2.0) and math.isnan(table.loc["a", "ratio_to_reference"])
+
+
+def test_reference_condition_choice():
+    assert reference_condition(["l2w1e-03+noreg", "l2w0+noreg", "l2w0+off_support_l11e-03"], None) == "l2w0+noreg"
+    assert reference_condition(["l1w1e-04+noreg", "nopen+noreg"], None) == "nopen+noreg"
+    assert reference_condition(["b", "a"], None) == "a"
+    with pytest.raises(ValueError, match="regress.reference_condition 'c'"):
+        reference_condition(["a", "b"], "c")
+
+
+def test_judge_frames_aggregate_per_feature():
+    rows = synthetic_rows(n_features=3, n_prompts=4)
+    row_frame, feature_frame = judge_frames(rows, "embedding")
+    assert len(row_frame) == 24 and len(feature_frame) == 6
+    first = rows[(rows["variant"] == "variant0") & (rows["feature"] == 0)]
+    record = feature_frame[(feature_frame["variant"] == "variant0") & (feature_frame["feature"] == 0)].iloc[0]
+    assert record["successes"] == int(first["embedding_success"].sum()) and record["trials"] == 4
+    assert record["mean_score"] == pytest.approx(first["embedding_score"].mean())
+
+
+OUTPUT_NAMES = {
+    "coefficients": "coefficients.csv", "summary": "summary.md", "steering_success": "steering_success.csv",
+    "shared_fraction": "shared_fraction.csv", "autointerp": "autointerp.csv", "claim4": "claim4.csv", "k_robustness": "k_robustness.csv",
+    "plot_shared_fraction": "plots/shared_fraction.png", "plot_steering_success": "plots/steering_success.png",
+    "plot_success_vs_interp": "plots/success_vs_interp.png", "plot_training_curves": "plots/training_curves.png",
+    "plot_k_robustness": "plots/k_robustness.png", "plot_probing": "plots/probing.png",
+}
+
+
+def write_stage_inputs(folder, rows: pd.DataFrame) -> dict:
+    """Fabricated outputs of match, autointerp, steer, train and evaluate for each variant in ``rows``."""
+    rng = np.random.default_rng(1)
+    inputs = {}
+    for variant, group in rows.groupby("variant"):
+        condition = group["condition"].iloc[0]
+        base = folder / variant
+        base.mkdir(parents=True)
+        group.drop(columns=["variant", "condition"]).to_parquet(base / "rows.parquet")
+        categories = rng.choice(["always", "sometimes", "never"], 200, p=[0.5, 0.2, 0.3] if "1e-03" in condition else [0.2, 0.3, 0.5])
+        pd.DataFrame({"feature": np.arange(200), "share_count": 0, "category": categories}).to_parquet(base / "features.parquet")
+        (base / "summary.json").write_text(json.dumps({"mmcs_decoder": 0.8}))
+        pd.DataFrame({"feature": np.arange(50), "detection_score": rng.random(50), "fuzzing_score": rng.random(50), "backend": "offline_token_baseline"}).to_parquet(base / "scores.parquet")
+        group_dir = base / "seeds0-1"
+        group_dir.mkdir()
+        pd.DataFrame({"step": np.tile(np.arange(10), 2), "seed": np.repeat([0, 1], 10), "fvu": np.linspace(1, 0.2, 20), "l0": 16.0, "dead_fraction": 0.1}).to_parquet(group_dir / "curves.parquet")
+        metrics = {
+            "n_tokens": 1000,
+            "at_trained_k": {"fvu": 0.2, "mse": 0.1, "l0": 16.0, "ce_loss": 3.0, "ce_loss_recovered": 0.9},
+            "effective_latents_per_token": {"mean": 9.5}, "l1_over_l2": {"mean": 3.2},
+            "firing": {"dead_fraction": 0.01, "dense_fraction": 0.0},
+            "monosemanticity": {"scored_latents": 900, "top_token_mass_share": {"mean": 0.4, "ci_low": 0.38, "ci_high": 0.42},
+                                "top_activation_token_entropy_bits": {"mean": 2.1, "ci_low": 2.0, "ci_high": 2.2}},
+        }
+        (base / "metrics.json").write_text(json.dumps(metrics))
+        pd.DataFrame({"inference": ["k'=8", "k'=16", "k'=32"], "multiplier": [0.5, 1.0, 2.0], "k_prime": [8, 16, 32],
+                      "fvu": [0.3, 0.2, 0.25], "ce_loss_recovered": [0.8, 0.9, 0.85]}).to_csv(base / "k_robustness.csv", index=False)
+        pd.DataFrame({"property": ["word_start", "word_start", "punctuation"], "m": [1, 2, None], "test_balanced_accuracy": [0.7, 0.8, None],
+                      "message": [None, None, "skipped: 3 tokens in the smaller class"]}).to_csv(base / "probing.csv", index=False)
+        inputs[variant] = {
+            "condition": condition, "steer_rows": str(base / "rows.parquet"), "match_features": str(base / "features.parquet"),
+            "match_summary": str(base / "summary.json"), "autointerp_scores": str(base / "scores.parquet"), "sae_group_dirs": [str(group_dir)],
+            "evaluate_metrics": str(base / "metrics.json"), "evaluate_k_robustness": str(base / "k_robustness.csv"), "evaluate_probing": str(base / "probing.csv"),
+        }
+    return inputs
+
+
+def test_run_regression_writes_every_output(tmp_path):
+    inputs = write_stage_inputs(tmp_path / "in", synthetic_rows(n_features=60, n_prompts=8))
+    outputs = {name: str(tmp_path / "out" / file) for name, file in OUTPUT_NAMES.items()}
+    coefficients = run_regression(inputs, outputs, SETTINGS)
+    for name, path in outputs.items():
+        if path.endswith(".png"):
+            assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
+    assert pd.read_csv(outputs["coefficients"]).shape[0] == len(coefficients)
+    summary = open(outputs["summary"]).read()
+    for heading in ("## Claim 1", "## Claim 2", "## Claim 3", "## Claim 4", "k-robustness", "Sparse probing", "non-LLM"):
+        assert heading in summary, heading
+    success = pd.read_csv(outputs["steering_success"]).set_index("condition")
+    rows = synthetic_rows(n_features=60, n_prompts=8)
+    expected = rows[rows["condition"] == "l2w1e-03+noreg"]["embedding_success"].astype(float).mean()
+    assert success.loc["l2w1e-03+noreg", "success_rate"] == pytest.approx(expected)
+    assert f"{expected:.3f} [" in summary
+    shared = pd.read_csv(outputs["shared_fraction"]).set_index("condition")
+    assert shared.loc["l2w0+noreg", "always_fraction"] == pytest.approx((pd.read_parquet(inputs["variant0"]["match_features"])["category"] == "always").mean())
+
+
+def test_run_regression_with_degenerate_input_still_reports(tmp_path):
+    rows = synthetic_rows(n_features=8, n_prompts=3, truth={"l2w0+noreg": ((5.0, 0.0), (0.2, 0.1))})
+    rows["embedding_success"] = pd.array([True] * len(rows), dtype="boolean")  # every attempt succeeds
+    inputs = write_stage_inputs(tmp_path / "in", rows)
+    outputs = {name: str(tmp_path / "out" / file) for name, file in OUTPUT_NAMES.items()}
+    coefficients = run_regression(inputs, outputs, SETTINGS)
+    assert coefficients["estimate"].isna().all()
+    messages = " ".join(coefficients["message"])
+    assert "all 24 steering attempts are successes" in messages and "only one condition" in messages and "fewer than regress.min_n=10" in messages
+    summary = open(outputs["summary"]).read()
+    assert "only one condition" in summary
+
+
+def test_feature_level_correlation_widens_row_level_intervals():
+    """When every prompt of a feature succeeds or fails together, the attempts carry one feature's worth of
+    information: the clustered row-level interval must be wider than a naive (independent-rows) logit's."""
+    import statsmodels.formula.api as smf
+
+    rows = synthetic_rows(n_features=80, n_prompts=8, truth={"l2w0+noreg": ((-1.0, 2.0), (0.2, 0.1))})
+    first_prompt = rows.groupby("feature")["embedding_success"].transform("first")
+    rows["embedding_success"] = first_prompt.astype("boolean")
+    table, _ = fit_all_models(rows, {**SETTINGS, "share_count_covariate": False})
+    clustered = slope_row(table, "logit_row", "l2w0+noreg")
+    row_frame, _ = judge_frames(rows, "embedding")
+    naive = smf.logit("success ~ interp_score", row_frame).fit(disp=0).conf_int().loc["interp_score"]
+    assert clustered["ci_high"] - clustered["ci_low"] > 2 * (naive[1] - naive[0])
+    quasi = slope_row(table, "binomial_feature", "l2w0+noreg")
+    assert quasi["ci_high"] - quasi["ci_low"] > 2 * (naive[1] - naive[0])
