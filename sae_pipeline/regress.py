@@ -817,6 +817,56 @@ def _section_claim4(claim4: pd.DataFrame, robustness: pd.DataFrame, probing: pd.
     return lines
 
 
+def markdown_to_html(text: str, title: str) -> str:
+    """A standalone HTML page for the markdown subset :func:`write_summary` emits (headings, pipe tables,
+    ``- `` bullets, paragraphs, ``**bold**`` and ```code```), so the Snakemake report can show it inline."""
+    import html
+
+    def inline(fragment: str) -> str:
+        escaped = html.escape(fragment)
+        escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+
+    body: list[str] = []
+    lines = text.splitlines()
+    index = 0
+    while index < len(lines):
+        line = lines[index].rstrip()
+        if not line:
+            index += 1
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+            index += 1
+        elif line.startswith("|"):
+            block = []
+            while index < len(lines) and lines[index].startswith("|"):
+                block.append([cell.strip() for cell in lines[index].strip().strip("|").split("|")])
+                index += 1
+            header, rows = block[0], [row for row in block[1:] if not all(set(cell) <= {"-", ":"} for cell in row)]
+            body.append("<table><thead><tr>" + "".join(f"<th>{inline(cell)}</th>" for cell in header) + "</tr></thead><tbody>")
+            body += ["<tr>" + "".join(f"<td>{inline(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+            body.append("</tbody></table>")
+        elif line.startswith("- "):
+            items = []
+            while index < len(lines) and lines[index].startswith("- "):
+                items.append(f"<li>{inline(lines[index][2:].strip())}</li>")
+                index += 1
+            body.append("<ul>" + "".join(items) + "</ul>")
+        else:
+            paragraph = []
+            while index < len(lines) and lines[index].strip() and not lines[index].startswith(("#", "|", "- ")):
+                paragraph.append(lines[index].strip())
+                index += 1
+            body.append(f"<p>{inline(' '.join(paragraph))}</p>")
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:0.5em 0 1em}th,td{border:1px solid #bbb;padding:3px 7px;font-size:0.9em}"
+        "th{background:#eee}code{background:#f4f4f4}"
+    )
+    return f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+
+
 def write_summary(
     path: str | Path,
     conditions: Mapping[str, str],
@@ -830,8 +880,9 @@ def write_summary(
     robustness: pd.DataFrame,
     probing: pd.DataFrame,
     judges: Sequence[str],
+    html_path: str | Path | None = None,
 ) -> str:
-    """Write the markdown summary of every claim and return its text."""
+    """Write the markdown summary of every claim (and, with ``html_path``, the same as an HTML page); return the markdown."""
     lines = ["# sae-stability: results summary\n"]
     lines.append("Variants and their regularization condition (weight penalty + sparsity regularizer):\n")
     lines.append(markdown_table(["variant", "condition"], [[variant, condition] for variant, condition in conditions.items()]))
@@ -841,6 +892,8 @@ def write_summary(
     lines += _section_claim4(claim4, robustness, probing)
     text = "\n".join(lines)
     write_text(path, text)
+    if html_path is not None:
+        write_text(html_path, markdown_to_html(text, "sae-stability: results summary"))
     return text
 
 
@@ -861,7 +914,7 @@ def run_regression(
             this stage reads, each optional: ``match_summary``, ``match_features``, ``autointerp_scores``,
             ``steer_rows``, ``evaluate_metrics``, ``evaluate_k_robustness``, ``evaluate_probing``, and
             ``sae_group_dirs`` (list; each may hold ``curves.parquet``).
-        outputs: paths for ``coefficients``, ``summary``, ``steering_success``, ``shared_fraction``,
+        outputs: paths for ``coefficients``, ``summary`` (markdown), ``summary_html``, ``steering_success``, ``shared_fraction``,
             ``autointerp``, ``claim4``, ``k_robustness`` (CSV / markdown) and the PNGs
             ``plot_shared_fraction``, ``plot_steering_success``, ``plot_success_vs_interp``,
             ``plot_training_curves``, ``plot_k_robustness``, ``plot_probing``.
@@ -901,5 +954,5 @@ def run_regression(
     plot_training_curves(outputs["plot_training_curves"], curves, settings["curve_metrics"])
     plot_k_robustness(outputs["plot_k_robustness"], robustness)
     plot_probing(outputs["plot_probing"], probing)
-    write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges)
+    write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges, outputs.get("summary_html"))
     return coefficients

@@ -193,7 +193,7 @@ def test_judge_frames_aggregate_per_feature():
 
 
 OUTPUT_NAMES = {
-    "coefficients": "coefficients.csv", "summary": "summary.md", "steering_success": "steering_success.csv",
+    "coefficients": "coefficients.csv", "summary": "summary.md", "summary_html": "summary.html", "steering_success": "steering_success.csv",
     "shared_fraction": "shared_fraction.csv", "autointerp": "autointerp.csv", "claim4": "claim4.csv", "k_robustness": "k_robustness.csv",
     "plot_shared_fraction": "plots/shared_fraction.png", "plot_steering_success": "plots/steering_success.png",
     "plot_success_vs_interp": "plots/success_vs_interp.png", "plot_training_curves": "plots/training_curves.png",
@@ -247,6 +247,8 @@ def test_run_regression_writes_every_output(tmp_path):
             assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n", name
     assert pd.read_csv(outputs["coefficients"]).shape[0] == len(coefficients)
     summary = open(outputs["summary"]).read()
+    page = open(outputs["summary_html"]).read()
+    assert page.count("<h2>") == summary.count("\n## ") + summary.startswith("## ") and "<table>" in page
     for heading in ("## Claim 1", "## Claim 2", "## Claim 3", "## Claim 4", "k-robustness", "Sparse probing", "non-LLM"):
         assert heading in summary, heading
     success = pd.read_csv(outputs["steering_success"]).set_index("condition")
@@ -286,3 +288,13 @@ def test_feature_level_correlation_widens_row_level_intervals():
     assert clustered["ci_high"] - clustered["ci_low"] > 2 * (naive[1] - naive[0])
     quasi = slope_row(table, "binomial_feature", "l2w0+noreg")
     assert quasi["ci_high"] - quasi["ci_low"] > 2 * (naive[1] - naive[0])
+
+
+def test_markdown_to_html_subset():
+    from sae_pipeline.regress import markdown_to_html
+
+    page = markdown_to_html("# Title\n\nSome `code` and **bold** <x>.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- one\n- two\n", "t")
+    assert "<h1>Title</h1>" in page
+    assert "<p>Some <code>code</code> and <strong>bold</strong> &lt;x&gt;.</p>" in page
+    assert "<thead><tr><th>a</th><th>b</th></tr></thead><tbody>\n<tr><td>1</td><td>2</td></tr>" in page
+    assert "<ul><li>one</li><li>two</li></ul>" in page
