@@ -272,23 +272,23 @@ def _reconstruction_pass(sae: SparseAutoencoder, x: torch.Tensor, k: int | None,
 
 def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray, batch_size: int) -> dict[str, Any]:
     """One pass at the trained sparsity: firing counts, code concentration, and nonzero (latent, token, value) triplets."""
-    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
+    fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=x.device)
     effective, ratio, zero_rows = [], [], 0
     latents, tokens, values = [], [], []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
-            codes = sae.encode(x[start : start + batch_size]).cpu()
+            codes = sae.encode(x[start : start + batch_size])
             fires += (codes > 0).sum(dim=0).double()
             batch_effective, batch_ratio = code_concentration(codes)
-            effective.append(batch_effective)
-            ratio.append(batch_ratio)
+            effective.append(batch_effective.cpu())
+            ratio.append(batch_ratio.cpu())
             zero_rows += int(codes.shape[0] - batch_effective.shape[0])
             row, column = torch.nonzero(codes > 0, as_tuple=True)
-            latents.append(column.numpy())
-            tokens.append(token_ids[start + row.numpy()])
-            values.append(codes[row, column].numpy())
+            latents.append(column.cpu().numpy())
+            tokens.append(token_ids[start + row.cpu().numpy()])
+            values.append(codes[row, column].cpu().numpy())
     return {
-        "frequency": (fires / x.shape[0]).numpy(),
+        "frequency": (fires / x.shape[0]).cpu().numpy(),
         "effective_latents": torch.cat(effective).numpy(),
         "l1_over_l2": torch.cat(ratio).numpy(),
         "zero_code_rows": zero_rows,
