@@ -57,6 +57,35 @@ Z_95 = 1.959963984540054
 # Data
 
 
+def variant_layout(results_dir: str, variant: str, condition: str, seeds: Mapping[str, int], group_dirs: Sequence[str]) -> dict[str, Any]:
+    """What the regress stage reads for one language-model variant (the paths other stages write).
+
+    ``seeds`` gives the trained seed each stage used: keys ``autointerp``, ``steer``, ``evaluate``.
+    """
+    evaluate_folder = f"{results_dir}/lm/evaluate/{variant}/seed{seeds['evaluate']}"
+    return {
+        "condition": condition,
+        "match_summary": f"{results_dir}/lm/match/{variant}/summary.json",
+        "match_features": f"{results_dir}/lm/match/{variant}/features.parquet",
+        "autointerp_scores": f"{results_dir}/lm/autointerp/{variant}/seed{seeds['autointerp']}/scores.parquet",
+        "steer_rows": f"{results_dir}/lm/steer/{variant}/seed{seeds['steer']}/rows.parquet",
+        "evaluate_metrics": f"{evaluate_folder}/metrics.json",
+        "evaluate_k_robustness": f"{evaluate_folder}/k_robustness.csv",
+        "evaluate_probing": f"{evaluate_folder}/probing.csv",
+        "sae_group_dirs": list(group_dirs),
+    }
+
+
+def layout_files(layout: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every path in ``{variant: variant_layout(...)}`` (the regress rule's input), in a stable order."""
+    files: list[str] = []
+    for entry in layout.values():
+        for key, value in entry.items():
+            if key != "condition":
+                files.extend(value if isinstance(value, list) else [value])
+    return files
+
+
 def load_steering_rows(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """All variants' steering rows (``rows.parquet``) with ``variant`` and ``condition`` columns added."""
     frames = []

@@ -3,10 +3,6 @@
 from sae_pipeline.config import condition_label
 
 
-def evaluate_dir(variant, seed):
-    return f"{RESULTS}/lm/evaluate/{variant}/seed{seed}"
-
-
 rule evaluate:
     """k-robustness (FVU, CE-loss recovered at k' = multiplier x k), code concentration, latent usage,
     monosemanticity proxies and sparse probing of one trained SAE."""
@@ -41,7 +37,4 @@ rule evaluate:
         "../scripts/evaluate.py"
 
 
-EVALUATE_METRICS = [f"{evaluate_dir(variant, config['evaluate']['seed'])}/metrics.json" for variant in variants("lm")]
-EVALUATE_K_ROBUSTNESS = [f"{evaluate_dir(variant, config['evaluate']['seed'])}/k_robustness.csv" for variant in variants("lm")]
-EVALUATE_PROBING = [f"{evaluate_dir(variant, config['evaluate']['seed'])}/probing.csv" for variant in variants("lm")]
-ALL_TARGETS.extend(EVALUATE_METRICS)
+ALL_TARGETS.extend(expand(rules.evaluate.output.metrics, variant=list(variants("lm")), seed=config["evaluate"]["seed"]))

@@ -2,45 +2,26 @@
 # claim, its plots, and the items `snakemake --report results/report.html` gathers.
 
 from sae_pipeline.config import condition_label
-
-
-def regress_layout():
-    """Per language-model variant: its condition label and the outputs of the stages the summary reads."""
-    evaluate_seed = config["evaluate"]["seed"]
-    layout = {}
-    for variant, settings in variants("lm").items():
-        evaluate_folder = f"{RESULTS}/lm/evaluate/{variant}/seed{evaluate_seed}"
-        layout[variant] = {
-            "condition": condition_label(settings),
-            "match_summary": f"{RESULTS}/lm/match/{variant}/summary.json",
-            "match_features": f"{RESULTS}/lm/match/{variant}/features.parquet",
-            "autointerp_scores": f"{RESULTS}/lm/autointerp/{variant}/seed{config['autointerp']['seed']}/scores.parquet",
-            "steer_rows": f"{RESULTS}/lm/steer/{variant}/seed{config['steer']['seed']}/rows.parquet",
-            "evaluate_metrics": f"{evaluate_folder}/metrics.json",
-            "evaluate_k_robustness": f"{evaluate_folder}/k_robustness.csv",
-            "evaluate_probing": f"{evaluate_folder}/probing.csv",
-            "sae_group_dirs": sae_group_dirs("lm", variant),
-        }
-    return layout
-
-
-def layout_files(layout):
-    """Every path in a regress layout (the rule's input), in a stable order."""
-    files = []
-    for entry in layout.values():
-        for key, value in entry.items():
-            if key != "condition":
-                files.extend(value if isinstance(value, list) else [value])
-    return files
-
+from sae_pipeline.regress import layout_files, variant_layout
 
 REGRESS = f"{RESULTS}/lm/regress"
+# Per language-model variant: its condition label and the outputs of the stages the summary reads.
+REGRESS_LAYOUT = {
+    variant: variant_layout(
+        RESULTS,
+        variant,
+        condition_label(settings),
+        {"autointerp": config["autointerp"]["seed"], "steer": config["steer"]["seed"], "evaluate": config["evaluate"]["seed"]},
+        sae_group_dirs("lm", variant),
+    )
+    for variant, settings in variants("lm").items()
+}
 
 
 rule regress:
     """Regressions of steering success on interp score, per-claim tables, plots and the results summary."""
     input:
-        layout_files(regress_layout()),
+        layout_files(REGRESS_LAYOUT),
     output:
         coefficients=report(f"{REGRESS}/coefficients.csv", caption="../report/coefficients.rst", category="Claim 3: interp score predicts steering"),
         summary=f"{REGRESS}/summary.md",
@@ -57,7 +38,7 @@ rule regress:
         plot_k_robustness=report(f"{REGRESS}/plots/k_robustness.png", caption="../report/k_robustness.rst", category="Claim 4: Top-k regularizers"),
         plot_probing=report(f"{REGRESS}/plots/probing.png", caption="../report/probing.rst", category="Claim 4: Top-k regularizers"),
     params:
-        layout=regress_layout(),
+        layout=REGRESS_LAYOUT,
         settings=config["regress"],
     log:
         f"{RESULTS}/logs/regress.log",
