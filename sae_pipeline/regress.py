@@ -396,24 +396,29 @@ def steering_success_by_condition(feature_frame: pd.DataFrame, reference: str | 
 
 
 def shared_fraction_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
-    """Per variant with match outputs: fractions of features in each sharedness category with Wilson
-    intervals (features of the reference seed as trials), plus the match summary's headline numbers."""
+    """Per variant with match outputs: share of the reference seed's considered features in each
+    sharedness category (Wilson 95% intervals, features as trials), plus the match summary's pair
+    averages (decoder/encoder MMCS, fraction paired, pairwise fraction shared).
+
+    Features the match stage left out (``included`` false, i.e. dead latents when ``exclude_dead``) are
+    not counted, as in the match summary's ``reference_fractions``.
+    """
     rows = []
     for variant, inputs in variant_inputs.items():
         if not inputs.get("match_features"):
             continue
         features = pd.read_parquet(inputs["match_features"])
-        if "dead" in features.columns:
-            features = features[~features["dead"].astype(bool)]
+        if "included" in features.columns:
+            features = features[features["included"].astype(bool)]
         summary = json.loads(Path(inputs["match_summary"]).read_text()) if inputs.get("match_summary") else {}
         row = {"variant": variant, "condition": inputs["condition"], "n_features": int(len(features))}
         for category in ("always", "sometimes", "never"):
             count = int((features["category"] == category).sum())
             low, high = wilson_interval(count, len(features))
             row.update({f"{category}_fraction": count / len(features) if len(features) else float("nan"), f"{category}_ci_low": low, f"{category}_ci_high": high})
-        for key in ("mmcs_decoder", "mmcs_encoder", "fraction_paired", "shared_fraction"):
-            if isinstance(summary.get(key), (int, float)):
-                row[key] = float(summary[key])
+        pair_means = summary.get("mean_over_pairs", {})
+        for key, column in (("mmcs_decoder", "mmcs_decoder"), ("mmcs_encoder", "mmcs_encoder"), ("fraction_paired_decoder", "fraction_paired_decoder"), ("fraction_shared", "pair_fraction_shared")):
+            row[column] = float(pair_means[key]) if isinstance(pair_means.get(key), (int, float)) else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -733,10 +738,11 @@ def _section_claim2(shared: pd.DataFrame, success: Mapping[str, pd.DataFrame], a
     else:
         rows = [
             [row.condition, row.variant, format_interval(row.always_fraction, row.always_ci_low, row.always_ci_high),
-             format_interval(row.sometimes_fraction, row.sometimes_ci_low, row.sometimes_ci_high), format_interval(row.never_fraction, row.never_ci_low, row.never_ci_high), row.n_features]
+             format_interval(row.sometimes_fraction, row.sometimes_ci_low, row.sometimes_ci_high), format_interval(row.never_fraction, row.never_ci_low, row.never_ci_high),
+             format_interval(row.pair_fraction_shared), format_interval(row.mmcs_decoder), format_interval(row.mmcs_encoder), row.n_features]
             for row in shared.itertuples()
         ]
-        lines.append(markdown_table(["condition", "variant", "always", "sometimes", "never", "features"], rows))
+        lines.append(markdown_table(["condition", "variant", "always", "sometimes", "never", "shared per pair (mean)", "decoder MMCS", "encoder MMCS", "features"], rows))
         reference_rows = shared[shared["condition"] == reference]
         if not reference_rows.empty:
             base = reference_rows.iloc[0]

@@ -211,8 +211,10 @@ def write_stage_inputs(folder, rows: pd.DataFrame) -> dict:
         base.mkdir(parents=True)
         group.drop(columns=["variant", "condition"]).to_parquet(base / "rows.parquet")
         categories = rng.choice(["always", "sometimes", "never"], 200, p=[0.5, 0.2, 0.3] if "1e-03" in condition else [0.2, 0.3, 0.5])
-        pd.DataFrame({"feature": np.arange(200), "share_count": 0, "category": categories}).to_parquet(base / "features.parquet")
-        (base / "summary.json").write_text(json.dumps({"mmcs_decoder": 0.8}))
+        included = np.arange(200) % 20 != 0  # every 20th latent dead and left out of matching
+        categories = np.where(included, categories, "dead")
+        pd.DataFrame({"feature": np.arange(200), "included": included, "share_count": 0, "category": categories}).to_parquet(base / "features.parquet")
+        (base / "summary.json").write_text(json.dumps({"mean_over_pairs": {"mmcs_decoder": 0.8, "mmcs_encoder": 0.7, "fraction_paired_decoder": 0.6, "fraction_shared": 0.4}}))
         pd.DataFrame({"feature": np.arange(50), "detection_score": rng.random(50), "fuzzing_score": rng.random(50), "backend": "offline_token_baseline"}).to_parquet(base / "scores.parquet")
         group_dir = base / "seeds0-1"
         group_dir.mkdir()
@@ -257,7 +259,10 @@ def test_run_regression_writes_every_output(tmp_path):
     assert success.loc["l2w1e-03+noreg", "success_rate"] == pytest.approx(expected)
     assert f"{expected:.3f} [" in summary
     shared = pd.read_csv(outputs["shared_fraction"]).set_index("condition")
-    assert shared.loc["l2w0+noreg", "always_fraction"] == pytest.approx((pd.read_parquet(inputs["variant0"]["match_features"])["category"] == "always").mean())
+    matched = pd.read_parquet(inputs["variant0"]["match_features"])
+    assert shared.loc["l2w0+noreg", "n_features"] == 190
+    assert shared.loc["l2w0+noreg", "always_fraction"] == pytest.approx((matched["category"] == "always").sum() / 190)
+    assert shared.loc["l2w0+noreg", "mmcs_decoder"] == 0.8 and "| 0.400 | 0.800 | 0.700 | 190 |" in summary
 
 
 def test_run_regression_with_degenerate_input_still_reports(tmp_path):
