@@ -16,6 +16,7 @@ include: "workflow/rules/subject.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/autointerp.smk"
+include: "workflow/rules/steer.smk"
 
 
 rule all:

@@ -68,6 +68,7 @@ logger = logging.getLogger("sae_pipeline.steer")
 STRENGTH_MODES = ("fixed", "resid_rms", "target_rise")
 JUDGES = ("embedding", "llm")
 CATEGORY_ORDER = ("always", "sometimes", "never")
+UNKNOWN_CATEGORY = "unknown"
 SCORES_COLUMNS = ("feature", "category", "share_count", "explanation", "detection_score")
 MIN_TARGET_PROJECTION = 1e-8
 _JUDGE_COLUMNS = ("embedding_score", "embedding_success", "llm_score", "llm_success", "llm_answer", "llm_error")
@@ -333,13 +334,15 @@ def sample_features(scores: pd.DataFrame, per_category: int, seed: int) -> pd.Da
     """Up to ``per_category`` features with an explanation from each sharedness category.
 
     ``scores`` is the autointerp table (columns ``SCORES_COLUMNS`` at least). Categories are taken in
-    the order always, sometimes, never, then any other value sorted; within a category features are
+    the order always, sometimes, never, then any other value sorted (a missing category, when autointerp
+    ran without the match table, counts as ``unknown``); within a category features are
     drawn without replacement by ``numpy.random.default_rng(seed)`` and returned sorted by index.
     """
     missing = [column for column in SCORES_COLUMNS if column not in scores.columns]
     if missing:
         raise ValueError(f"autointerp scores table lacks columns {missing}")
-    candidates = scores[has_explanation(scores["explanation"])]
+    candidates = scores[has_explanation(scores["explanation"])].copy()
+    candidates["category"] = candidates["category"].astype("string").fillna(UNKNOWN_CATEGORY)
     present = list(candidates["category"].astype(str).unique())
     categories = [c for c in CATEGORY_ORDER if c in present] + sorted(c for c in present if c not in CATEGORY_ORDER)
     rng = np.random.default_rng(int(seed))
@@ -489,9 +492,9 @@ def steering_rows(features: pd.DataFrame, prompts: Sequence[str], texts: Steerin
                 {
                     "feature": int(feature.feature),
                     "category": str(feature.category),
-                    "share_count": int(feature.share_count),
-                    "interp_score": float(feature.detection_score),
-                    "fuzzing_score": float(getattr(feature, "fuzzing_score", float("nan"))),
+                    "share_count": feature.share_count,
+                    "interp_score": _float_or_nan(feature.detection_score),
+                    "fuzzing_score": _float_or_nan(getattr(feature, "fuzzing_score", None)),
                     "explanation": str(feature.explanation),
                     "prompt": prompt,
                     "original": texts.originals[prompt_index],
@@ -503,6 +506,10 @@ def steering_rows(features: pd.DataFrame, prompts: Sequence[str], texts: Steerin
                 }
             )
     rows = pd.DataFrame.from_records(records, columns=[c for c in ROW_COLUMNS if c not in _JUDGE_COLUMNS])
+    rows["feature"] = rows["feature"].astype("int64")
+    rows["share_count"] = rows["share_count"].astype("Int64")
+    rows["interp_score"] = rows["interp_score"].astype("float64")
+    rows["fuzzing_score"] = rows["fuzzing_score"].astype("float64")
     rows["embedding_score"] = pd.Series([np.nan] * len(rows), dtype="float64")
     rows["embedding_success"] = pd.Series([pd.NA] * len(rows), dtype="boolean")
     rows["llm_score"] = pd.Series([pd.NA] * len(rows), dtype="Int64")
@@ -510,6 +517,10 @@ def steering_rows(features: pd.DataFrame, prompts: Sequence[str], texts: Steerin
     rows["llm_answer"] = pd.Series([pd.NA] * len(rows), dtype="string")
     rows["llm_error"] = pd.Series([pd.NA] * len(rows), dtype="string")
     return rows[list(ROW_COLUMNS)]
+
+
+def _float_or_nan(value: Any) -> float:
+    return math.nan if value is None or pd.isna(value) else float(value)
 
 
 def judged_texts(rows: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -567,7 +578,6 @@ def feature_summary(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def run_steering(
-    model_ref: str,
     manifest_path: str | Path,
     sae_folder: str | Path,
     scores_path: str | Path,
@@ -580,8 +590,8 @@ def run_steering(
     """The ``steer`` rule: sample features, generate, judge, write ``rows.parquet`` and ``features.csv``.
 
     Args:
-        model_ref: what ``load_subject_model`` takes (the cache manifest's ``model``).
-        manifest_path: the activation cache's ``manifest.json`` (gives ``hook_name``).
+        manifest_path: the activation cache's ``manifest.json``; its ``model`` is the subject model
+            (Hub id or local folder) and its ``hook_name`` the steering hook.
         sae_folder: one seed's SAE folder.
         scores_path: autointerp ``scores.parquet`` (``SCORES_COLUMNS``).
         settings: the ``steer`` config section.
@@ -628,7 +638,7 @@ def run_steering(
     directions = sae.unit_decoder_directions()[indices]
     encoder_columns = sae.W_enc.T[indices]
 
-    bridge = load_subject_model(model_ref, device=device)
+    bridge = load_subject_model(manifest["model"], device=device)
     resid_rms = None
     if mode == "resid_rms":
         from sae_pipeline.subject import bos_token_id

@@ -225,6 +225,19 @@ def test_sample_features_caps_each_category_and_needs_an_explanation():
         sample_features(scores.drop(columns=["explanation"]), 3, 0)
 
 
+def test_features_without_a_sharedness_category_are_sampled_as_unknown():
+    """Autointerp run without the match table leaves category and share_count empty."""
+    scores = scores_table()
+    scores["category"] = pd.array([pd.NA] * len(scores), dtype="string")
+    scores["share_count"] = pd.array([pd.NA] * len(scores), dtype="Int64")
+    chosen = sample_features(scores, per_category=4, seed=1)
+    assert chosen["category"].tolist() == ["unknown"] * 4
+    texts = steer.SteeringTexts(originals=["a"], steered=[["b"]] * 4)
+    rows = steer.steering_rows(chosen, ["p"], texts, np.ones(4), steer_settings())
+    assert rows["share_count"].isna().all() and str(rows["share_count"].dtype) == "Int64"
+    assert rows["interp_score"].tolist() == (chosen["feature"] / 20).tolist()
+
+
 @pytest.mark.parametrize(
     "answer, score",
     [("4", 4), (" 5\n", 5), ("1.", 1), ("3", 3), ("0", None), ("6", None), ("4/5", None), ("Score: 4", None),
@@ -261,7 +274,7 @@ def steering_inputs(tmp_path_factory, tiny_subject_model, tiny_cache):
     save_sae(folder / "sae", tensors, {"architecture": "topk", "k": 4, "metadata": {"hook_name": manifest["hook_name"]}})
     scores_path = folder / "scores.parquet"
     scores_table().to_parquet(scores_path, index=False)
-    return {"manifest": tiny_cache / "manifest.json", "sae": folder / "sae", "scores": scores_path, "model": manifest["model"]}
+    return {"manifest": tiny_cache / "manifest.json", "sae": folder / "sae", "scores": scores_path}
 
 
 def steer_settings(**overrides) -> dict:
@@ -286,7 +299,7 @@ def test_run_steering_writes_rows_and_feature_rates_with_the_llm_judge(tmp_path,
         server.script([Scripted(text=answer) for answer in answers])
         llm = {"base_url": server.base_url, "model": "fake-judge", "api_key_env": None, "max_concurrency": 1}
         rows = steer.run_steering(
-            str(steering_inputs["model"]), steering_inputs["manifest"], steering_inputs["sae"], steering_inputs["scores"],
+            steering_inputs["manifest"], steering_inputs["sae"], steering_inputs["scores"],
             rows_path, features_path, steer_settings(judges=["llm"]), llm_settings=llm, llm_cache_dir=tmp_path / "judge_cache",
         )
         assert server.completion_requests == 18
@@ -319,7 +332,7 @@ def test_run_steering_writes_rows_and_feature_rates_with_the_llm_judge(tmp_path,
 def test_run_steering_llm_judge_needs_endpoint_settings(tmp_path, steering_inputs):
     with pytest.raises(ValueError, match="judge endpoint"):
         steer.run_steering(
-            str(steering_inputs["model"]), steering_inputs["manifest"], steering_inputs["sae"], steering_inputs["scores"],
+            steering_inputs["manifest"], steering_inputs["sae"], steering_inputs["scores"],
             tmp_path / "rows.parquet", tmp_path / "features.csv", steer_settings(judges=["llm"]),
         )
     assert not (tmp_path / "rows.parquet").exists()
@@ -327,7 +340,7 @@ def test_run_steering_llm_judge_needs_endpoint_settings(tmp_path, steering_input
 
 def test_run_steering_with_strength_zero_changes_nothing_and_embedding_judge_scores(tmp_path, steering_inputs):
     rows = steer.run_steering(
-        str(steering_inputs["model"]), steering_inputs["manifest"], steering_inputs["sae"], steering_inputs["scores"],
+        steering_inputs["manifest"], steering_inputs["sae"], steering_inputs["scores"],
         tmp_path / "rows.parquet", tmp_path / "features.csv",
         steer_settings(strength_mode="fixed", fixed_strength=0.0, greedy=True, judges=["embedding"], features_per_category=1),
     )

@@ -1,0 +1,14 @@
+from sae_pipeline.logs import stage_log
+from sae_pipeline.steer import run_steering
+
+with stage_log(snakemake.log[0], "steer"):
+    run_steering(
+        snakemake.input.manifest,
+        snakemake.params.sae,
+        snakemake.input.scores,
+        snakemake.output.rows,
+        snakemake.output.features,
+        snakemake.params.settings,
+        llm_settings=snakemake.params.llm,
+        llm_cache_dir=snakemake.params.judge_cache_dir,
+    )
