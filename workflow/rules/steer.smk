@@ -2,12 +2,6 @@
 # while the subject model generates, and judge the texts against the features' explanations.
 
 
-def steer_llm_settings():
-    """The judge endpoint (autointerp.llm) when the LLM judge is on, else None (so its settings do not
-    rerun an embedding-only steering job)."""
-    return config["autointerp"]["llm"] if "llm" in config["steer"]["judges"] else None
-
-
 rule steer:
     """Generate unsteered and steered continuations of the neutral prompts for sampled features and judge them."""
     input:
@@ -21,8 +15,10 @@ rule steer:
     params:
         settings=config["steer"],
         sae=lambda wildcards: sae_dir("lm", wildcards.variant, wildcards.seed),
-        llm=steer_llm_settings(),
-        judge_cache_dir=autointerp_judge_cache_dir() if steer_llm_settings() is not None else None,
+        # the judge endpoint (autointerp.llm) only when the LLM judge is on, so that its settings do not
+        # rerun an embedding-only steering job
+        llm=config["autointerp"]["llm"] if "llm" in config["steer"]["judges"] else None,
+        judge_cache_dir=config["autointerp"]["llm"]["cache_dir"].format(results_dir=RESULTS) if "llm" in config["steer"]["judges"] else None,
     log:
         f"{RESULTS}/logs/steer/{{variant}}/seed{{seed}}.log",
     threads: 2
@@ -34,6 +30,4 @@ rule steer:
         "../scripts/steer.py"
 
 
-STEER_ROWS = expand(f"{RESULTS}/lm/steer/{{variant}}/seed{{seed}}/rows.parquet", variant=list(variants("lm")), seed=config["steer"]["seed"])
-STEER_FEATURES = expand(f"{RESULTS}/lm/steer/{{variant}}/seed{{seed}}/features.csv", variant=list(variants("lm")), seed=config["steer"]["seed"])
-ALL_TARGETS.extend(STEER_ROWS + STEER_FEATURES)
+ALL_TARGETS.extend(expand(list(rules.steer.output), variant=list(variants("lm")), seed=config["steer"]["seed"]))
