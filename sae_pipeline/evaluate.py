@@ -298,9 +298,12 @@ def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray,
     }
 
 
-def _mean_with_interval(values: np.ndarray) -> dict[str, float]:
-    """Mean and normal-approximation 95% interval (1.96 standard errors) of ``values`` (NaNs dropped)."""
-    values = np.asarray(values, dtype=np.float64)
+def mean_with_interval(values: Iterable[float]) -> dict[str, Any]:
+    """Mean and normal-approximation 95% interval (1.96 standard errors) of ``values`` (NaNs dropped).
+
+    JSON-safe: ``mean`` is None without values, the interval is None with fewer than two.
+    """
+    values = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=np.float64)
     values = values[np.isfinite(values)]
     if values.size == 0:
         return {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
@@ -430,9 +433,13 @@ def run_evaluation(
     batch_size = int(settings["batch_size"])
     logger.info("evaluating %s on %d tokens (d_sae %d, k %s) on %s", sae_folder, x.shape[0], sae.d_sae, sae.k, device)
 
+    # (label, multiplier, k'): the grid always contains the trained k (multiplier 1); SAEs that are not
+    # plain Top-k also get their own inference rule ("as_trained": threshold or ReLU).
     ks: list[tuple[str, float | None, int | None]] = []
     if sae.k is not None and sae.architecture != "relu":
-        ks += [(f"k'={k_prime}", multiplier, k_prime) for multiplier, k_prime in inference_ks(sae.k, settings["k_multipliers"])]
+        multipliers = sorted({float(multiplier) for multiplier in settings["k_multipliers"]} | {1.0})
+        ks += [(f"k'={k_prime}", multiplier, k_prime) for multiplier, k_prime in inference_ks(sae.k, multipliers)]
+    trained_label = f"k'={sae.k}" if sae.architecture == "topk" else "as_trained"
     if sae.architecture != "topk":
         ks.append(("as_trained", None, None))
     from sae_pipeline.subject import load_subject_model
@@ -461,22 +468,22 @@ def run_evaluation(
     for key, value in reversed(list(identity.items())):
         probing.insert(0, key, value)
 
-    at_trained = robustness[robustness["multiplier"] == 1.0] if (robustness["multiplier"] == 1.0).any() else robustness.tail(1)
+    at_trained = robustness[robustness["inference"] == trained_label]
     metrics = {
         **identity,
         "sae_folder": str(sae_folder),
         "n_tokens": int(x.shape[0]),
         "at_trained_k": {key: float(at_trained.iloc[0][key]) for key in ("fvu", "mse", "l0", "ce_loss", "ce_loss_recovered")},
-        "effective_latents_per_token": _mean_with_interval(native["effective_latents"]),
-        "l1_over_l2": _mean_with_interval(native["l1_over_l2"]),
+        "effective_latents_per_token": mean_with_interval(native["effective_latents"]),
+        "l1_over_l2": mean_with_interval(native["l1_over_l2"]),
         "zero_code_tokens": int(native["zero_code_rows"]),
         "firing": firing_summary(native["frequency"], float(settings["dense_threshold"])),
         "monosemanticity": {
             "scored_latents": int(len(scored)),
             "min_activations": int(settings["min_activations"]),
             "top_activations": int(settings["top_activations"]),
-            "top_token_mass_share": _mean_with_interval(scored["top_token_mass_share"].to_numpy()),
-            "top_activation_token_entropy_bits": _mean_with_interval(scored["top_activation_token_entropy_bits"].to_numpy()),
+            "top_token_mass_share": mean_with_interval(scored["top_token_mass_share"].to_numpy()),
+            "top_activation_token_entropy_bits": mean_with_interval(scored["top_activation_token_entropy_bits"].to_numpy()),
         },
         "probing": [
             {key: row[key] for key in ("property", "m", "test_balanced_accuracy", "n_test", "message") if key in row and not _is_missing(row[key])}

@@ -24,7 +24,7 @@ non-finite estimates) produces one row whose ``message`` says why, and empty num
 Intervals in the summary: Wilson 95% intervals for shared fractions (features as trials); for steering
 success, a cluster bootstrap over features (prompts of one feature are not independent) of the pooled
 success rate and of its ratio to the reference condition; normal-approximation 95% intervals for
-means of per-feature scores.
+means of per-feature scores (``evaluate.mean_with_interval``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from sae_pipeline.atomic import atomic_path, write_dataframe, write_text
+from sae_pipeline.evaluate import mean_with_interval
 
 logger = logging.getLogger("sae_pipeline.regress")
 
@@ -338,17 +339,6 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     return centre - half_width, centre + half_width
 
 
-def mean_interval(values: Sequence[float]) -> dict[str, float]:
-    """Mean with a normal-approximation 95% interval (NaNs dropped); interval NaN for fewer than 2 values."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return {"mean": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "n": 0}
-    mean = float(values.mean())
-    half_width = Z_95 * float(values.std(ddof=1)) / math.sqrt(values.size) if values.size > 1 else float("nan")
-    return {"mean": mean, "ci_low": mean - half_width, "ci_high": mean + half_width, "n": int(values.size)}
-
-
 def cluster_bootstrap_rate(successes: np.ndarray, trials: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
     """Bootstrap distribution ``[samples]`` of ``sum(successes) / sum(trials)`` resampling features (clusters)."""
     successes, trials = np.asarray(successes, dtype=float), np.asarray(trials, dtype=float)
@@ -436,8 +426,8 @@ def autointerp_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> 
     scores = pd.concat(frames, ignore_index=True)
     rows = []
     for condition, group in scores.groupby("condition", sort=True):
-        detection = mean_interval(pd.to_numeric(group["detection_score"], errors="coerce"))
-        fuzzing = mean_interval(pd.to_numeric(group.get("fuzzing_score", pd.Series(dtype=float)), errors="coerce"))
+        detection = mean_with_interval(pd.to_numeric(group["detection_score"], errors="coerce"))
+        fuzzing = mean_with_interval(pd.to_numeric(group.get("fuzzing_score", pd.Series(dtype=float)), errors="coerce"))
         rows.append(
             {
                 "condition": condition,
@@ -447,7 +437,10 @@ def autointerp_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> 
                 "backend": ", ".join(sorted(group["backend"].dropna().astype(str).unique())) if "backend" in group else "",
             }
         )
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    numeric = [column for column in table.columns if column.startswith(("detection_", "fuzzing_"))]
+    table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")
+    return table
 
 
 def evaluate_table(variant_inputs: Mapping[str, Mapping[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

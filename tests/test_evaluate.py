@@ -17,6 +17,7 @@ from sae_pipeline.evaluate import (
     firing_summary,
     fraction_of_variance_unexplained,
     inference_ks,
+    mean_with_interval,
     monosemanticity_proxies,
     rank_latents_by_class_difference,
     run_evaluation,
@@ -64,6 +65,14 @@ def test_monosemanticity_proxies_match_hand_computation():
     # with the two largest activations only: value 2 (token 5) and the first value-1 entry (token 5): entropy 0
     narrow = monosemanticity_proxies(latent, token, value, d_sae=3, top_activations=2)
     assert narrow["top_activation_token_entropy_bits"][0] == 0.0
+
+
+def test_mean_with_interval():
+    summary = mean_with_interval(np.array([1.0, 2.0, 3.0, np.nan]))
+    assert summary["mean"] == 2.0 and summary["n"] == 3
+    assert (summary["ci_low"], summary["ci_high"]) == pytest.approx((2 - 1.96 / math.sqrt(3), 2 + 1.96 / math.sqrt(3)))
+    assert mean_with_interval([5.0]) == {"mean": 5.0, "ci_low": None, "ci_high": None, "n": 1}
+    assert mean_with_interval([])["mean"] is None
 
 
 def test_token_property_labels():
@@ -214,11 +223,14 @@ def test_run_evaluation_end_to_end(tmp_path, tiny_cache, tiny_topk_sae):
 
 
 def test_probe_with_too_few_examples_gives_a_message_row(tmp_path, tiny_cache, tiny_topk_sae):
-    settings = {**EVALUATE_SETTINGS, "k_multipliers": [1], "probe": {**EVALUATE_SETTINGS["probe"], "min_examples_per_class": 10**6}}
+    settings = {**EVALUATE_SETTINGS, "k_multipliers": [2], "probe": {**EVALUATE_SETTINGS["probe"], "min_examples_per_class": 10**6}}
     outputs = {name: str(tmp_path / file) for name, file in [
         ("metrics", "metrics.json"), ("k_robustness", "k.csv"), ("probing", "probing.csv"),
         ("latents", "latents.parquet"), ("frequency_plot", "f.png")]}
-    run_evaluation(str(tiny_topk_sae), str(tiny_cache), outputs, settings)
+    metrics = run_evaluation(str(tiny_topk_sae), str(tiny_cache), outputs, settings)
+    # the trained k (multiplier 1) is always evaluated, even when the grid leaves it out
+    assert pd.read_csv(outputs["k_robustness"])["k_prime"].tolist() == [4, 8]
+    assert metrics["at_trained_k"]["l0"] == pytest.approx(4, abs=0.05)
     probing = pd.read_csv(outputs["probing"])
     assert len(probing) == 3
     assert probing["message"].str.contains("fewer than evaluate.probe.min_examples_per_class").all()
