@@ -2,12 +2,11 @@
 
 tests/slurm/start_slurm.sh starts munged, slurmctld and slurmd for this host (2 CPUs, one GPU declared
 without a device, partitions "cpu" and "gpu"); the test then runs the corpus -> subject model ->
-activation cache chain at tiny size twice: with `--profile workflow/profiles/slurm` (every job an
-`sbatch` job) and with `--profile workflow/profiles/local`. It checks that each job went through the
-scheduler (job ids printed by the executor, `scontrol show job` records naming the rule, the
-partition and GPU request the profile chose, and `sacct --completion` lines of the job-completion
-log) and that the outputs of both runs are equal (byte-identical files; JSON equal up to wall times
-and the results folder in paths).
+activation cache chain at tiny size twice, side by side: with `--profile workflow/profiles/slurm`
+(every job an `sbatch` job) and with `--profile workflow/profiles/local`. It checks that each job went
+through the scheduler (job ids printed by the executor; `scontrol show job` records naming the rule,
+the partition and the GPU request the profile chose; `sacct --completion` lines of the job-completion
+log) and that both runs wrote the same outputs (byte-identical files; JSON equal up to wall times).
 
 Skipped only when the Slurm or munge programs are missing (`.ci/slurm_setup.sh` installs them).
 """
@@ -20,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +53,7 @@ def slurm_env(tmp_path_factory):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["HF_HUB_OFFLINE"] = "1"
     env["TOKENIZERS_PARALLELISM"] = "false"
-    yield env | {"SLURM_TEST_STATE": str(state)}
+    yield env
     stopped = subprocess.run(["bash", str(START_SLURM), "--stop", str(state)], capture_output=True, text=True, timeout=60)
     assert stopped.returncode == 0, stopped.stderr
 
@@ -78,21 +78,37 @@ def make_workdir(folder: Path, corpus_file: Path) -> Path:
     return folder
 
 
-def run_snakemake(workdir: Path, profile: str, extra: list[str], env: dict) -> str:
-    """Run the repository's Snakefile for TARGET in `workdir` with a profile; returns its combined output."""
-    command = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(REPO_ROOT / "Snakefile"),
-        "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"),
-        "--profile", str(REPO_ROOT / "workflow" / "profiles" / profile),
-        *extra,
-        TARGET,
-    ]  # fmt: skip
-    finished = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=SNAKEMAKE_TIMEOUT_S)
-    output = finished.stdout + finished.stderr
-    assert finished.returncode == 0, f"snakemake --profile {profile} failed:\n{output[-8000:]}"
-    return output
+class SnakemakeRun:
+    """The repository's Snakefile run for TARGET in `workdir` with a profile, in the background
+    (output to `workdir/snakemake.out`), so the slurm and local runs overlap."""
+
+    def __init__(self, workdir: Path, profile: str, extra: list[str], env: dict):
+        command = [
+            sys.executable, "-m", "snakemake",
+            "--snakefile", str(REPO_ROOT / "Snakefile"),
+            "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"),
+            "--profile", str(REPO_ROOT / "workflow" / "profiles" / profile),
+            *extra,
+            TARGET,
+        ]  # fmt: skip
+        self.profile, self.env, self.output_path = profile, env, workdir / "snakemake.out"
+        self.started = time.monotonic()
+        with self.output_path.open("w") as output:
+            self.process = subprocess.Popen(command, cwd=workdir, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+
+    def wait(self) -> str:
+        """Wait for the run (at most SNAKEMAKE_TIMEOUT_S from its start); returns its output."""
+        try:
+            self.process.wait(timeout=max(1.0, SNAKEMAKE_TIMEOUT_S - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            queue = subprocess.run(["squeue", "--states=all", "--format=%i %j %P %T %r %k"], env=self.env, capture_output=True, text=True)
+            pytest.fail(f"snakemake --profile {self.profile} ran over {SNAKEMAKE_TIMEOUT_S} s; squeue:\n{queue.stdout}{queue.stderr}\n{self.output_path.read_text()[-6000:]}")
+        output = self.output_path.read_text()
+        assert self.process.returncode == 0, f"snakemake --profile {self.profile} failed:\n{output[-8000:]}"
+        return output
 
 
 def scontrol_job(job_id: str, env: dict) -> dict[str, str]:
@@ -126,13 +142,17 @@ def test_pipeline_through_slurm_matches_local_run(tmp_path, slurm_env):
     corpus_file = tmp_path / "corpus.txt"  # one document per blank-line block
     corpus_file.write_text("\n\n".join(tiny_documents()) + "\n")
     slurm_workdir = make_workdir(tmp_path / "slurm", corpus_file)
-    slurm_output = run_snakemake(
+    local_workdir = make_workdir(tmp_path / "local", corpus_file)
+    slurm_run = SnakemakeRun(
         slurm_workdir,
         "slurm",
         # The test cluster has no accounting database: poll job states with squeue, no account.
         ["--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1", "--slurm-no-account", "--latency-wait", "10"],
         slurm_env,
     )
+    local_run = SnakemakeRun(local_workdir, "local", ["--cores", "2"], slurm_env)
+    slurm_output, local_output = slurm_run.wait(), local_run.wait()
+
     job_ids = re.findall(r"submitted with SLURM jobid (\d+)", slurm_output)
     assert len(job_ids) == len(EXPECTED_JOBS), slurm_output[-4000:]
 
@@ -148,20 +168,19 @@ def test_pipeline_through_slurm_matches_local_run(tmp_path, slurm_env):
         assert Path(fields["WorkDir"]) == slurm_workdir
         # per-job scheduler log kept by the profile (slurm-keep-successful-logs)
         assert (slurm_workdir / ".snakemake" / "slurm_logs" / f"rule_{rule}" / f"{job_id}.log").is_file()
+        print(f"job {job_id}: rule {rule}, partition {fields['Partition']}, TresPerJob={fields.get('TresPerJob')}, CPUs/Task={fields['CPUs/Task']}")
     assert set(jobs_by_rule) == set(EXPECTED_JOBS)
 
     # The job-completion log, read through sacct, lists every job as completed.
     sacct = subprocess.run(
-        ["sacct", "--completion", "--parsable2", "--noheader", "--format=JobID,JobName,Partition,State,ExitCode,Elapsed"],
+        ["sacct", "--completion", "--parsable2", "--noheader", "--format=JobID,JobName,Partition,NodeList,State,ExitCode,Start,End,Elapsed"],
         env=slurm_env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     sacct_rows = {line.split("|")[0]: line.split("|") for line in sacct.stdout.splitlines() if line}
     for rule, job_id in jobs_by_rule.items():
-        assert sacct_rows[job_id][2:5] == [EXPECTED_JOBS[rule][0], "COMPLETED", "0:0"], sacct_rows.get(job_id)
+        assert sacct_rows[job_id][2] == EXPECTED_JOBS[rule][0] and sacct_rows[job_id][4:6] == ["COMPLETED", "0:0"], sacct_rows.get(job_id)
     print("sacct --completion:\n" + sacct.stdout)
 
-    local_workdir = make_workdir(tmp_path / "local", corpus_file)
-    local_output = run_snakemake(local_workdir, "local", ["--cores", "2"], slurm_env)
     assert "submitted with SLURM jobid" not in local_output
 
     slurm_files = output_files(slurm_workdir / "results")

@@ -41,8 +41,25 @@ stop_daemon() {  # stop_daemon PIDFILE NAME: SIGTERM the process in PIDFILE, wai
     rm -f "$pidfile"
 }
 
+cancel_jobs() {  # cancel_jobs STATE: scancel every unfinished job of this cluster and wait for them to end
+    local state=$1 jobs
+    [[ -f $state/run/slurmctld.pid ]] && kill -0 "$(cat "$state/run/slurmctld.pid")" 2>/dev/null || return 0
+    jobs=$(SLURM_CONF=$state/slurm.conf squeue --noheader --format=%i 2>/dev/null || true)
+    [[ -n $jobs ]] || return 0
+    echo "cancelling unfinished jobs: $(echo $jobs)" >&2
+    # shellcheck disable=SC2086
+    SLURM_CONF=$state/slurm.conf scancel $jobs || true
+    for _ in $(seq 100); do
+        [[ -z $(SLURM_CONF=$state/slurm.conf squeue --noheader --format=%i 2>/dev/null) ]] && return 0
+        sleep 0.2
+    done
+    echo "jobs still listed after scancel: $(SLURM_CONF=$state/slurm.conf squeue --noheader 2>&1)" >&2
+}
+
 stop_all() {
     local state=$1
+    # Jobs first: their processes (under slurmstepd) would outlive slurmd.
+    cancel_jobs "$state"
     stop_daemon "$state/run/slurmd.pid" slurmd
     stop_daemon "$state/run/slurmctld.pid" slurmctld
     stop_daemon "$state/munge/munged.pid" munged
