@@ -1,0 +1,242 @@
+"""Streaming training batches from the Parquet activation shards.
+
+The stream is a pure function of (cache, ``seed``, ``batch_size``, ``shuffle_buffer_rows``,
+``holdout_rows``), so a resumed run can start at any batch index and see exactly the batches an
+uninterrupted run would have seen:
+
+- the last ``holdout_rows`` rows of the cache (in stored order, BOS rows included in the count)
+  are held out for evaluation and never trained on;
+- BOS rows are dropped;
+- epoch ``e`` visits the shards in a random order (``rng(seed, e)``), grouped into consecutive
+  windows of at least ``shuffle_buffer_rows`` rows (at least one shard); each window's rows are
+  loaded together and permuted (``rng(seed, e, w)``), which is the shuffle buffer across shards;
+- batches are consecutive ``batch_size`` slices of the concatenated windows; once an epoch is used
+  up the next begins (a run whose ``total_tokens`` exceeds the cache sees it several times).
+
+A background thread reads, permutes and (on CUDA) pins the next batches while the GPU trains;
+the main thread only issues a non-blocking host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from sae_pipeline.shards import ActivationStore, ShardData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    """Rows ``[0, kept_rows)`` of shard ``index`` are training rows (the rest are held out)."""
+
+    index: int
+    kept_rows: int
+
+
+def training_spans(store: ActivationStore, holdout_rows: int) -> list[ShardSpan]:
+    """Per shard, how many leading rows are training rows once the last ``holdout_rows`` rows are held out.
+
+    Raises:
+        ValueError: if the hold-out would leave fewer than half of the cache for training.
+    """
+    total = store.n_rows
+    if holdout_rows < 0 or holdout_rows * 2 > total:
+        raise ValueError(f"train.holdout_tokens={holdout_rows} must lie in [0, half of the cache's {total} rows]")
+    remaining = total - holdout_rows
+    spans = []
+    for index, shard in enumerate(store.manifest["shards"]):
+        kept = min(int(shard["rows"]), remaining)
+        remaining -= kept
+        if kept > 0:
+            spans.append(ShardSpan(index, kept))
+    return spans
+
+
+def read_holdout(store: ActivationStore, holdout_rows: int) -> ShardData:
+    """The last ``holdout_rows`` rows of the cache (stored order), BOS rows included."""
+    parts = []
+    start = store.n_rows - holdout_rows
+    offset = 0
+    for index, shard in enumerate(store.manifest["shards"]):
+        rows = int(shard["rows"])
+        if offset + rows > start:
+            data = store.read_shard(index)
+            skip = max(0, start - offset)
+            parts.append(ShardData(data.activations[skip:], data.doc_id[skip:], data.position[skip:], data.token_id[skip:], data.is_bos[skip:]))
+        offset += rows
+    if not parts:
+        raise ValueError("no hold-out rows: train.holdout_tokens must be at least 1")
+    return ShardData(*(np.concatenate([getattr(part, name) for part in parts]) for name in ("activations", "doc_id", "position", "token_id", "is_bos")))
+
+
+class ActivationLoader:
+    """Iterate ``n_batches`` training batches ``[batch_size, d_model]`` float32 on ``device``.
+
+    Args:
+        store: the activation cache.
+        batch_size: rows per batch.
+        n_batches: batches the iteration yields in total (counting from batch 0).
+        seed: data-order seed.
+        start_batch: first batch to yield (resume); earlier batches are skipped without reading
+            their activations.
+        shuffle_buffer_rows: rows loaded and permuted together (rounded up to whole shards).
+        holdout_rows: rows at the end of the cache never used for training.
+        device: where batches are delivered.
+        prefetch_batches: batches prepared ahead by the background thread.
+    """
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        batch_size: int,
+        n_batches: int,
+        seed: int = 0,
+        start_batch: int = 0,
+        shuffle_buffer_rows: int = 131072,
+        holdout_rows: int = 0,
+        device: str | torch.device = "cpu",
+        prefetch_batches: int = 4,
+    ):
+        self.store = store
+        self.batch_size = int(batch_size)
+        self.n_batches = int(n_batches)
+        self.seed = int(seed)
+        self.start_batch = int(start_batch)
+        self.shuffle_buffer_rows = int(shuffle_buffer_rows)
+        self.device = torch.device(device)
+        self.prefetch_batches = max(1, int(prefetch_batches))
+        self.spans = training_spans(store, holdout_rows)
+        self._usable_rows: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if self.rows_per_epoch < self.batch_size:
+            raise ValueError(f"the cache has {self.rows_per_epoch} training rows, fewer than train.batch_size={self.batch_size}")
+
+    def usable_rows(self, span: ShardSpan) -> int:
+        """Training rows of a shard once BOS rows are dropped (reads only the ``is_bos`` column)."""
+        if span.index not in self._usable_rows:
+            is_bos = self.store.read_shard(span.index, columns=["is_bos"]).is_bos[: span.kept_rows]
+            self._usable_rows[span.index] = int(span.kept_rows - is_bos.sum())
+        return self._usable_rows[span.index]
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Training rows in one pass over the cache (BOS and hold-out excluded)."""
+        return sum(self.usable_rows(span) for span in self.spans)
+
+    @property
+    def epochs(self) -> float:
+        """How many passes over the training rows the ``n_batches`` batches make."""
+        return self.n_batches * self.batch_size / self.rows_per_epoch
+
+    def windows(self, epoch: int) -> list[list[ShardSpan]]:
+        """Shard groups of an epoch, in visiting order."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.spans))
+        windows: list[list[ShardSpan]] = []
+        current: list[ShardSpan] = []
+        rows = 0
+        for position in order:
+            span = self.spans[int(position)]
+            current.append(span)
+            rows += span.kept_rows
+            if rows >= self.shuffle_buffer_rows:
+                windows.append(current)
+                current, rows = [], 0
+        if current:
+            windows.append(current)
+        return windows
+
+    def _window_rows(self, epoch: int, window_index: int, window: list[ShardSpan]) -> np.ndarray:
+        """The permuted training rows of one window, ``[rows, d_model]`` in the cache dtype."""
+        parts = []
+        for span in window:
+            data = self.store.read_shard(span.index, columns=["activation", "is_bos"])
+            keep = ~data.is_bos[: span.kept_rows]
+            parts.append(data.activations[: span.kept_rows][keep])
+        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        permutation = np.random.default_rng([self.seed, epoch, window_index]).permutation(len(rows))
+        return rows[permutation]
+
+    def _row_blocks(self, start_row: int) -> Iterator[np.ndarray]:
+        """Blocks of consecutive stream rows beginning at global row ``start_row``."""
+        position = 0
+        epoch = 0
+        while True:
+            for window_index, window in enumerate(self.windows(epoch)):
+                size = sum(self.usable_rows(span) for span in window)
+                if position + size <= start_row:
+                    position += size
+                    continue
+                rows = self._window_rows(epoch, window_index, window)
+                skip = max(0, start_row - position)
+                position += size
+                yield rows[skip:]
+            epoch += 1
+
+    def numpy_batches(self) -> Iterator[np.ndarray]:
+        """The batches ``start_batch .. n_batches-1`` as NumPy arrays in the cache dtype (no thread)."""
+        pending: list[np.ndarray] = []
+        pending_rows = 0
+        produced = self.start_batch
+        blocks = self._row_blocks(self.start_batch * self.batch_size)
+        while produced < self.n_batches:
+            while pending_rows < self.batch_size:
+                block = next(blocks)
+                pending.append(block)
+                pending_rows += len(block)
+            merged = np.concatenate(pending) if len(pending) > 1 else pending[0]
+            batch, rest = merged[: self.batch_size], merged[self.batch_size :]
+            pending, pending_rows = ([rest] if len(rest) else []), len(rest)
+            produced += 1
+            yield np.ascontiguousarray(batch)
+
+    def _produce(self, out: "queue.Queue[tuple[str, object]]") -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            for batch in self.numpy_batches():
+                tensor = torch.from_numpy(batch)
+                tensor = tensor.pin_memory() if self.device.type == "cuda" else tensor.float()
+                while not self._stop.is_set():
+                    try:
+                        out.put(("batch", tensor), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            out.put(("end", None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            out.put(("error", error))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Yield float32 batches on the device, prepared by a background thread."""
+        out: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=self.prefetch_batches)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._produce, args=(out,), name="activation-loader", daemon=True)
+        self._thread.start()
+        try:
+            while True:
+                kind, payload = out.get()
+                if kind == "end":
+                    return
+                if kind == "error":
+                    raise RuntimeError("activation loader thread failed") from payload  # type: ignore[arg-type]
+                yield payload.to(self.device, non_blocking=True).float()  # type: ignore[union-attr]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the background thread (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

@@ -1,0 +1,535 @@
+"""Trainable sparse autoencoders, several seeds stepped together.
+
+Every parameter carries a leading seed dimension ``S``: ``W_enc [S, d_in, d_sae]``,
+``W_dec [S, d_sae, d_in]``, ``b_enc [S, d_sae]``, ``b_dec [S, d_in]``. One activation batch
+``x [B, d_in]`` is shared by all seeds; the encoder is one batched matrix product and the loss is
+the sum of the per-seed losses, so one backward pass gives every seed exactly the gradient it would
+get alone (the seeds share no parameter). Adam is elementwise, and gradient clipping here is per
+seed, so training seeds together equals training each alone up to floating-point rounding.
+
+Architectures (pre-activations ``a = (x - b_dec) W_enc + b_enc``, shape ``[S, B, d_sae]``):
+
+- ``topk``: z = ReLU(TopK_k(a)) per token. With ``sparse_decoder`` the reconstruction gathers
+  only the k selected decoder rows (``embedding_bag``), skipping the dense ``[B, d_sae] x
+  [d_sae, d_in]`` product and its two gradient products.
+- ``batchtopk``: keep the k*B largest ReLU(a) over the whole batch; a scalar inference threshold
+  follows an exponential moving average of the smallest kept value (SAELens's rule).
+- ``relu``: z = ReLU(a), loss += l1_coefficient * mean_t sum_i z_ti * ||W_dec[i]||.
+- ``matryoshka_batchtopk``: BatchTopK codes; each nested prefix of latents (``matryoshka_prefixes``
+  plus the full width) reconstructs x on its own and the loss is the sum of the prefix losses.
+
+Loss per seed (``recon`` is the squared error summed over d_in, averaged over tokens, as in
+dictionary_learning and SAELens)::
+
+    recon + aux_k_coefficient * auxk + weight_penalty + regularizer (+ relu sparsity)
+
+- weight penalty: ``w * (||W_enc||_F^2 + ||W_dec||_F^2)`` (l2) or ``w * (|W_enc|_1 + |W_dec|_1)``
+  (l1), on the encoder, the decoder or both (``weight_penalty_on``).
+- regularizers ("Beyond the Hard Budget"), over the batch-active units A (latents in the support
+  of at least one token of the batch), support S_t of token t:
+  ``off_support_l1 = lambda * mean_t sum_{i in A, i not in S_t} |a_ti|``;
+  ``l1_l2_ratio = lambda * mean_t ||a_tA||_1 / ||a_tA||_2``.
+- AuxK (top-k family): the ``aux_k`` largest ReLU pre-activations among dead latents reconstruct
+  the detached residual ``x - x_hat`` (no bias); the loss is that squared error divided by the
+  residual's variance (OpenAI / dictionary_learning normalisation). A latent is dead when it has not
+  fired for ``dead_window_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHITECTURES = ("topk", "batchtopk", "relu", "matryoshka_batchtopk")
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
+PENALTY_KINDS = ("none", "l1", "l2")
+PENALTY_TARGETS = ("both", "encoder", "decoder")
+REGULARIZER_KINDS = ("none", "off_support_l1", "l1_l2_ratio")
+B_DEC_INITS = ("geometric_median", "mean", "zeros")
+AUTOCAST_MODES = ("auto", "bf16", "off")
+
+# Columns of the per-step statistics returned by SeedBatchedTrainer.step (one row per seed).
+STEP_STATISTICS = (
+    "loss",
+    "mse",
+    "fvu",
+    "l0",
+    "aux_loss",
+    "penalty",
+    "regularizer",
+    "sparsity_loss",
+    "dead_fraction",
+    "W_enc_norm",
+    "W_dec_norm",
+)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every setting of one training variant (``train.options`` overlaid with the variant's axes).
+
+    Sizes are in tokens (activation rows) unless a name says otherwise.
+    """
+
+    architecture: str = "topk"
+    k: int = 40
+    d_sae: int = 1024
+    weight_penalty: Mapping[str, Any] = field(default_factory=lambda: {"kind": "none", "coefficient": 0.0})
+    weight_penalty_on: str = "both"
+    regularizer: Mapping[str, Any] = field(default_factory=lambda: {"kind": "none", "coefficient": 0.0})
+    batch_size: int = 4096
+    total_tokens: int = 10_000_000
+    lr: float = 2.0e-4
+    lr_scale_with_width: bool = True
+    warmup_steps: int = 1000
+    decay_fraction: float = 0.2
+    grad_clip_norm: float | None = 1.0
+    tied_init: bool = True
+    unit_norm_decoder: bool = True
+    b_dec_init: str = "geometric_median"
+    aux_k: int = 512
+    aux_k_coefficient: float = 1.0 / 32.0
+    dead_window_tokens: int = 10_000_000
+    l1_coefficient: float = 5.0
+    matryoshka_prefixes: Sequence[int] = (128, 512)
+    threshold_lr: float = 0.01
+    sparse_decoder: bool = True
+    shuffle_buffer_rows: int = 131072
+    data_seed: int = 0
+    holdout_tokens: int = 16384
+    ce_eval_sequences: int = 32
+    log_every: int = 50
+    checkpoint_every: int = 500
+    device: str = "auto"
+    autocast: str = "auto"
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> "TrainSettings":
+        """Build from a variant's settings dict; unknown keys and bad values raise ``ValueError`` naming the key."""
+        known = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"train: unknown setting(s) {unknown}; known settings are {sorted(known)}")
+        values = dict(settings)
+        for key in ("weight_penalty", "regularizer"):
+            if key in values:
+                values[key] = {"coefficient": 0.0, **dict(values[key])}
+        if "matryoshka_prefixes" in values:
+            values["matryoshka_prefixes"] = tuple(int(size) for size in values["matryoshka_prefixes"])
+        result = cls(**values)
+        result.validate()
+        return result
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that is out of range."""
+        choices = {
+            "architecture": (self.architecture, ARCHITECTURES),
+            "weight_penalty.kind": (self.weight_penalty.get("kind"), PENALTY_KINDS),
+            "weight_penalty_on": (self.weight_penalty_on, PENALTY_TARGETS),
+            "regularizer.kind": (self.regularizer.get("kind"), REGULARIZER_KINDS),
+            "b_dec_init": (self.b_dec_init, B_DEC_INITS),
+            "autocast": (self.autocast, AUTOCAST_MODES),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"train: {key} must be one of {list(allowed)}, got {value!r}")
+        positive = {"k": self.k, "d_sae": self.d_sae, "batch_size": self.batch_size, "total_tokens": self.total_tokens,
+                    "log_every": self.log_every, "checkpoint_every": self.checkpoint_every, "aux_k": self.aux_k}
+        for key, value in positive.items():
+            if int(value) < 1:
+                raise ValueError(f"train: {key} must be at least 1, got {value}")
+        if self.architecture in TOPK_FAMILY and self.k > self.d_sae:
+            raise ValueError(f"train: k={self.k} exceeds d_sae={self.d_sae}")
+        if self.architecture == "matryoshka_batchtopk":
+            prefixes = list(self.matryoshka_prefixes)
+            if prefixes != sorted(set(prefixes)) or (prefixes and (prefixes[0] < 1 or prefixes[-1] >= self.d_sae)):
+                raise ValueError(f"train: matryoshka_prefixes must increase strictly within 1..d_sae-1, got {prefixes}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"train: decay_fraction must lie in [0, 1], got {self.decay_fraction}")
+        if self.lr <= 0:
+            raise ValueError(f"train: lr must be positive, got {self.lr}")
+        for key in ("weight_penalty", "regularizer"):
+            if float(getattr(self, key)["coefficient"]) < 0:
+                raise ValueError(f"train: {key}.coefficient must not be negative")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps: ``total_tokens // batch_size`` (at least 1)."""
+        return max(1, self.total_tokens // self.batch_size)
+
+    @property
+    def effective_lr(self) -> float:
+        """Peak learning rate: ``lr / sqrt(d_sae / 2**14)`` when ``lr_scale_with_width``, else ``lr``."""
+        return self.lr / math.sqrt(self.d_sae / 2**14) if self.lr_scale_with_width else self.lr
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every setting (defaults included)."""
+        values = dataclasses.asdict(self)
+        values["weight_penalty"] = dict(self.weight_penalty)
+        values["regularizer"] = dict(self.regularizer)
+        values["matryoshka_prefixes"] = list(self.matryoshka_prefixes)
+        return values
+
+
+def learning_rate(step: int, total_steps: int, peak_lr: float, warmup_steps: int, decay_fraction: float) -> float:
+    """Linear warmup over ``warmup_steps`` (from peak/warmup to peak), constant, then linear decay to 0
+    over the last ``decay_fraction`` of the steps. ``step`` counts from 0."""
+    factor = 1.0
+    if warmup_steps > 0:
+        factor = min(1.0, (step + 1) / warmup_steps)
+    decay_start = int(total_steps * (1.0 - decay_fraction))
+    if decay_fraction > 0 and step >= decay_start:
+        factor *= max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
+    return peak_lr * factor
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iterations: int = 100, tolerance: float = 1e-6) -> torch.Tensor:
+    """Geometric median of ``points [n, d]`` by Weiszfeld's iteration (float64), returned as float32 ``[d]``."""
+    points = points.double()
+    median = points.mean(dim=0)
+    for _ in range(iterations):
+        distances = (points - median).norm(dim=1).clamp_min(1e-12)
+        weights = 1.0 / distances
+        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        moved = (updated - median).norm() / median.norm().clamp_min(1e-12)
+        median = updated
+        if moved < tolerance:
+            break
+    return median.float()
+
+
+def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_enc [d_in, d_sae], W_dec [d_sae, d_in])`` for one seed, float32 on the CPU.
+
+    Decoder rows are Gaussian directions of unit norm. With ``tied_init`` the encoder is the
+    decoder's transpose; otherwise its columns are independent unit-norm Gaussian directions.
+    The result depends only on ``seed`` (a private generator), never on the global RNG.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    decoder = torch.randn(d_sae, d_in, generator=generator)
+    decoder = decoder / decoder.norm(dim=1, keepdim=True)
+    if tied_init:
+        encoder = decoder.t().clone()
+    else:
+        encoder = torch.randn(d_in, d_sae, generator=generator)
+        encoder = encoder / encoder.norm(dim=0, keepdim=True)
+    return encoder, decoder
+
+
+def weight_penalty(W_enc: torch.Tensor, W_dec: torch.Tensor, kind: str, coefficient: float, on: str) -> torch.Tensor:
+    """Per-seed weight penalty ``[S]`` for ``W_enc [S, d_in, d_sae]`` and ``W_dec [S, d_sae, d_in]``.
+
+    ``l2``: coefficient * squared Frobenius norm; ``l1``: coefficient * sum of absolute values; summed
+    over the matrices named by ``on`` (both | encoder | decoder).
+    """
+    if kind == "none" or coefficient == 0:
+        return W_enc.new_zeros(W_enc.shape[0])
+    matrices = {"both": (W_enc, W_dec), "encoder": (W_enc,), "decoder": (W_dec,)}[on]
+    if kind == "l2":
+        total = sum(matrix.square().sum(dim=(1, 2)) for matrix in matrices)
+    elif kind == "l1":
+        total = sum(matrix.abs().sum(dim=(1, 2)) for matrix in matrices)
+    else:
+        raise ValueError(f"unknown weight penalty kind {kind!r}")
+    return coefficient * total
+
+
+def sparsity_regularizer(pre_activations: torch.Tensor, support: torch.Tensor, kind: str, coefficient: float) -> torch.Tensor:
+    """Per-seed Top-k sparsity regularizer ``[S]`` ("Beyond the Hard Budget").
+
+    Args:
+        pre_activations: ``a [S, B, d_sae]`` before any top-k or ReLU.
+        support: bool ``[S, B, d_sae]``, the latents kept for each token (its Top-k set).
+        kind: ``off_support_l1`` (lambda * mean_t sum over batch-active, unselected units of |a|) or
+            ``l1_l2_ratio`` (lambda * mean_t ||a_A||_1 / ||a_A||_2 over the batch-active units A).
+    """
+    if kind == "none" or coefficient == 0:
+        return pre_activations.new_zeros(pre_activations.shape[0], dtype=torch.float32)
+    magnitude = pre_activations.float().abs() * support.any(dim=1, keepdim=True)
+    if kind == "off_support_l1":
+        per_token = (magnitude * ~support).sum(dim=-1)
+    elif kind == "l1_l2_ratio":
+        per_token = magnitude.sum(dim=-1) / magnitude.square().sum(dim=-1).sqrt().clamp_min(1e-12)
+    else:
+        raise ValueError(f"unknown regularizer kind {kind!r}")
+    return coefficient * per_token.mean(dim=-1)
+
+
+class SeedBatchedSAE(nn.Module):
+    """``S`` independent SAEs of one architecture whose parameters are stacked along dim 0.
+
+    Attributes:
+        seeds: the seed of each slice.
+        W_enc ``[S, d_in, d_sae]``, W_dec ``[S, d_sae, d_in]``, b_enc ``[S, d_sae]``, b_dec ``[S, d_in]``.
+        threshold ``[S]`` (buffer): batch-top-k inference threshold.
+        tokens_since_fired ``[S, d_sae]`` int64 (buffer): tokens since each latent last fired.
+    """
+
+    def __init__(self, settings: TrainSettings, d_in: int, seeds: Sequence[int], b_dec: torch.Tensor | None = None):
+        super().__init__()
+        self.settings = settings
+        self.seeds = [int(seed) for seed in seeds]
+        self.d_in = int(d_in)
+        self.d_sae = int(settings.d_sae)
+        encoders, decoders = zip(*(initial_weights(seed, self.d_in, self.d_sae, settings.tied_init) for seed in self.seeds))
+        n_seeds = len(self.seeds)
+        self.W_enc = nn.Parameter(torch.stack(encoders))
+        self.W_dec = nn.Parameter(torch.stack(decoders))
+        self.b_enc = nn.Parameter(torch.zeros(n_seeds, self.d_sae))
+        initial_b_dec = torch.zeros(self.d_in) if b_dec is None else b_dec.detach().float().cpu()
+        self.b_dec = nn.Parameter(initial_b_dec.expand(n_seeds, self.d_in).clone())
+        self.register_buffer("threshold", torch.zeros(n_seeds))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_seeds, self.d_sae, dtype=torch.int64))
+        # Python mirror of "some latent is dead" so the AuxK pass is skipped without a device sync;
+        # refreshed by refresh_dead_flag() at logging steps.
+        self.auxk_active = False
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``a = (x - b_dec) W_enc + b_enc`` for every seed: ``x [B, d_in]`` -> ``[S, B, d_sae]``.
+
+        The encoder product uses a detached copy of ``b_dec``; a zero-valued term carries b_dec's
+        gradient (``-W_enc @ sum_t dL/da_t``), so autograd never forms the dense ``dL/dx`` product.
+        """
+        centered = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)
+        b_dec_gradient_path = torch.bmm((self.b_dec - self.b_dec.detach()).unsqueeze(1), self.W_enc)
+        return torch.bmm(centered, self.W_enc) + (self.b_enc.unsqueeze(1) - b_dec_gradient_path)
+
+    def decode_selected(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``sum_j values[s,b,j] * W_dec[s, indices[s,b,j]]``: ``[S, B, m]`` -> ``[S, B, d_in]`` (no bias)."""
+        n_seeds, batch, width = indices.shape
+        offsets = (torch.arange(n_seeds, device=indices.device) * self.d_sae).view(n_seeds, 1, 1)
+        if self.settings.sparse_decoder:
+            flat = F.embedding_bag(
+                (indices + offsets).reshape(n_seeds * batch, width),
+                self.W_dec.reshape(n_seeds * self.d_sae, self.d_in),
+                per_sample_weights=values.reshape(n_seeds * batch, width).to(self.W_dec.dtype),
+                mode="sum",
+            )
+            return flat.view(n_seeds, batch, self.d_in)
+        dense = values.new_zeros(n_seeds, batch, self.d_sae).scatter(-1, indices, values)
+        return torch.bmm(dense, self.W_dec)
+
+    def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense codes ``[S, B, d_sae]`` keeping the k*B largest ReLU(pre) of each seed's batch."""
+        n_seeds, batch, width = pre.shape
+        flat = pre.relu().reshape(n_seeds, batch * width)
+        values, indices = flat.topk(min(self.settings.k * batch, batch * width), dim=-1, sorted=False)
+        with torch.no_grad():
+            smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).amin(dim=-1).float()
+            rate = self.settings.threshold_lr
+            updated = (1 - rate) * self.threshold + rate * smallest
+            self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
+        return torch.zeros_like(flat).scatter(-1, indices, values).view(n_seeds, batch, width)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Losses and statistics on one batch ``x [B, d_in]``; also updates the dead-latent counters
+        and (batch-top-k) the inference threshold.
+
+        Returns a dict of per-seed ``[S]`` tensors: ``loss`` (what is minimised), ``recon``,
+        ``aux_loss``, ``penalty``, ``regularizer``, ``sparsity_loss``, ``squared_error`` (summed over
+        batch and d_in), ``l0`` (mean nonzero codes per token); plus ``total_variance`` (scalar) and
+        ``firing_counts [S, d_sae]`` (tokens of this batch on which each latent fired).
+        """
+        settings = self.settings
+        architecture = settings.architecture
+        x = x.float()
+        pre = self.pre_activations(x)
+        sparsity_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        if architecture == "topk":
+            values, indices = pre.topk(settings.k, dim=-1, sorted=False)
+            codes = values.relu()
+            x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
+            recon = (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+            firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
+                1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
+            )
+            l0 = (codes > 0).float().sum(dim=-1).mean(dim=-1)
+            support = None
+            if settings.regularizer["kind"] != "none":
+                support = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, indices, True)
+        else:
+            dense_codes = pre.relu() if architecture == "relu" else self._batch_topk(pre)
+            bounds = list(settings.matryoshka_prefixes) + [self.d_sae] if architecture == "matryoshka_batchtopk" else [self.d_sae]
+            x_hat = self.b_dec.unsqueeze(1).expand(self.n_seeds, x.shape[0], self.d_in)
+            recon = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+            start = 0
+            for end in bounds:
+                x_hat = x_hat + torch.bmm(dense_codes[:, :, start:end], self.W_dec[:, start:end])
+                recon = recon + (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+                start = end
+            fired = dense_codes > 0
+            firing_counts = fired.float().sum(dim=1)
+            l0 = fired.float().sum(dim=-1).mean(dim=-1)
+            support = fired
+            if architecture == "relu":
+                decoder_norms = self.W_dec.norm(dim=-1).unsqueeze(1)
+                sparsity_loss = settings.l1_coefficient * (dense_codes * decoder_norms).sum(dim=-1).mean(dim=-1)
+        aux_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        if architecture in TOPK_FAMILY and self.auxk_active and settings.aux_k_coefficient > 0:
+            aux_loss = self._auxk_loss(pre, (x - x_hat).detach())
+        penalty = weight_penalty(self.W_enc, self.W_dec, settings.weight_penalty["kind"], float(settings.weight_penalty["coefficient"]), settings.weight_penalty_on)
+        regularizer = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        if support is not None:
+            regularizer = sparsity_regularizer(pre, support, settings.regularizer["kind"], float(settings.regularizer["coefficient"]))
+        loss = recon + settings.aux_k_coefficient * aux_loss + penalty + regularizer + sparsity_loss
+        with torch.no_grad():
+            squared_error = (x_hat.detach().float() - x).square().sum(dim=(1, 2))
+            total_variance = (x - x.mean(dim=0)).square().sum()
+            self.tokens_since_fired.copy_(torch.where(firing_counts > 0, 0, self.tokens_since_fired + x.shape[0]))
+        return {
+            "loss": loss,
+            "recon": recon,
+            "aux_loss": aux_loss,
+            "penalty": penalty,
+            "regularizer": regularizer,
+            "sparsity_loss": sparsity_loss,
+            "squared_error": squared_error,
+            "total_variance": total_variance,
+            "l0": l0,
+            "firing_counts": firing_counts,
+        }
+
+    def dead_mask(self) -> torch.Tensor:
+        """bool ``[S, d_sae]``: latents that have not fired for ``dead_window_tokens`` tokens."""
+        return self.tokens_since_fired >= self.settings.dead_window_tokens
+
+    def refresh_dead_flag(self) -> None:
+        """Read (one device sync) whether any latent is dead, to switch the AuxK pass on or off."""
+        self.auxk_active = bool(self.dead_mask().any().item())
+
+    def _auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Normalised AuxK loss ``[S]``; zero for a seed without dead latents."""
+        dead = self.dead_mask()
+        masked = torch.where(dead.unsqueeze(1), pre, torch.full_like(pre, float("-inf")))
+        values, indices = masked.topk(min(self.settings.aux_k, self.d_sae), dim=-1, sorted=False)
+        reconstruction = self.decode_selected(values.relu(), indices)
+        error = (residual - reconstruction.float()).square().sum(dim=-1).mean(dim=-1)
+        variance = (residual - residual.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=-1)
+        return (error / variance).nan_to_num(0.0) * dead.any(dim=-1)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_gradient(self) -> None:
+        """Project out of each decoder row's gradient its component along that (unit-norm) row."""
+        if self.W_dec.grad is None:
+            return
+        directions = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        parallel = (self.W_dec.grad * directions).sum(dim=-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * directions)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit L2 norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def clip_gradients_per_seed(self, max_norm: float) -> torch.Tensor:
+        """Scale each seed's gradients so their joint L2 norm is at most ``max_norm`` (as
+        ``torch.nn.utils.clip_grad_norm_`` does for one model); returns the norms before clipping ``[S]``."""
+        grads = [parameter.grad for parameter in self.parameters() if parameter.grad is not None]
+        norms = torch.stack([grad.float().square().flatten(1).sum(dim=1) for grad in grads]).sum(dim=0).sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+        return norms
+
+    @torch.no_grad()
+    def inference_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The SAELens-layout tensors of seed slice ``index`` (float32, CPU).
+
+        Batch-top-k variants also get ``threshold [d_sae]`` (the learned scalar threshold repeated),
+        which is what SAELens's JumpReLU inference SAE expects.
+        """
+        tensors = {
+            "W_enc": self.W_enc[index].detach().float().cpu().contiguous(),
+            "W_dec": self.W_dec[index].detach().float().cpu().contiguous(),
+            "b_enc": self.b_enc[index].detach().float().cpu().contiguous(),
+            "b_dec": self.b_dec[index].detach().float().cpu().contiguous(),
+        }
+        if self.settings.architecture in ("batchtopk", "matryoshka_batchtopk"):
+            tensors["threshold"] = self.threshold[index].detach().float().cpu().expand(self.d_sae).contiguous()
+        return tensors
+
+
+class SeedBatchedTrainer:
+    """Adam on a :class:`SeedBatchedSAE` with the schedule, decoder constraint and clipping of the settings.
+
+    ``step(x)`` performs one optimizer step and returns the per-seed statistics as a device tensor
+    ``[S, len(STEP_STATISTICS)]`` without synchronising; read it only when logging.
+    """
+
+    def __init__(self, model: SeedBatchedSAE, device: str | torch.device):
+        self.model = model
+        self.settings = model.settings
+        self.device = torch.device(device)
+        use_fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.settings.effective_lr, betas=(0.9, 0.999), fused=use_fused or None)
+        mode = self.settings.autocast
+        self.autocast_enabled = mode == "bf16" or (mode == "auto" and self.device.type == "cuda")
+        self.step_index = 0
+
+    def current_lr(self) -> float:
+        settings = self.settings
+        return learning_rate(self.step_index, settings.total_steps, settings.effective_lr, settings.warmup_steps, settings.decay_fraction)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on ``x [B, d_in]`` for every seed; returns statistics ``[S, n_stats]``."""
+        model, settings = self.model, self.settings
+        lr = self.current_lr()
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_enabled):
+            out = model(x)
+        out["loss"].sum().backward()
+        if settings.unit_norm_decoder:
+            model.remove_parallel_decoder_gradient()
+        if settings.grad_clip_norm is not None:
+            model.clip_gradients_per_seed(float(settings.grad_clip_norm))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if settings.unit_norm_decoder:
+            model.normalize_decoder()
+        self.step_index += 1
+        with torch.no_grad():
+            batch, d_in = x.shape
+            return torch.stack(
+                [
+                    out["loss"].float(),
+                    out["squared_error"] / (batch * d_in),
+                    out["squared_error"] / out["total_variance"].clamp_min(1e-12),
+                    out["l0"].float(),
+                    out["aux_loss"].float(),
+                    out["penalty"].float(),
+                    out["regularizer"].float(),
+                    out["sparsity_loss"].float(),
+                    model.dead_mask().float().mean(dim=-1),
+                    model.W_enc.detach().norm(dim=(1, 2)),
+                    model.W_dec.detach().norm(dim=(1, 2)),
+                ],
+                dim=1,
+            ).detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit: model, optimizer, step, AuxK flag."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step_index": self.step_index,
+            "auxk_active": self.model.auxk_active,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_index = int(state["step_index"])
+        self.model.auxk_active = bool(state["auxk_active"])
