@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from sae_pipeline.atomic import atomic_path, write_dataframe
 from sae_pipeline.checkpoint import save_sae
-from sae_pipeline.config import resolve_device
+from sae_pipeline.config import resolve_device, seed_group_label
 from sae_pipeline.loader import ActivationLoader, read_holdout
 from sae_pipeline.sae import SparseAutoencoder
 from sae_pipeline.shards import ActivationStore, ShardData
@@ -54,6 +54,25 @@ CE_BATCH_SEQUENCES = 16
 
 class TrainingInterrupted(RuntimeError):
     """Raised by ``train_saes(stop_after_step=...)`` once the state at that step is checkpointed."""
+
+
+def group_seeds(seed_groups: Sequence[Sequence[int]], label: str) -> list[int]:
+    """The seeds of the group whose folder label (``seeds0-1-2``) is ``label``.
+
+    Raises:
+        ValueError: if no configured group has that label.
+    """
+    for group in seed_groups:
+        if seed_group_label(list(group)) == label:
+            return [int(seed) for seed in group]
+    raise ValueError(f"train: no seed group {label!r}; the configured groups are {[seed_group_label(list(g)) for g in seed_groups]}")
+
+
+def variant_settings(all_variants: Mapping[str, Mapping[str, Any]], name: str) -> dict[str, Any]:
+    """Settings of variant ``name``; a ``ValueError`` lists the configured variants when it is unknown."""
+    if name not in all_variants:
+        raise ValueError(f"train: no variant {name!r}; the configured variants are {list(all_variants)}")
+    return dict(all_variants[name])
 
 
 def run_fingerprint(settings: TrainSettings, seeds: Sequence[int], manifest: Mapping[str, Any]) -> str:

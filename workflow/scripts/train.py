@@ -1,0 +1,15 @@
+from pathlib import Path
+
+from sae_pipeline.logs import stage_log
+from sae_pipeline.train import train_saes
+
+with stage_log(snakemake.log[0], "train"):
+    train_saes(
+        cache_dir=Path(snakemake.input.manifest).parent,
+        output_dir=snakemake.output[0],
+        settings=snakemake.params.settings,
+        seeds=snakemake.params.seeds,
+        state_dir=snakemake.params.state_dir,
+        variant=snakemake.wildcards.variant,
+        threads=snakemake.threads,
+    )
