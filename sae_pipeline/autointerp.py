@@ -181,29 +181,31 @@ def _row_chunks(store: ActivationStore, batch_rows: int) -> Iterator[tuple[np.nd
 
 
 class _RunningTop:
-    """Per-feature running top-``capacity`` of candidates along dim 0 (values ``[capacity, F]``).
+    """Per-feature running top-``capacity`` of candidates by key (feature-major: keys ``[F, capacity]``).
 
-    Carries per candidate a doc id, a position and optionally a ``[W]`` activation window.
+    Carries per candidate its value (the bucket's peak activation), doc id, position and optionally
+    a ``[W]`` activation window (``windows [F, capacity, W]``).
     """
 
     def __init__(self, capacity: int, n_features: int, window: int | None, device: torch.device):
         self.capacity = capacity
-        self.keys = torch.full((capacity, n_features), -math.inf, device=device)
-        self.values = torch.zeros((capacity, n_features), device=device)
-        self.doc = torch.zeros((capacity, n_features), dtype=torch.long, device=device)
-        self.position = torch.zeros((capacity, n_features), dtype=torch.long, device=device)
-        self.windows = torch.zeros((capacity, n_features, window), device=device) if window else None
+        self.keys = torch.full((n_features, capacity), -math.inf, device=device)
+        self.values = torch.zeros((n_features, capacity), device=device)
+        self.doc = torch.zeros((n_features, capacity), dtype=torch.long, device=device)
+        self.position = torch.zeros((n_features, capacity), dtype=torch.long, device=device)
+        self.windows = torch.zeros((n_features, capacity, window), device=device) if window else None
 
     def merge(self, keys: torch.Tensor, values: torch.Tensor, doc: torch.Tensor, position: torch.Tensor, windows: torch.Tensor | None) -> None:
-        keys = torch.cat([self.keys, keys])
-        best = keys.topk(self.capacity, dim=0).indices
-        self.keys = keys.gather(0, best)
-        self.values = torch.cat([self.values, values]).gather(0, best)
-        self.doc = torch.cat([self.doc, doc]).gather(0, best)
-        self.position = torch.cat([self.position, position]).gather(0, best)
+        """Add candidates (``[F, n]`` each, ``windows [F, n, W]``) and keep the ``capacity`` largest keys per feature."""
+        keys = torch.cat([self.keys, keys], dim=1)
+        best = keys.topk(self.capacity, dim=1).indices
+        self.keys = keys.gather(1, best)
+        self.values = torch.cat([self.values, values], dim=1).gather(1, best)
+        self.doc = torch.cat([self.doc, doc], dim=1).gather(1, best)
+        self.position = torch.cat([self.position, position], dim=1).gather(1, best)
         if self.windows is not None and windows is not None:
             window = self.windows.shape[-1]
-            self.windows = torch.cat([self.windows, windows]).gather(0, best[..., None].expand(-1, -1, window))
+            self.windows = torch.cat([self.windows, windows], dim=1).gather(1, best[..., None].expand(-1, -1, window))
 
 
 @dataclass
@@ -301,43 +303,46 @@ def mine_examples(
             firing_tokens += (codes > 0).sum(dim=0)
             first_doc = int(docs[0])
             n_docs = int(docs[-1]) - first_doc + 1
+            n_buckets = n_docs * buckets_per_doc
+            # Feature-major grid: row f holds feature f's activation at every (doc, position) slot of the chunk.
             slot = torch.from_numpy((docs - first_doc) * padded_length + positions.astype(np.int64)).to(device)
-            grid = torch.zeros((n_docs * padded_length, n_features), device=device)
-            grid[slot] = codes
+            grid = torch.zeros((n_features, n_docs * padded_length), device=device)
+            grid.index_copy_(1, slot, codes.T)
             valid = torch.zeros(n_docs * padded_length, dtype=torch.bool, device=device)
             valid[slot] = True
-            n_buckets = n_docs * buckets_per_doc
-            bucket_max, bucket_argmax = grid.view(n_buckets, window, n_features).max(dim=1)  # [B, F]
+            bucket_max, bucket_argmax = grid.view(n_features, n_buckets, window).max(dim=2)  # [F, B]
             bucket_doc = torch.arange(n_buckets, device=device) // buckets_per_doc  # chunk-local
             bucket_start = (torch.arange(n_buckets, device=device) % buckets_per_doc) * window
-            peak = bucket_start[:, None] + bucket_argmax  # [B, F]
+            peak = bucket_start + bucket_argmax  # [F, B]
             bucket_valid = valid.view(n_buckets, window).sum(dim=1)
-            padded = torch.nn.functional.pad(grid.view(n_docs, padded_length, n_features), (0, 0, before, settings.window_after))
-            padded = padded.reshape(-1, n_features)
             stride = padded_length + window - 1
+            padded = torch.nn.functional.pad(grid.view(n_features, n_docs, padded_length), (before, settings.window_after)).view(n_features, -1)
             offsets = torch.arange(window, device=device)
-            feature_columns = torch.arange(n_features, device=device)[None, :, None]
 
             def take(running: _RunningTop, keys: torch.Tensor, centred: bool) -> None:
-                count = min(running.capacity, n_buckets)
-                chosen_keys, chosen = keys.topk(count, dim=0)  # [count, F]
+                # Only candidates above a feature's smallest kept key can enter; late in the stream that is few.
+                entering = int((keys > running.keys[:, -1:]).sum(dim=1).max())
+                count = min(running.capacity, n_buckets, entering)
+                if count == 0:
+                    return
+                chosen_keys, chosen = keys.topk(count, dim=1)  # [F, count]
                 local_doc = bucket_doc[chosen]
+                windows = None
                 if centred:
-                    position = peak.gather(0, chosen)
-                    rows = (local_doc * stride + position)[..., None] + offsets  # padded row of slot j is position - before + j
-                    windows = padded[rows, feature_columns]
+                    position = peak.gather(1, chosen)
+                    slots = (local_doc * stride + position)[..., None] + offsets  # padded slot j holds position - before + j
+                    windows = padded.gather(1, slots.view(n_features, -1)).view(n_features, count, window)
                     start = position - before
                 else:
-                    windows = None
                     start = bucket_start[chosen]
-                running.merge(chosen_keys, bucket_max.gather(0, chosen), local_doc + first_doc, start, windows)
+                running.merge(chosen_keys, bucket_max.gather(1, chosen), local_doc + first_doc, start, windows)
 
             take(top, bucket_max, centred=True)
             random_keys = torch.rand(bucket_max.shape, generator=generator, device=device)
-            take(sampled, torch.where(bucket_max > 0, random_keys, torch.full_like(random_keys, -1.0)), centred=True)
+            take(sampled, torch.where(bucket_max > 0, random_keys, -1.0), centred=True)
             random_keys = torch.rand(bucket_max.shape, generator=generator, device=device)
-            quiet_ok = (bucket_max <= 0) & (bucket_valid >= min_valid_in_bucket)[:, None]
-            take(quiet, torch.where(quiet_ok, random_keys, torch.full_like(random_keys, -1.0)), centred=False)
+            quiet_ok = (bucket_max <= 0) & (bucket_valid >= min_valid_in_bucket)
+            take(quiet, torch.where(quiet_ok, random_keys, -1.0), centred=False)
     bar.close()
     return _collect(features, top, sampled, quiet, firing_tokens, settings)
 
@@ -346,27 +351,21 @@ def _collect(features: Sequence[int], top: _RunningTop, sampled: _RunningTop, qu
     """Turn the running states into per-feature :class:`FeatureExamples` (distinct, non-overlapping windows)."""
     window = settings.window
 
-    def feature_major(state: _RunningTop) -> tuple[torch.Tensor, ...]:
-        return state.keys.T, state.doc.T, state.position.T  # [F, K]
-
-    top_keys, top_doc, top_start = feature_major(top)
-    top_taken = _distinct(top_doc, top_start, top_keys > 0, settings.n_top, window, [])
-    blocked_doc = torch.where(top_taken, top_doc, torch.full_like(top_doc, -1))
-    sample_keys, sample_doc, sample_start = feature_major(sampled)
-    sample_taken = _distinct(sample_doc, sample_start, sample_keys > 0, settings.n_activating_sample, window, [(blocked_doc, top_start)])
-    quiet_keys = quiet.keys.T
+    top_taken = _distinct(top.doc, top.position, top.keys > 0, settings.n_top, window, [])
+    blocked_doc = torch.where(top_taken, top.doc, torch.full_like(top.doc, -1))
+    sample_taken = _distinct(sampled.doc, sampled.position, sampled.keys > 0, settings.n_activating_sample, window, [(blocked_doc, top.position)])
     arrays = {
         "top_taken": top_taken,
-        "top_doc": top_doc,
-        "top_start": top_start,
-        "top_windows": top.windows.transpose(0, 1),
+        "top_doc": top.doc,
+        "top_start": top.position,
+        "top_windows": top.windows,
         "sample_taken": sample_taken,
-        "sample_doc": sample_doc,
-        "sample_start": sample_start,
-        "sample_windows": sampled.windows.transpose(0, 1),
-        "quiet_taken": quiet_keys > 0,
-        "quiet_doc": quiet.doc.T,
-        "quiet_start": quiet.position.T,
+        "sample_doc": sampled.doc,
+        "sample_start": sampled.position,
+        "sample_windows": sampled.windows,
+        "quiet_taken": quiet.keys > 0,
+        "quiet_doc": quiet.doc,
+        "quiet_start": quiet.position,
         "firing": firing_tokens,
     }
     host = {name: value.cpu().numpy() for name, value in arrays.items()}
@@ -952,6 +951,8 @@ def run_autointerp(
         if judge_cache_dir is None:
             raise ValueError("autointerp with backend llm needs a judge cache folder")
         client = JudgeClient(JudgeSettings.from_config(settings["llm"], judge_cache_dir))  # fails now if the key is missing
+        if client.cache.is_empty():
+            client.check_endpoint()  # nothing can come from the cache: fail before mining if the endpoint is down
 
     store = ActivationStore(cache_dir)
     model_ref = store.manifest["model"]

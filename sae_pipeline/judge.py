@@ -15,7 +15,8 @@ One call, :meth:`JudgeClient.complete_many`, sends a list of conversations and r
 - token and cost accounting (:class:`JudgeUsage`);
 - early, clear failures: a missing API-key environment variable fails when the client is built; an
   unreachable endpoint or a rejected key fails on the first request that is not in the cache (one
-  ``GET /models`` probe), before any retries are spent.
+  ``GET /models`` probe), before any retries are spent, or earlier through :meth:`JudgeClient.check_endpoint`.
+  A rerun served wholly from the cache needs no endpoint at all.
 
 The API key is read from the environment variable named in the settings and is never written to
 logs, cache entries or error messages.
@@ -208,6 +209,10 @@ class ResponseCache:
     def __len__(self) -> int:
         return sum(1 for _ in self.root.glob("*/*.json")) if self.root.exists() else 0
 
+    def is_empty(self) -> bool:
+        """True when no entry is stored yet (stops at the first one found)."""
+        return not self.root.exists() or next(self.root.glob("*/*.json"), None) is None
+
 
 def _retry_after_seconds(error: Exception) -> float | None:
     response = getattr(error, "response", None)
@@ -370,6 +375,20 @@ class JudgeClient:
                 await asyncio.gather(*tasks, return_exceptions=True)
                 progress.close()
         return [reply for reply in replies if reply is not None]
+
+    def check_endpoint(self) -> None:
+        """Probe the endpoint now (one ``GET /models``) instead of at the first uncached request.
+
+        Raises :class:`JudgeUnavailable` when it is unreachable or rejects the key. A stage calls this
+        before long preparatory work when nothing can come from the cache anyway.
+        """
+        from openai import AsyncOpenAI
+
+        async def probe() -> None:
+            async with AsyncOpenAI(base_url=self.settings.base_url, api_key=self._api_key, timeout=self.settings.timeout_s, max_retries=0) as client:
+                await self._probe_endpoint(client)
+
+        asyncio.run(probe())
 
     async def _probe_endpoint(self, client: Any) -> None:
         """One ``GET /models``: fails clearly on an unreachable endpoint or a rejected key."""

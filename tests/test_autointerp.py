@@ -261,3 +261,19 @@ def test_feature_selection():
     assert len(by_category) == 4 and sum(f < 3 for f in by_category) == 2 and sum(f >= 6 for f in by_category) == 2
     with pytest.raises(ValueError, match="features.parquet"):
         select_features(10, None, {"selection": "category", "n_features": 2}, 0)
+
+
+def test_llm_backend_fails_before_mining_when_the_endpoint_is_down(planted, tmp_path, monkeypatch):
+    import socket
+
+    import sae_pipeline.autointerp as autointerp
+    from sae_pipeline.judge import JudgeUnavailable
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(autointerp, "mine_examples", lambda *args, **kwargs: pytest.fail("mined before checking the endpoint"))
+    settings = autointerp_settings("llm", {"base_url": f"http://127.0.0.1:{port}/v1", "api_key_env": None, "timeout_s": 2.0})
+    with pytest.raises(JudgeUnavailable, match="unreachable"):
+        run_autointerp(planted["root"], planted["sae"], planted["features"], tmp_path / "s.parquet", tmp_path / "a.jsonl", settings, judge_cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "s.parquet").exists()
