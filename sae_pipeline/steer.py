@@ -630,6 +630,8 @@ def run_steering(
     scores = pd.read_parquet(scores_path)
     features = sample_features(scores, int(settings["features_per_category"]), int(settings["sampling_seed"]))
     logger.info("steering %d features (%s) at %s", len(features), features["category"].value_counts().to_dict(), hook_name)
+    if features.empty:
+        logger.warning("no feature in %s has an explanation: the steering tables will be empty", scores_path)
 
     sae = load_sae(sae_folder, device="cpu")
     if sae.d_in != int(manifest["d_model"]):

@@ -296,7 +296,8 @@ def test_run_steering_writes_rows_and_feature_rates_with_the_llm_judge(tmp_path,
     with FakeOpenAIServer() as server:
         # 6 features x 3 prompts = 18 requests: scripted answers cover every case of the parser.
         answers = ["5", "4", "3", "2", "1", "four"] * 3
-        server.script([Scripted(text=answer) for answer in answers])
+        answers[7] = None  # a request the server rejects: recorded with its error, not scored
+        server.script([Scripted(text=answer) if answer is not None else Scripted(status=400) for answer in answers])
         llm = {"base_url": server.base_url, "model": "fake-judge", "api_key_env": None, "max_concurrency": 1}
         rows = steer.run_steering(
             steering_inputs["manifest"], steering_inputs["sae"], steering_inputs["scores"],
@@ -308,9 +309,10 @@ def test_run_steering_writes_rows_and_feature_rates_with_the_llm_judge(tmp_path,
     assert len(written) == 18 and written["feature"].nunique() == 6
     assert (written.groupby("feature").size() == 3).all()
     assert set(written["category"]) == {"always", "sometimes", "never"}
-    assert written["llm_answer"].tolist() == answers
-    assert written["llm_score"].tolist()[:6] == [5, 4, 3, 2, 1, pd.NA]
-    assert written["llm_success"].tolist()[:6] == [True, True, False, False, False, pd.NA]
+    assert written["llm_answer"].tolist() == [pd.NA if answer is None else answer for answer in answers]
+    assert written["llm_score"].tolist()[:8] == [5, 4, 3, 2, 1, pd.NA, 5, pd.NA]
+    assert written["llm_success"].tolist()[:8] == [True, True, False, False, False, pd.NA, True, pd.NA]
+    assert "400" in written["llm_error"].iloc[7] and written["llm_error"].drop(index=7).isna().all()
     assert written["embedding_score"].isna().all()
     assert (written["strength_mode"] == "resid_rms").all() and written["strength"].nunique() == 1
     assert written["strength"].iloc[0] > 0
@@ -327,6 +329,18 @@ def test_run_steering_writes_rows_and_feature_rates_with_the_llm_judge(tmp_path,
         assert feature.llm_success_rate == pytest.approx(scored.astype(float).mean())
         assert feature.n_llm_scored == len(scored)
     assert rows is not None
+
+
+def test_run_steering_without_explained_features_writes_empty_tables(tmp_path, steering_inputs):
+    scores = scores_table()
+    scores["explanation"] = "N/A"
+    scores.to_parquet(tmp_path / "scores.parquet", index=False)
+    rows = steer.run_steering(
+        steering_inputs["manifest"], steering_inputs["sae"], tmp_path / "scores.parquet",
+        tmp_path / "rows.parquet", tmp_path / "features.csv", steer_settings(judges=["embedding"]),
+    )
+    assert rows.empty and list(pd.read_parquet(tmp_path / "rows.parquet").columns) == list(steer.ROW_COLUMNS)
+    assert pd.read_csv(tmp_path / "features.csv").empty
 
 
 def test_run_steering_llm_judge_needs_endpoint_settings(tmp_path, steering_inputs):
