@@ -1,8 +1,10 @@
 """Evaluate stage: the figures behind claim 4 (Top-k sparsity regularizers) for one trained SAE.
 
-Everything is measured on the first ``max_tokens`` non-BOS rows of the activation cache (the SAE
-was trained on the same cache; there is no held-out split of activations), except CE-loss recovered,
-which runs the subject model on ``ce_sequences`` cached sequences.
+Everything is measured on the training hold-out: the last ``holdout_tokens`` rows of the activation
+cache, which the train stage never trains on (the size is read from the SAE's ``cfg.json``), at most
+``max_tokens`` non-BOS rows of it; CE-loss recovered runs the subject model on up to ``ce_sequences``
+sequences lying wholly in the hold-out. An SAE without a recorded hold-out is evaluated on the first
+cache rows instead, and ``metrics.json`` says so (``evaluation_rows``).
 
 Metrics (shapes: ``x``/``x_hat`` ``[tokens, d_in]``, codes ``z`` ``[tokens, d_sae]``):
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -41,7 +44,7 @@ import pandas as pd
 import torch
 
 from sae_pipeline.atomic import atomic_path, write_dataframe, write_json
-from sae_pipeline.checkpoint import load_sae
+from sae_pipeline.checkpoint import load_sae, load_sae_config
 from sae_pipeline.config import resolve_device
 from sae_pipeline.sae import SparseAutoencoder
 from sae_pipeline.shards import ActivationStore
@@ -240,19 +243,63 @@ def inference_ks(trained_k: int, multipliers: Sequence[float]) -> list[tuple[flo
 # The stage
 
 
-def load_evaluation_rows(store: ActivationStore, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``max_tokens`` non-BOS cached rows: activations ``[rows, d_model]`` float32 and token ids ``[rows]``."""
-    activations, token_ids, remaining = [], [], int(max_tokens)
-    for shard in store.iter_shards(columns=["activation", "token_id", "is_bos"], drop_bos=True):
-        take = min(remaining, len(shard))
-        activations.append(np.asarray(shard.activations[:take], dtype=np.float32))
-        token_ids.append(np.asarray(shard.token_id[:take], dtype=np.int64))
-        remaining -= take
-        if remaining <= 0:
-            break
-    if not activations:
-        raise ValueError(f"{store.root}: the activation cache has no non-BOS rows")
-    return np.concatenate(activations), np.concatenate(token_ids)
+@dataclass
+class EvaluationSet:
+    """What the SAE is evaluated on.
+
+    Attributes:
+        activations: ``[rows, d_model]`` float32, non-BOS rows.
+        token_ids: ``[rows]`` the token at each row.
+        ce_doc_ids: cached sequences (rows of ``ActivationStore.sequences()``) for CE-loss recovered.
+        source: a sentence saying where the rows come from.
+    """
+
+    activations: np.ndarray
+    token_ids: np.ndarray
+    ce_doc_ids: np.ndarray
+    source: str
+
+
+def holdout_rows_of(sae_cfg: Mapping[str, Any]) -> int:
+    """The training hold-out size (cache rows at the end never trained on) recorded in a ``cfg.json``; 0 if none."""
+    settings = sae_cfg.get("training", {}).get("settings", {}) if isinstance(sae_cfg.get("training"), Mapping) else {}
+    return int(settings.get("holdout_tokens") or 0)
+
+
+def evaluation_set(store: ActivationStore, holdout_rows: int, max_tokens: int, ce_sequences: int, seed: int) -> EvaluationSet:
+    """The rows and sequences to evaluate on.
+
+    With a training hold-out (``holdout_rows > 0``: the last rows of the cache, which the train stage
+    never trains on) the first ``max_tokens`` non-BOS hold-out rows, and for CE the first
+    ``ce_sequences`` sequences that lie wholly in the hold-out. Without one (an SAE from elsewhere), the
+    first ``max_tokens`` non-BOS cache rows and ``ce_sequences`` random cached sequences.
+    """
+    if holdout_rows > 0:
+        from sae_pipeline.loader import read_holdout
+        from sae_pipeline.train import complete_holdout_documents
+
+        holdout = read_holdout(store, holdout_rows)
+        rows = holdout.without_bos()
+        documents = complete_holdout_documents(holdout)[:ce_sequences]
+        source = f"training hold-out (last {holdout_rows} cache rows, never trained on)"
+        activations, token_ids = rows.activations[:max_tokens], rows.token_id[:max_tokens]
+    else:
+        activations, token_ids, remaining = [], [], int(max_tokens)
+        for shard in store.iter_shards(columns=["activation", "token_id", "is_bos"], drop_bos=True):
+            take = min(remaining, len(shard))
+            activations.append(shard.activations[:take])
+            token_ids.append(shard.token_id[:take])
+            remaining -= take
+            if remaining <= 0:
+                break
+        activations = np.concatenate(activations) if activations else np.empty((0, store.d_model))
+        token_ids = np.concatenate(token_ids) if token_ids else np.empty(0)
+        n_sequences = store.sequences().shape[0]
+        documents = np.sort(np.random.default_rng(seed).choice(n_sequences, size=min(ce_sequences, n_sequences), replace=False))
+        source = "first cache rows (no training hold-out recorded in cfg.json: the SAE may have trained on them)"
+    if len(activations) == 0:
+        raise ValueError(f"{store.root}: no non-BOS rows to evaluate on")
+    return EvaluationSet(np.asarray(activations, dtype=np.float32), np.asarray(token_ids, dtype=np.int64), np.asarray(documents, dtype=np.int64), source)
 
 
 def _reconstruction_pass(sae: SparseAutoencoder, x: torch.Tensor, k: int | None, batch_size: int, mean: torch.Tensor) -> dict[str, float]:
@@ -353,15 +400,15 @@ def _probe_all_properties(
 
 
 def _ce_rows(
-    sae: SparseAutoencoder, bridge: Any, store: ActivationStore, ks: Sequence[tuple[str, float | None, int | None]], settings: Mapping[str, Any]
-) -> dict[str, dict[str, float]]:
-    """``{inference label: CE figures}``: clean, zero-ablated and spliced CE loss on ``ce_sequences`` cached sequences."""
+    sae: SparseAutoencoder, bridge: Any, store: ActivationStore, doc_ids: np.ndarray, ks: Sequence[tuple[str, float | None, int | None]], settings: Mapping[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """``{inference label: CE figures}``: clean, zero-ablated and spliced CE loss on the cached sequences ``doc_ids``."""
     from sae_pipeline.subject import ce_loss_recovered, ce_loss_with_replacement
 
-    sequences = store.sequences()
-    count = min(int(settings["ce_sequences"]), sequences.shape[0])
-    chosen = np.sort(np.random.default_rng(int(settings["probe"]["seed"])).choice(sequences.shape[0], size=count, replace=False))
-    tokens = torch.from_numpy(sequences[chosen].astype(np.int64))
+    tokens = torch.from_numpy(store.sequences()[doc_ids].astype(np.int64))
+    if tokens.shape[0] == 0:
+        logger.warning("no sequences for CE-loss recovered (no complete sequence in the hold-out); CE columns left empty")
+        return {label: {"ce_loss": None, "clean_ce_loss": None, "zero_ablation_ce_loss": None, "ce_loss_recovered": None, "ce_sequences": 0} for label, _, _ in ks}
     hook_name = store.manifest["hook_name"]
     batch_size = int(settings["ce_batch_size"])
     clean = ce_loss_with_replacement(bridge, tokens, hook_name, None, batch_size=batch_size)
@@ -374,7 +421,7 @@ def _ce_rows(
             "clean_ce_loss": clean,
             "zero_ablation_ce_loss": zero,
             "ce_loss_recovered": ce_loss_recovered(clean, spliced, zero),
-            "ce_sequences": count,
+            "ce_sequences": int(tokens.shape[0]),
         }
     return results
 
@@ -427,16 +474,19 @@ def run_evaluation(
     store = ActivationStore(cache_dir)
     sae = load_sae(sae_folder, device)
     torch.manual_seed(int(settings["probe"]["seed"]))
-    activations, token_ids = load_evaluation_rows(store, int(settings["max_tokens"]))
-    x = torch.from_numpy(activations).to(device)
+    evaluation = evaluation_set(
+        store, holdout_rows_of(load_sae_config(sae_folder)), int(settings["max_tokens"]), int(settings["ce_sequences"]), int(settings["probe"]["seed"])
+    )
+    token_ids = evaluation.token_ids
+    x = torch.from_numpy(evaluation.activations).to(device)
     mean = x.double().mean(dim=0)
     batch_size = int(settings["batch_size"])
-    logger.info("evaluating %s on %d tokens (d_sae %d, k %s) on %s", sae_folder, x.shape[0], sae.d_sae, sae.k, device)
+    logger.info("evaluating %s on %d tokens of the %s (d_sae %d, k %s) on %s", sae_folder, x.shape[0], evaluation.source, sae.d_sae, sae.k, device)
 
     # (label, multiplier, k'): the grid always contains the trained k (multiplier 1); SAEs that are not
     # plain Top-k also get their own inference rule ("as_trained": threshold or ReLU).
     ks: list[tuple[str, float | None, int | None]] = []
-    if sae.k is not None and sae.architecture != "relu":
+    if sae.k is not None:
         multipliers = sorted({float(multiplier) for multiplier in settings["k_multipliers"]} | {1.0})
         ks += [(f"k'={k_prime}", multiplier, k_prime) for multiplier, k_prime in inference_ks(sae.k, multipliers)]
     trained_label = f"k'={sae.k}" if sae.architecture == "topk" else "as_trained"
@@ -445,13 +495,13 @@ def run_evaluation(
     from sae_pipeline.subject import load_subject_model
 
     bridge = load_subject_model(store.manifest["model"], device=device)
-    ce_results = _ce_rows(sae, bridge, store, ks, settings)
+    ce_results = _ce_rows(sae, bridge, store, evaluation.ce_doc_ids, ks, settings)
     identity = {"variant": variant, "seed": int(seed), "condition": condition, "architecture": sae.architecture, "trained_k": sae.k}
     robustness_rows = []
     for label, multiplier, k in ks:
         reconstruction = _reconstruction_pass(sae, x, k, batch_size, mean)
         robustness_rows.append({**identity, "inference": label, "multiplier": multiplier, "k_prime": k, **reconstruction, **ce_results[label]})
-        logger.info("%s: FVU %.4f, CE-loss recovered %.4f", label, reconstruction["fvu"], ce_results[label]["ce_loss_recovered"])
+        logger.info("%s: FVU %.4f, CE-loss recovered %s", label, reconstruction["fvu"], ce_results[label]["ce_loss_recovered"])
     robustness = pd.DataFrame(robustness_rows)
 
     native = _native_pass(sae, x, token_ids, batch_size)
@@ -473,7 +523,8 @@ def run_evaluation(
         **identity,
         "sae_folder": str(sae_folder),
         "n_tokens": int(x.shape[0]),
-        "at_trained_k": {key: float(at_trained.iloc[0][key]) for key in ("fvu", "mse", "l0", "ce_loss", "ce_loss_recovered")},
+        "evaluation_rows": evaluation.source,
+        "at_trained_k": {key: None if _is_missing(at_trained.iloc[0][key]) else float(at_trained.iloc[0][key]) for key in ("fvu", "mse", "l0", "ce_loss", "ce_loss_recovered")},
         "effective_latents_per_token": mean_with_interval(native["effective_latents"]),
         "l1_over_l2": mean_with_interval(native["l1_over_l2"]),
         "zero_code_tokens": int(native["zero_code_rows"]),

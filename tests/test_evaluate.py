@@ -166,7 +166,7 @@ def tiny_topk_sae(tmp_path_factory, tiny_cache):
 
 def test_run_evaluation_end_to_end(tmp_path, tiny_cache, tiny_topk_sae):
     from sae_pipeline.checkpoint import load_sae
-    from sae_pipeline.evaluate import load_evaluation_rows
+    from sae_pipeline.evaluate import evaluation_set
     from sae_pipeline.shards import ActivationStore
     from sae_pipeline.subject import ce_loss_recovered, ce_loss_with_replacement, load_subject_model
 
@@ -180,8 +180,10 @@ def test_run_evaluation_end_to_end(tmp_path, tiny_cache, tiny_topk_sae):
     assert robustness["l0"].tolist() == pytest.approx([2, 4, 8], abs=0.05)  # Top-k keeps k (a few may be zero after ReLU)
 
     store = ActivationStore(tiny_cache)
-    activations, token_ids = load_evaluation_rows(store, EVALUATE_SETTINGS["max_tokens"])
+    evaluation = evaluation_set(store, 0, EVALUATE_SETTINGS["max_tokens"], EVALUATE_SETTINGS["ce_sequences"], EVALUATE_SETTINGS["probe"]["seed"])
+    activations = evaluation.activations
     assert activations.shape[0] == metrics["n_tokens"] == 1500
+    assert "no training hold-out recorded" in metrics["evaluation_rows"]
     sae = load_sae(tiny_topk_sae)
     x = torch.from_numpy(activations)
     with torch.no_grad():
@@ -190,8 +192,8 @@ def test_run_evaluation_end_to_end(tmp_path, tiny_cache, tiny_topk_sae):
 
     # CE-loss recovered at k'=4 against the splice function called directly on the same sequences
     bridge = load_subject_model(store.manifest["model"])
-    chosen = np.sort(np.random.default_rng(0).choice(store.sequences().shape[0], size=6, replace=False))
-    tokens = torch.from_numpy(store.sequences()[chosen].astype(np.int64))
+    assert len(evaluation.ce_doc_ids) == 6
+    tokens = torch.from_numpy(store.sequences()[evaluation.ce_doc_ids].astype(np.int64))
     hook = store.manifest["hook_name"]
     clean = ce_loss_with_replacement(bridge, tokens, hook)
     zero = ce_loss_with_replacement(bridge, tokens, hook, torch.zeros_like)
@@ -234,3 +236,33 @@ def test_probe_with_too_few_examples_gives_a_message_row(tmp_path, tiny_cache, t
     probing = pd.read_csv(outputs["probing"])
     assert len(probing) == 3
     assert probing["message"].str.contains("fewer than evaluate.probe.min_examples_per_class").all()
+
+
+def test_evaluation_uses_the_training_holdout(tmp_path, tiny_cache, tiny_topk_sae):
+    """With ``training.settings.holdout_tokens`` in cfg.json, only the last cache rows (never trained on) are used."""
+    import shutil
+
+    from sae_pipeline.evaluate import evaluation_set, holdout_rows_of
+    from sae_pipeline.shards import ActivationStore
+
+    folder = tmp_path / "seed0"
+    shutil.copytree(tiny_topk_sae, folder)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["training"] = {"settings": {"holdout_tokens": 512}}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert holdout_rows_of(cfg) == 512 and holdout_rows_of({"architecture": "topk"}) == 0
+
+    store = ActivationStore(tiny_cache)
+    shards = [store.read_shard(index) for index in range(len(store.shard_paths))]
+    last = {name: np.concatenate([getattr(shard, name) for shard in shards])[-512:] for name in ("activations", "doc_id", "position", "is_bos")}
+    evaluation = evaluation_set(store, 512, 10**6, 10**6, 0)
+    assert np.array_equal(evaluation.activations, last["activations"][~last["is_bos"]].astype(np.float32))
+    assert evaluation.ce_doc_ids.tolist() == sorted(set(last["doc_id"][last["position"] == 0].tolist()))
+
+    outputs = {name: str(tmp_path / file) for name, file in [
+        ("metrics", "metrics.json"), ("k_robustness", "k.csv"), ("probing", "probing.csv"),
+        ("latents", "latents.parquet"), ("frequency_plot", "f.png")]}
+    metrics = run_evaluation(str(folder), str(tiny_cache), outputs, {**EVALUATE_SETTINGS, "k_multipliers": [1]})
+    assert metrics["n_tokens"] == int((~last["is_bos"]).sum())
+    assert metrics["evaluation_rows"].startswith("training hold-out")
+    assert pd.read_csv(outputs["k_robustness"])["ce_sequences"].tolist() == [6]
