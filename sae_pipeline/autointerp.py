@@ -152,6 +152,8 @@ def _row_chunks(store: ActivationStore, batch_rows: int) -> Iterator[tuple[np.nd
     last_doc = -1
 
     def merged() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if len(pending) == 1:
+            return pending[0]  # slices of one shard stay views: no copy
         return tuple(np.concatenate([part[index] for part in pending]) for index in range(3))  # type: ignore[return-value]
 
     for shard in store.iter_shards(columns=["activation", "doc_id", "position", "is_bos"], drop_bos=True):
@@ -296,7 +298,7 @@ def mine_examples(
     with torch.no_grad():
         for activations, docs, positions in _row_chunks(store, settings.batch_rows):
             bar.update(len(docs))
-            x = torch.from_numpy(np.array(activations, dtype=np.float32)).to(device)
+            x = torch.from_numpy(np.array(activations)).to(device).float()  # copied in the stored dtype, widened on the device
             codes = sae.encode(x)
             if not all_features:
                 codes = codes.index_select(1, feature_index)
@@ -789,7 +791,12 @@ def select_features(d_sae: int, sharedness: pd.DataFrame | None, settings: Mappi
 
 
 def read_sharedness(path: str | os.PathLike | None, d_sae: int, seed: int) -> pd.DataFrame | None:
-    """The match stage's per-feature table (feature, share_count, category), for this SAE seed if it has a ``seed`` column."""
+    """The match stage's per-feature table (feature, share_count, category) of this SAE seed.
+
+    The match stage describes one reference seed's features (its ``seed`` column); that seed must be
+    the one interpreted here, because latent indices of different seeds are unrelated.
+    Categories: always / sometimes / never, and ``dead`` for latents the match stage left out.
+    """
     if path is None:
         return None
     table = pd.read_parquet(path)
@@ -797,7 +804,13 @@ def read_sharedness(path: str | os.PathLike | None, d_sae: int, seed: int) -> pd
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)} (expected feature, share_count, category)")
     if "seed" in table.columns:
+        described = sorted(int(value) for value in table["seed"].unique())
         table = table[table["seed"] == int(seed)]
+        if table.empty:
+            raise ValueError(
+                f"{path} describes the features of seed(s) {described}, but autointerp.seed is {seed}: "
+                f"set match.reference_seed to {seed} (or autointerp.seed to one of {described})"
+            )
     table = table[["feature", "share_count", "category"]].drop_duplicates("feature")
     if len(table) and int(table["feature"].max()) >= d_sae:
         raise ValueError(f"{path}: feature index {int(table['feature'].max())} is out of range for an SAE with {d_sae} latents")
@@ -871,6 +884,10 @@ def interpret_features(
             continue
         record.labels[task.scorer].extend(task.labels)
         record.predictions[task.scorer].extend(outcome.value)
+    for record in records.values():
+        for scorer, labels in record.labels.items():
+            if labels and len(set(labels)) < 2:
+                record.failures.append({"step": scorer, "reason": f"all scored contexts have label {labels[0]} (e.g. no non-activating context found): score undefined"})
     return [records[feature] for feature in examples]
 
 

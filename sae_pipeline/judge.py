@@ -232,6 +232,16 @@ def _estimate_tokens(messages: Conversation, max_tokens: int) -> int:
     return characters // CHARS_PER_TOKEN_ESTIMATE + max_tokens
 
 
+def _run_blocking(coroutine_factory: Any) -> Any:
+    """Run ``coroutine_factory()`` to completion: in a fresh event loop, or in a helper thread when one is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine_factory())
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(coroutine_factory())).result()
+
+
 class JudgeClient:
     """Sends conversations to an OpenAI-compatible chat endpoint, with cache, retries and accounting.
 
@@ -307,13 +317,7 @@ class JudgeClient:
             TokenBudgetExceeded: the next request would exceed ``token_budget``. Replies received
                 before that are already cached, so a rerun resumes where this one stopped.
         """
-        coroutine_factory = lambda: self.complete_many_async(conversations, max_tokens, temperature, description)  # noqa: E731
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return asyncio.run(coroutine_factory())
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            return pool.submit(lambda: asyncio.run(coroutine_factory())).result()
+        return _run_blocking(lambda: self.complete_many_async(conversations, max_tokens, temperature, description))
 
     async def complete_many_async(
         self,
@@ -388,7 +392,7 @@ class JudgeClient:
             async with AsyncOpenAI(base_url=self.settings.base_url, api_key=self._api_key, timeout=self.settings.timeout_s, max_retries=0) as client:
                 await self._probe_endpoint(client)
 
-        asyncio.run(probe())
+        _run_blocking(probe)
 
     async def _probe_endpoint(self, client: Any) -> None:
         """One ``GET /models``: fails clearly on an unreachable endpoint or a rejected key."""

@@ -194,8 +194,8 @@ def test_llm_backend_against_local_server_with_failure_and_cached_rerun(planted,
     with FakeOpenAIServer(responder=autointerp_responder) as server:
         llm["base_url"] = server.base_url
         settings = autointerp_settings("llm", llm)
-        # Requests go out in order at concurrency 1: explain feature 0, explain feature 1, ...
-        server.script([Scripted(), Scripted(text="Hmm, hard to say what these share.")])
+        # Requests go out in order at concurrency 1: explain features 0, 1, 3, then feature 0's first detection batch.
+        server.script([Scripted(), Scripted(text="Hmm, hard to say what these share."), Scripted(), Scripted(text="[1, 1]")])
         run = lambda name: run_autointerp(  # noqa: E731
             planted["root"], planted["sae"], planted["features"], tmp_path / f"{name}.parquet", tmp_path / f"{name}.jsonl", settings, judge_cache_dir=tmp_path / "judge_cache"
         )
@@ -212,8 +212,13 @@ def test_llm_backend_against_local_server_with_failure_and_cached_rerun(planted,
         assert pd.isna(table.loc[1, "explanation"]) and np.isnan(table.loc[1, "detection_score"])
         assert failures[0]["step"] == "explain" and "hard to say" in failures[0]["reason"]
         assert table.loc[2, "tokens_spent"] == 0  # dead: never sent
+        # Feature 0's first detection batch (4 excerpts) got a 2-entry list: recorded, left out of the score.
+        (detection_failure,) = [f for f in json.loads(table.loc[0, "failures"]) if f["step"] == "detection"]
+        assert "2 entries, expected 4" in detection_failure["reason"] and "'[1, 1]'" in detection_failure["reason"]
         audit = [json.loads(line) for line in (tmp_path / "first.jsonl").read_text().splitlines()]
         assert sum(1 for r in audit if "messages" in r) == sent
+        detection_zero = [r for r in audit if r.get("feature") == 0 and r["task"] == "detection"]
+        assert detection_zero[0]["parsed"] is None and all(r["parsed"] == [1] * len(r["labels"]) for r in detection_zero[1:])
         assert audit[-1]["usage"]["requests_sent"] == sent
 
         rerun = run("second").set_index("feature")
@@ -277,3 +282,13 @@ def test_llm_backend_fails_before_mining_when_the_endpoint_is_down(planted, tmp_
     with pytest.raises(JudgeUnavailable, match="unreachable"):
         run_autointerp(planted["root"], planted["sae"], planted["features"], tmp_path / "s.parquet", tmp_path / "a.jsonl", settings, judge_cache_dir=tmp_path / "cache")
     assert not (tmp_path / "s.parquet").exists()
+
+
+def test_sharedness_of_another_seed_is_refused(tmp_path):
+    from sae_pipeline.autointerp import read_sharedness
+
+    path = tmp_path / "features.parquet"
+    pd.DataFrame({"seed": [1, 1], "feature": [0, 1], "included": [True, True], "share_count": [3, 0], "category": ["always", "never"]}).to_parquet(path)
+    assert list(read_sharedness(path, 2, seed=1)["category"]) == ["always", "never"]
+    with pytest.raises(ValueError, match="reference_seed to 0"):
+        read_sharedness(path, 2, seed=0)

@@ -196,3 +196,16 @@ def test_concurrent_cache_writers_leave_complete_entries(tmp_path):
         thread.join()
     assert cache.get(key)["text"] == reply["text"]
     assert [p.name for p in (tmp_path / "ab").iterdir()] == [f"{key}.json"]
+
+
+def test_works_from_inside_a_running_event_loop(server, tmp_path):
+    import asyncio
+
+    client = make_client(server, tmp_path / "cache")
+
+    async def caller():
+        client.check_endpoint()
+        return client.complete_many([conversation("inside a loop")])
+
+    (reply,) = asyncio.run(caller())
+    assert reply.text == "loop a inside" and server.model_requests == 1

@@ -1,6 +1,14 @@
 # Autointerp: explain and score the features of one seed's SAE per variant (the seed steering uses).
 
 
+def autointerp_settings():
+    """The autointerp section with only the active backend's subsection, so that settings of the unused
+    backend (e.g. the judge endpoint while the offline baseline runs) do not rerun the job."""
+    section = dict(config["autointerp"])
+    section.pop("offline" if section["backend"] == "llm" else "llm")
+    return section
+
+
 def autointerp_judge_cache_dir():
     """The LLM judge's response cache folder (``{results_dir}`` in the setting is replaced)."""
     return config["autointerp"]["llm"]["cache_dir"].format(results_dir=RESULTS)
@@ -16,9 +24,9 @@ rule autointerp:
         scores=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/scores.parquet",
         audit=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/audit.jsonl",
     params:
-        settings=config["autointerp"],
+        settings=autointerp_settings(),
         sae=lambda wildcards: sae_dir("lm", wildcards.variant, wildcards.seed),
-        judge_cache_dir=autointerp_judge_cache_dir(),
+        judge_cache_dir=autointerp_judge_cache_dir() if config["autointerp"]["backend"] == "llm" else None,
     log:
         f"{RESULTS}/logs/autointerp/{{variant}}/seed{{seed}}.log",
     threads: config["autointerp"]["threads"]
