@@ -296,7 +296,7 @@ def train_saes(
             statistics = trainer.step(batch)
             batch = None
             step = trainer.step_index
-            if step % config.log_every == 0 or step == config.total_steps:
+            if step == 1 or step % config.log_every == 0 or step == config.total_steps:
                 model.refresh_dead_flag()
                 values = statistics.cpu().numpy()
                 for index, seed in enumerate(seeds):
