@@ -707,18 +707,36 @@ def _difference_of_proportions(p1: float, n1: int, p2: float, n2: int) -> tuple[
     return difference, difference - half_width, difference + half_width
 
 
-def _section_claim1(digits: pd.DataFrame) -> list[str]:
+def _section_claim1(digits: pd.DataFrame, verdict: Mapping[str, Any] | None) -> list[str]:
     lines = ["## Claim 1 (digits): L2 weight penalty, tied init and unit-norm decoder raise cross-seed consistency\n"]
     if digits.empty:
         return lines + ["Not measured in this run (no digits match outputs were given to the regress stage).\n"]
-    lines.append("Share of features shared in all seed pairs (`always`), Wilson 95% intervals, per digits cell:\n")
+    if verdict and verdict.get("dataset"):
+        lines.append(f"Data: {verdict['dataset']}.\n")
+    lines.append("Per grid cell: share of the reference seed's features shared in every seed pair (`always`, Wilson 95% interval over features), the pairwise shared fraction and decoder MMCS averaged over seed pairs:\n")
     rows = [
-        [row.variant, format_interval(row.always_fraction, row.always_ci_low, row.always_ci_high), format_interval(getattr(row, "mmcs_decoder", float("nan"))), row.n_features]
+        [row.variant, format_interval(row.always_fraction, row.always_ci_low, row.always_ci_high), format_interval(row.pair_fraction_shared), format_interval(row.mmcs_decoder), row.n_features]
         for row in digits.itertuples()
     ]
-    lines.append(markdown_table(["cell", "shared (always) fraction", "decoder MMCS", "features"], rows))
-    best = digits.sort_values("always_fraction", ascending=False).iloc[0]
-    lines.append(f"Highest shared fraction: `{best['variant']}` ({format_interval(best['always_fraction'], best['always_ci_low'], best['always_ci_high'])}).\n")
+    lines.append(markdown_table(["cell", "always shared", "shared per pair (mean)", "decoder MMCS", "features"], rows))
+    if not verdict or verdict.get("holds") is None:
+        lines.append(f"Direction not assessed: {verdict.get('reason', 'no digits stability summary') if verdict else 'no digits stability summary'}.\n")
+        return lines
+    target = verdict["l2_tied_unit"]["variant"]
+    lines.append(
+        f"L2 + tied init + unit-norm decoder cell `{target}`: the claim's direction "
+        f"{'holds' if verdict['holds'] else 'does not hold'} (it must beat each comparison cell on both the pairwise shared fraction and decoder MMCS; "
+        f"3 seeds per cell, a direction, not a significance test). Difference in always-shared fraction against each comparison (normal 95% interval):\n"
+    )
+    by_variant = digits.set_index("variant")
+    for label, comparison in verdict.get("comparisons", {}).items():
+        other = comparison["variant"]
+        difference = "n/a"
+        if target in by_variant.index and other in by_variant.index:
+            a, b = by_variant.loc[target], by_variant.loc[other]
+            difference = format_interval(*_difference_of_proportions(a["always_fraction"], int(a["n_features"]), b["always_fraction"], int(b["n_features"])))
+        lines.append(f"- vs {label} (`{other}`): {difference}; higher on both measures: {'yes' if comparison['l2_tied_unit_higher_on_both'] else 'no'}\n")
+    lines.append("")
     return lines
 
 
@@ -909,12 +927,13 @@ def write_summary(
     probing: pd.DataFrame,
     judges: Sequence[str],
     html_path: str | Path | None = None,
+    digits_verdict: Mapping[str, Any] | None = None,
 ) -> str:
     """Write the markdown summary of every claim (and, with ``html_path``, the same as an HTML page); return the markdown."""
     lines = ["# sae-stability: results summary\n"]
     lines.append("Variants and their regularization condition (weight penalty + sparsity regularizer):\n")
     lines.append(markdown_table(["variant", "condition"], [[variant, condition] for variant, condition in conditions.items()]))
-    lines += _section_claim1(digits)
+    lines += _section_claim1(digits, digits_verdict)
     lines += _section_claim2(shared, success, autointerp, reference)
     lines += _section_claim3(coefficients, judges)
     lines += _section_claim4(claim4, robustness, probing)
@@ -934,6 +953,7 @@ def run_regression(
     outputs: Mapping[str, str],
     settings: Mapping[str, Any],
     digits_inputs: Mapping[str, Mapping[str, Any]] | None = None,
+    digits_summary: str | None = None,
 ) -> pd.DataFrame:
     """Fit the regressions, write the coefficient table, the per-claim tables, the summary and the plots.
 
@@ -947,7 +967,8 @@ def run_regression(
             ``plot_shared_fraction``, ``plot_steering_success``, ``plot_success_vs_interp``,
             ``plot_training_curves``, ``plot_k_robustness``, ``plot_probing``.
         settings: the ``regress`` config section.
-        digits_inputs: per digits cell, ``condition`` (a label) and ``match_features`` / ``match_summary``.
+        digits_inputs: per digits cell (variant), ``condition`` (a label) and ``match_features`` / ``match_summary``.
+        digits_summary: the digits stage's ``stability_summary.json`` (claim 1's direction and its comparisons).
 
     Returns:
         The coefficient table.
@@ -964,6 +985,7 @@ def run_regression(
     success = {judge: steering_success_by_condition(judge_frames(rows, judge)[1], reference, int(settings["bootstrap_samples"]), int(settings["seed"])) for judge in judges}
     shared = shared_fraction_by_condition(variant_inputs)
     digits = shared_fraction_by_condition(digits_inputs or {})
+    digits_verdict = json.loads(Path(digits_summary).read_text()) if digits_summary else None
     autointerp = autointerp_by_condition(variant_inputs)
     claim4, robustness, probing = evaluate_table(variant_inputs)
     curves = load_training_curves(variant_inputs)
@@ -982,5 +1004,5 @@ def run_regression(
     plot_training_curves(outputs["plot_training_curves"], curves, settings["curve_metrics"])
     plot_k_robustness(outputs["plot_k_robustness"], robustness)
     plot_probing(outputs["plot_probing"], probing)
-    write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges, outputs.get("summary_html"))
+    write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges, outputs.get("summary_html"), digits_verdict)
     return coefficients

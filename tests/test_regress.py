@@ -303,3 +303,29 @@ def test_markdown_to_html_subset():
     assert "<p>Some <code>code</code> and <strong>bold</strong> &lt;x&gt;.</p>" in page
     assert "<thead><tr><th>a</th><th>b</th></tr></thead><tbody>\n<tr><td>1</td><td>2</td></tr>" in page
     assert "<ul><li>one</li><li>two</li></ul>" in page
+
+
+def test_claim1_section_from_digits_outputs(tmp_path):
+    """Digits cells' match outputs and the digits stage's verdict make the claim-1 section."""
+    rows = synthetic_rows(n_features=20, n_prompts=4)
+    inputs = write_stage_inputs(tmp_path / "in", rows)
+    digits_inputs = {}
+    for cell, always in (("none-tied0-unit0", 10), ("l2-tied1-unit1", 30)):
+        folder = tmp_path / "digits" / cell
+        folder.mkdir(parents=True)
+        categories = ["always"] * always + ["never"] * (40 - always)
+        pd.DataFrame({"feature": np.arange(40), "included": True, "share_count": 0, "category": categories}).to_parquet(folder / "features.parquet")
+        (folder / "summary.json").write_text(json.dumps({"mean_over_pairs": {"mmcs_decoder": always / 40, "mmcs_encoder": 0.5, "fraction_paired_decoder": 0.5, "fraction_shared": always / 40}}))
+        digits_inputs[cell] = {"condition": cell, "match_features": str(folder / "features.parquet"), "match_summary": str(folder / "summary.json")}
+    verdict = {"dataset": "sklearn digits 8x8 (offline stand-in for MNIST)", "holds": True, "l2_tied_unit": {"variant": "l2-tied1-unit1"},
+               "comparisons": {"plain (none, untied, free norms)": {"variant": "none-tied0-unit0", "l2_tied_unit_higher_on_both": True}}}
+    (tmp_path / "stability_summary.json").write_text(json.dumps(verdict))
+    outputs = {name: str(tmp_path / "out" / file) for name, file in OUTPUT_NAMES.items()}
+    run_regression(inputs, outputs, SETTINGS, digits_inputs=digits_inputs, digits_summary=str(tmp_path / "stability_summary.json"))
+    summary = open(outputs["summary"]).read()
+    claim1 = summary.split("## Claim 1")[1].split("## Claim 2")[0]
+    assert "stand-in for MNIST" in claim1 and "direction holds" in claim1
+    low, high = wilson_interval(30, 40)
+    assert f"| l2-tied1-unit1 | 0.750 [{low:.3f}, {high:.3f}] | 0.750 |" in claim1
+    half_width = 1.959963984540054 * math.sqrt(0.75 * 0.25 / 40 + 0.25 * 0.75 / 40)
+    assert f"0.500 [{0.5 - half_width:.3f}, {0.5 + half_width:.3f}]" in claim1
