@@ -149,16 +149,41 @@ def test_steer_features_does_not_depend_on_batch_size(bridge):
 
 
 def test_sampler_inverse_cdf_by_hand():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 3))
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3]] * 3))
+    # top_p 1: the CDF over token ids in order is [0.2, 0.7, 1.0]
     full = SamplingSettings(greedy=False, temperature=1.0, top_p=1.0)
     assert sample_next_tokens(logits, torch.tensor([0.1, 0.6, 0.9]), full).tolist() == [0, 1, 2]
-    # top_p 0.7 keeps {0, 1} (mass 0.8): u = 0.9 -> 0.72 of 0.8 -> token 1; u = 0.5 -> 0.4 -> token 0
-    nucleus = SamplingSettings(greedy=False, temperature=1.0, top_p=0.7)
-    assert sample_next_tokens(logits, torch.tensor([0.9, 0.5, 0.99]), nucleus).tolist() == [1, 0, 1]
-    # order of the vocabulary does not matter: the sampler sorts by probability
-    shuffled = logits[:, [2, 0, 1]]
-    assert sample_next_tokens(shuffled, torch.tensor([0.1, 0.6, 0.9]), full).tolist() == [1, 2, 0]
-    assert sample_next_tokens(logits, None, GREEDY).tolist() == [0, 0, 0]
+    # top_p 0.7: by probability [1 (0.5), 2 (0.3), 0 (0.2)]; the nucleus is {1, 2} (mass 0.8)
+    # u = 0.9 -> 0.72 of 0.8 -> token 2; u = 0.5 -> 0.4 -> token 1; u = 0.99 -> 0.792 -> token 2
+    nucleus_settings = SamplingSettings(greedy=False, temperature=1.0, top_p=0.7)
+    assert sample_next_tokens(logits, torch.tensor([0.9, 0.5, 0.99]), nucleus_settings).tolist() == [2, 1, 2]
+    # top_p 0.5: only token 1
+    only_top = SamplingSettings(greedy=False, temperature=1.0, top_p=0.5)
+    assert sample_next_tokens(logits, torch.tensor([0.0, 0.5, 0.999]), only_top).tolist() == [1, 1, 1]
+    assert sample_next_tokens(logits, None, GREEDY).tolist() == [1, 1, 1]
+
+
+def reference_nucleus_sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Full stable sort of the vocabulary, then inverse CDF over the nucleus (no candidate shortcut)."""
+    probabilities = torch.softmax(logits.double() / temperature, dim=-1)
+    values, order = probabilities.sort(dim=-1, descending=True, stable=True)
+    kept = torch.where(values.cumsum(-1) - values < top_p, values, torch.zeros_like(values))
+    cumulative = kept.cumsum(-1)
+    picks = torch.searchsorted(cumulative, (uniforms * cumulative[:, -1]).unsqueeze(-1), right=True)
+    picks = torch.minimum(picks, (kept > 0).sum(-1, keepdim=True) - 1)
+    return order.gather(-1, picks).squeeze(-1)
+
+
+@pytest.mark.parametrize("candidates", [1024, 3], ids=["candidates-cover", "some-rows-fully-sorted"])
+def test_nucleus_from_candidates_equals_the_full_sort(monkeypatch, candidates):
+    monkeypatch.setattr(steer, "NUCLEUS_CANDIDATES", candidates)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(400, 50, generator=generator) * torch.linspace(0.2, 4.0, 400).unsqueeze(-1)
+    logits[:10, :5] = 2.0  # exact ties, broken by token id
+    uniforms = torch.rand(400, generator=generator, dtype=torch.float64)
+    for top_p in (0.3, 0.9):
+        ours = sample_next_tokens(logits, uniforms, SamplingSettings(greedy=False, temperature=0.8, top_p=top_p))
+        assert torch.equal(ours, reference_nucleus_sample(logits, uniforms, 0.8, top_p))
 
 
 def test_sampler_frequencies_follow_the_tempered_distribution():
