@@ -3,10 +3,12 @@
 one (feature, prompt) at a time through the same code.
 
 Uses a Pythia-70M-shaped GPT-NeoX (d_model 512, 6 layers, 8 heads, d_mlp 2048, vocab 50304, random
-weights: the cost is the same as trained ones) loaded through ``TransformerBridge`` like the stage
-does, steering at ``blocks.3.hook_resid_post`` with random unit directions, sampling (temperature 0.7,
-top_p 0.9). The batched figure includes the unsteered original of every prompt and decoding to text;
-judging is not included. Target: batched >= 10x one-at-a-time.
+weights) loaded through ``TransformerBridge`` like the stage does, steering at
+``blocks.3.hook_resid_post`` with random unit directions, sampling (temperature 0.7, top_p 0.9; or
+``--greedy``). The forward passes cost what trained weights cost; sampling is the worst case, since a
+random model's next-token distribution is nearly flat and every row's nucleus needs the full sort of
+the vocabulary. The batched figure includes the unsteered original of every prompt and decoding to
+text; judging is not included. Target: batched >= 10x one-at-a-time.
 
     python benchmarks/steer_throughput.py            # GPU: 256 features x 8 prompts x 30 tokens
     python benchmarks/steer_throughput.py --small    # CPU: 16 features x 8 prompts x 10 tokens
@@ -57,19 +59,20 @@ def main() -> None:
     parser.add_argument("--single-pairs", type=int, default=32, help="(feature, prompt) pairs timed one at a time")
     parser.add_argument("--new-tokens", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=512, help="rows per batch (the stage's steer.batch_size)")
+    parser.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     parser.add_argument("--small", action="store_true", help="CPU-sized run: 16 features, 8 single pairs, 10 tokens")
     args = parser.parse_args()
     if args.small:
         args.features, args.single_pairs, args.new_tokens, args.batch_size = 16, 8, 10, 128
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = dict(d_model=512, n_layers=6, n_heads=8, d_mlp=2048)
-    sampling = SamplingSettings(greedy=False, temperature=0.7, top_p=0.9)
+    sampling = SamplingSettings(greedy=args.greedy, temperature=0.7, top_p=0.9)
 
     with tempfile.TemporaryDirectory() as scratch:
         build_model(Path(scratch), shape, vocab_size=50304)
         bridge = load_subject_model(scratch, device=device)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; model: GPT-NeoX {shape}, vocab 50304, fp32; hook {HOOK}; {args.new_tokens} new tokens; sampling")
+    print(f"device: {name}; model: GPT-NeoX {shape}, vocab 50304, fp32; hook {HOOK}; {args.new_tokens} new tokens; {'greedy' if args.greedy else 'sampling (T 0.7, top_p 0.9)'}")
 
     generator = torch.Generator().manual_seed(0)
     directions = torch.randn(args.features, shape["d_model"], generator=generator)
