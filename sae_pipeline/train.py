@@ -48,6 +48,7 @@ CURVES_NAME = "curves.parquet"
 METRICS_NAME = "metrics.json"
 # Our architecture -> the SAELens 6.x inference architecture that computes the same codes.
 SAELENS_ARCHITECTURE = {"topk": "topk", "relu": "standard", "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu"}
+SAELENS_FORMAT_VERSION = "6.54.12"
 EVAL_CHUNK_ROWS = 8192
 CE_BATCH_SEQUENCES = 16
 
@@ -106,10 +107,15 @@ def sae_config(settings: TrainSettings, manifest: Mapping[str, Any], cache_dir: 
         "hook_name": manifest.get("hook_name"),
         "model_name": manifest.get("model"),
         "context_size": manifest.get("context_size"),
-        "prepend_bos": manifest.get("bos_token_id") is not None,
-        "dataset_path": str(cache_dir),
+        "prepend_bos": bool(manifest.get("prepend_bos", manifest.get("bos_token_id") is not None)),
+        "dataset_path": manifest.get("dataset") or str(cache_dir),
+        # the SAELens release whose loader this layout was checked against (SAE.load_from_disk reads
+        # `metadata` as given only when this says 6.x); SAELens did not train this SAE
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
     }
-    cfg["training"] = {"architecture": settings.architecture, "variant": variant, "seed": int(seed), "settings": settings.as_dict(), **training}
+    cfg["training"] = {"architecture": settings.architecture, "variant": variant, "seed": int(seed), "activation_cache": str(cache_dir),
+                       "settings": settings.as_dict(), **training}
     return cfg
 
 
@@ -293,10 +299,11 @@ def train_saes(
             if batch is None:
                 batch = next(batches)
             lr = trainer.current_lr()
-            statistics = trainer.step(batch)
+            step = trainer.step_index + 1
+            logging_step = step == 1 or step % config.log_every == 0 or step == config.total_steps
+            statistics = trainer.step(batch, statistics=logging_step)
             batch = None
-            step = trainer.step_index
-            if step == 1 or step % config.log_every == 0 or step == config.total_steps:
+            if logging_step:
                 model.refresh_dead_flag()
                 values = statistics.cpu().numpy()
                 for index, seed in enumerate(seeds):

@@ -303,7 +303,7 @@ class SeedBatchedSAE(nn.Module):
         """
         centered = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)
         b_dec_gradient_path = torch.bmm((self.b_dec - self.b_dec.detach()).unsqueeze(1), self.W_enc)
-        return torch.bmm(centered, self.W_enc) + (self.b_enc.unsqueeze(1) - b_dec_gradient_path)
+        return torch.baddbmm(self.b_enc.unsqueeze(1) - b_dec_gradient_path, centered, self.W_enc)
 
     def decode_selected(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``sum_j values[s,b,j] * W_dec[s, indices[s,b,j]]``: ``[S, B, m]`` -> ``[S, B, d_in]`` (no bias)."""
@@ -465,7 +465,7 @@ class SeedBatchedTrainer:
     """Adam on a :class:`SeedBatchedSAE` with the schedule, decoder constraint and clipping of the settings.
 
     ``step(x)`` performs one optimizer step and returns the per-seed statistics as a device tensor
-    ``[S, len(STEP_STATISTICS)]`` without synchronising; read it only when logging.
+    ``[S, len(STEP_STATISTICS)]`` without synchronising (``step(x, statistics=False)`` skips them).
     """
 
     def __init__(self, model: SeedBatchedSAE, device: str | torch.device):
@@ -482,8 +482,9 @@ class SeedBatchedTrainer:
         settings = self.settings
         return learning_rate(self.step_index, settings.total_steps, settings.effective_lr, settings.warmup_steps, settings.decay_fraction)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on ``x [B, d_in]`` for every seed; returns statistics ``[S, n_stats]``."""
+    def step(self, x: torch.Tensor, statistics: bool = True) -> torch.Tensor | None:
+        """One optimizer step on ``x [B, d_in]`` for every seed; returns statistics ``[S, n_stats]``
+        (columns ``STEP_STATISTICS``, measured before the update) or None when not asked for."""
         model, settings = self.model, self.settings
         lr = self.current_lr()
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_enabled):
@@ -500,6 +501,8 @@ class SeedBatchedTrainer:
         if settings.unit_norm_decoder:
             model.normalize_decoder()
         self.step_index += 1
+        if not statistics:
+            return None
         with torch.no_grad():
             batch, d_in = x.shape
             return torch.stack(

@@ -70,7 +70,7 @@ def test_planted_features_are_recovered_and_the_group_folder_is_complete(planted
         assert cfg["architecture"] == "topk" and cfg["k"] == FEATURES_PER_ROW
         assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D_IN, N_FEATURES, "float32")
         assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
-        assert set(cfg["metadata"]) == {"hook_name", "model_name", "context_size", "prepend_bos", "dataset_path"}
+        assert set(cfg["metadata"]) == {"hook_name", "model_name", "context_size", "prepend_bos", "dataset_path", "sae_lens_version", "sae_lens_training_version"}
         assert cfg["metadata"]["hook_name"] == "blocks.0.hook_resid_post" and cfg["metadata"]["context_size"] == 16
         assert cfg["training"]["seed"] == seed and cfg["training"]["settings"]["lr"] == PLANTED_SETTINGS["lr"]
 
