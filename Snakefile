@@ -17,6 +17,8 @@ include: "workflow/rules/cache.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/steer.smk"
+include: "workflow/rules/match.smk"
+include: "workflow/rules/digits.smk"
 
 
 rule all:
