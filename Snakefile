@@ -19,6 +19,8 @@ include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/steer.smk"
 include: "workflow/rules/match.smk"
 include: "workflow/rules/digits.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/regress.smk"
 
 
 rule all:

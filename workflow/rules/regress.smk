@@ -16,12 +16,23 @@ REGRESS_LAYOUT = {
     )
     for variant, settings in variants("lm").items()
 }
+# Claim 1: the digits grid cells' match outputs (labelled by variant name) and the digits stage's verdict.
+REGRESS_DIGITS_LAYOUT = {
+    variant: {
+        "condition": variant,
+        "match_features": f"{RESULTS}/digits/match/{variant}/features.parquet",
+        "match_summary": f"{RESULTS}/digits/match/{variant}/summary.json",
+    }
+    for variant in (variants("digits") if "digits" in config else {})
+}
 
 
 rule regress:
     """Regressions of steering success on interp score, per-claim tables, plots and the results summary."""
     input:
-        layout_files(REGRESS_LAYOUT),
+        lm=layout_files(REGRESS_LAYOUT),
+        digits=layout_files(REGRESS_DIGITS_LAYOUT),
+        digits_summary=[f"{RESULTS}/digits/stability_summary.json"] if REGRESS_DIGITS_LAYOUT else [],
     output:
         coefficients=report(f"{REGRESS}/coefficients.csv", caption="../report/coefficients.rst", category="Claim 3: interp score predicts steering"),
         summary=f"{REGRESS}/summary.md",
@@ -39,6 +50,7 @@ rule regress:
         plot_probing=report(f"{REGRESS}/plots/probing.png", caption="../report/probing.rst", category="Claim 4: Top-k regularizers"),
     params:
         layout=REGRESS_LAYOUT,
+        digits_layout=REGRESS_DIGITS_LAYOUT,
         settings=config["regress"],
     log:
         f"{RESULTS}/logs/regress.log",

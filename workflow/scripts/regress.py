@@ -2,4 +2,10 @@ from sae_pipeline.logs import stage_log
 from sae_pipeline.regress import run_regression
 
 with stage_log(snakemake.log[0], "regress"):
-    run_regression(snakemake.params.layout, dict(snakemake.output.items()), snakemake.params.settings)
+    run_regression(
+        snakemake.params.layout,
+        dict(snakemake.output.items()),
+        snakemake.params.settings,
+        digits_inputs=snakemake.params.digits_layout,
+        digits_summary=snakemake.input.digits_summary[0] if snakemake.input.digits_summary else None,
+    )
