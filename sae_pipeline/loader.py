@@ -13,8 +13,10 @@ uninterrupted run would have seen:
 - batches are consecutive ``batch_size`` slices of the concatenated windows; once an epoch is used
   up the next begins (a run whose ``total_tokens`` exceeds the cache sees it several times).
 
-A background thread reads, permutes and (on CUDA) pins the next batches while the GPU trains;
-the main thread only issues a non-blocking host-to-device copy.
+A background thread reads the next shards while the model trains. On the CPU it also permutes
+the rows and cuts batches. On CUDA it copies each window's raw rows once into pinned memory; the
+main thread issues one non-blocking host-to-device copy per window and gathers the shuffled rows
+and batches on the GPU (a host-side gather of 1 KB rows would cap the stream near 1-2 M rows/s).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import torch
 from sae_pipeline.shards import ActivationStore, ShardData
 
 logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,10 @@ class ActivationLoader:
         shuffle_buffer_rows: rows loaded and permuted together (rounded up to whole shards).
         holdout_rows: rows at the end of the cache never used for training.
         device: where batches are delivered.
-        prefetch_batches: batches prepared ahead by the background thread.
+        prefetch_batches: batches prepared ahead by the background thread (host gather).
+        gather_on_device: ship each window's raw rows (pinned on CUDA) and shuffle order to the
+            device and cut batches there, instead of permuting on the host; default on CUDA. The
+            stream is the same either way.
     """
 
     def __init__(
@@ -104,6 +111,7 @@ class ActivationLoader:
         holdout_rows: int = 0,
         device: str | torch.device = "cpu",
         prefetch_batches: int = 4,
+        gather_on_device: bool | None = None,
     ):
         self.store = store
         self.batch_size = int(batch_size)
@@ -112,7 +120,11 @@ class ActivationLoader:
         self.start_batch = int(start_batch)
         self.shuffle_buffer_rows = int(shuffle_buffer_rows)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # the prefetch thread must select this device explicitly, which needs an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.prefetch_batches = max(1, int(prefetch_batches))
+        self.gather_on_device = self.device.type == "cuda" if gather_on_device is None else bool(gather_on_device)
         self.spans = training_spans(store, holdout_rows)
         self._usable_rows: dict[int, int] = {}
         self._stop = threading.Event()
@@ -154,19 +166,21 @@ class ActivationLoader:
             windows.append(current)
         return windows
 
-    def _window_rows(self, epoch: int, window_index: int, window: list[ShardSpan]) -> np.ndarray:
-        """The permuted training rows of one window, ``[rows, d_model]`` in the cache dtype."""
-        parts = []
+    def _window_block(self, epoch: int, window_index: int, window: list[ShardSpan]) -> tuple[list[np.ndarray], np.ndarray]:
+        """One window as ``(parts, order)``: ``parts`` are the shards' training rows in the cache dtype
+        (BOS rows included) and ``order`` indexes their concatenation: the non-BOS rows, shuffled."""
+        parts, keeps = [], []
         for span in window:
             data = self.store.read_shard(span.index, columns=["activation", "is_bos"])
-            keep = ~data.is_bos[: span.kept_rows]
-            parts.append(data.activations[: span.kept_rows][keep])
-        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        permutation = np.random.default_rng([self.seed, epoch, window_index]).permutation(len(rows))
-        return rows[permutation]
+            parts.append(data.activations[: span.kept_rows])
+            keeps.append(~data.is_bos[: span.kept_rows])
+        usable = np.flatnonzero(np.concatenate(keeps))
+        permutation = np.random.default_rng([self.seed, epoch, window_index]).permutation(len(usable))
+        return parts, usable[permutation]
 
-    def _row_blocks(self, start_row: int) -> Iterator[np.ndarray]:
-        """Blocks of consecutive stream rows beginning at global row ``start_row``."""
+    def _blocks(self, start_row: int) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+        """Windows as ``(parts, order)`` whose ordered rows, concatenated, are the stream from global
+        row ``start_row`` on (the first window's ``order`` is cut to start there)."""
         position = 0
         epoch = 0
         while True:
@@ -175,10 +189,10 @@ class ActivationLoader:
                 if position + size <= start_row:
                     position += size
                     continue
-                rows = self._window_rows(epoch, window_index, window)
+                parts, order = self._window_block(epoch, window_index, window)
                 skip = max(0, start_row - position)
                 position += size
-                yield rows[skip:]
+                yield parts, order[skip:]
             epoch += 1
 
     def numpy_batches(self) -> Iterator[np.ndarray]:
@@ -186,10 +200,11 @@ class ActivationLoader:
         pending: list[np.ndarray] = []
         pending_rows = 0
         produced = self.start_batch
-        blocks = self._row_blocks(self.start_batch * self.batch_size)
+        blocks = self._blocks(self.start_batch * self.batch_size)
         while produced < self.n_batches:
             while pending_rows < self.batch_size:
-                block = next(blocks)
+                parts, order = next(blocks)
+                block = (np.concatenate(parts) if len(parts) > 1 else parts[0])[order]
                 pending.append(block)
                 pending_rows += len(block)
             merged = np.concatenate(pending) if len(pending) > 1 else pending[0]
@@ -198,39 +213,66 @@ class ActivationLoader:
             produced += 1
             yield np.ascontiguousarray(batch)
 
+    def _put(self, out: "queue.Queue[tuple[str, object]]", item: tuple[str, object]) -> bool:
+        """Put ``item`` unless the consumer stopped; False when stopped."""
+        while not self._stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def _produce(self, out: "queue.Queue[tuple[str, object]]") -> None:
+        """Background thread: batches (host gather) or whole windows (device gather) into ``out``."""
         try:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            for batch in self.numpy_batches():
-                tensor = torch.from_numpy(batch)
-                tensor = tensor.pin_memory() if self.device.type == "cuda" else tensor.float()
-                while not self._stop.is_set():
-                    try:
-                        out.put(("batch", tensor), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
+            if self.gather_on_device:
+                for parts, order in self._blocks(self.start_batch * self.batch_size):
+                    rows = torch.empty((sum(len(part) for part in parts), self.store.d_model), dtype=TORCH_DTYPES[self.store.dtype],
+                                       pin_memory=self.device.type == "cuda")
+                    offset = 0
+                    for part in parts:
+                        rows[offset : offset + len(part)].copy_(torch.from_numpy(part))
+                        offset += len(part)
+                    indices = torch.from_numpy(order)
+                    if not self._put(out, ("window", (rows, indices.pin_memory() if self.device.type == "cuda" else indices))):
+                        return
+            else:
+                for batch in self.numpy_batches():
+                    if not self._put(out, ("batch", torch.from_numpy(batch).float())):
+                        return
             out.put(("end", None))
         except BaseException as error:  # handed to the consumer, which re-raises it
             out.put(("error", error))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         """Yield float32 batches on the device, prepared by a background thread."""
-        out: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=self.prefetch_batches)
+        out: "queue.Queue[tuple[str, object]]" = queue.Queue(maxsize=2 if self.gather_on_device else self.prefetch_batches)
         self._stop.clear()
         self._thread = threading.Thread(target=self._produce, args=(out,), name="activation-loader", daemon=True)
         self._thread.start()
+        produced = self.start_batch
+        pending: torch.Tensor | None = None
         try:
-            while True:
+            while produced < self.n_batches:
                 kind, payload = out.get()
                 if kind == "end":
                     return
                 if kind == "error":
                     raise RuntimeError("activation loader thread failed") from payload  # type: ignore[arg-type]
-                yield payload.to(self.device, non_blocking=True).float()  # type: ignore[union-attr]
+                if kind == "batch":
+                    produced += 1
+                    yield payload.to(self.device)  # type: ignore[union-attr]
+                    continue
+                rows, indices = payload  # type: ignore[misc]
+                block = rows.to(self.device, non_blocking=True).index_select(0, indices.to(self.device, non_blocking=True)).float()
+                pending = block if pending is None or len(pending) == 0 else torch.cat([pending, block])
+                while len(pending) >= self.batch_size and produced < self.n_batches:
+                    produced += 1
+                    yield pending[: self.batch_size]
+                    pending = pending[self.batch_size :]
         finally:
             self.close()
 

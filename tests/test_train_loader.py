@@ -56,8 +56,10 @@ def expected_training_rows(holdout: int) -> set[int]:
     return {row for row in range(640 - holdout) if row % 8 != 0}
 
 
-def test_one_epoch_visits_every_training_row_once_and_skips_bos_and_holdout(indexed_cache):
-    loader = ActivationLoader(indexed_cache, batch_size=20, n_batches=24, seed=1, shuffle_buffer_rows=128, holdout_rows=100)
+@pytest.mark.parametrize("gather_on_device", [False, True])
+def test_one_epoch_visits_every_training_row_once_and_skips_bos_and_holdout(indexed_cache, gather_on_device):
+    loader = ActivationLoader(indexed_cache, batch_size=20, n_batches=24, seed=1, shuffle_buffer_rows=128, holdout_rows=100,
+                              gather_on_device=gather_on_device)
     assert loader.rows_per_epoch == 540 - 540 // 8 - 1  # 540 rows before the hold-out, BOS every 8 rows
     seen = [row for batch in loader for row in row_ids(batch)]
     assert len(seen) == 480
@@ -83,10 +85,13 @@ def test_batches_mix_rows_from_several_shards(indexed_cache):
     assert len(shards) >= 2
 
 
-def test_resuming_at_a_batch_gives_the_same_stream(indexed_cache):
+@pytest.mark.parametrize("gather_on_device", [False, True])
+def test_resuming_at_a_batch_gives_the_same_stream(indexed_cache, gather_on_device):
     arguments = dict(batch_size=24, n_batches=50, seed=3, shuffle_buffer_rows=100, holdout_rows=64)
     full = [batch.clone() for batch in ActivationLoader(indexed_cache, **arguments)]
-    resumed = list(ActivationLoader(indexed_cache, start_batch=31, **arguments))
+    device_gathered = [batch.clone() for batch in ActivationLoader(indexed_cache, gather_on_device=True, **arguments)]
+    assert len(device_gathered) == 50 and all(torch.equal(a, b) for a, b in zip(full, device_gathered))
+    resumed = list(ActivationLoader(indexed_cache, start_batch=31, gather_on_device=gather_on_device, **arguments))
     assert len(resumed) == 19
     assert all(torch.equal(a, b) for a, b in zip(full[31:], resumed))
     again = [batch for batch in ActivationLoader(indexed_cache, **arguments)]
@@ -121,7 +126,7 @@ def test_bad_sizes_are_rejected_with_the_setting_named(indexed_cache):
 
 
 def test_stopping_early_ends_the_background_thread(indexed_cache):
-    loader = ActivationLoader(indexed_cache, batch_size=8, n_batches=60, prefetch_batches=2)
+    loader = ActivationLoader(indexed_cache, batch_size=8, n_batches=60, prefetch_batches=2, gather_on_device=True)
     iterator = iter(loader)
     next(iterator)
     iterator.close()

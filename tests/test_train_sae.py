@@ -366,3 +366,16 @@ def test_settings_reject_unknown_keys_and_bad_values_by_name():
     with pytest.raises(ValueError, match="k=20 exceeds d_sae=10"):
         TrainSettings.from_mapping({"k": 20, "d_sae": 10})
     assert TrainSettings.from_mapping({"weight_penalty": {"kind": "none"}}).weight_penalty["coefficient"] == 0.0
+
+
+def test_bf16_autocast_step_runs_and_tracks_the_fp32_loss():
+    data = batches(3)
+    losses = {}
+    for mode in ("off", "bf16"):
+        config = settings(autocast=mode, regularizer={"kind": "l1_l2_ratio", "coefficient": 1e-2})
+        trainer = SeedBatchedTrainer(SeedBatchedSAE(config, D_IN, seeds=[0, 1]), "cpu")
+        assert trainer.autocast_enabled == (mode == "bf16")
+        losses[mode] = [trainer.step(x)[:, 0] for x in data]
+        assert trainer.model.W_enc.dtype == torch.float32
+    for fp32, bf16 in zip(losses["off"], losses["bf16"]):
+        assert torch.allclose(fp32, bf16, rtol=0.05)
