@@ -707,6 +707,14 @@ def _difference_of_proportions(p1: float, n1: int, p2: float, n2: int) -> tuple[
     return difference, difference - half_width, difference + half_width
 
 
+def _difference_of_means(mean_a: float, low_a: float, high_a: float, mean_b: float, low_b: float, high_b: float) -> tuple[float, float, float]:
+    """``mean_a - mean_b`` with a normal 95% interval, each standard error recovered from its own 95% interval."""
+    se_a, se_b = (high_a - low_a) / (2 * Z_95), (high_b - low_b) / (2 * Z_95)
+    difference = mean_a - mean_b
+    half_width = Z_95 * math.sqrt(se_a**2 + se_b**2) if np.isfinite(se_a) and np.isfinite(se_b) else float("nan")
+    return difference, difference - half_width, difference + half_width
+
+
 def _section_claim1(digits: pd.DataFrame, verdict: Mapping[str, Any] | None) -> list[str]:
     lines = ["## Claim 1 (digits): L2 weight penalty, tied init and unit-norm decoder raise cross-seed consistency\n"]
     if digits.empty:
@@ -786,12 +794,11 @@ def _section_claim2(shared: pd.DataFrame, success: Mapping[str, pd.DataFrame], a
         base = autointerp[autointerp["condition"] == reference]
         if not base.empty:
             base_row = base.iloc[0]
-            base_se = (base_row["detection_ci_high"] - base_row["detection_ci_low"]) / (2 * Z_95)
             for row in autointerp[autointerp["condition"] != reference].itertuples():
-                se = (row.detection_ci_high - row.detection_ci_low) / (2 * Z_95)
-                difference = row.detection_mean - base_row["detection_mean"]
-                half_width = Z_95 * math.sqrt(se**2 + base_se**2) if np.isfinite(se) and np.isfinite(base_se) else float("nan")
-                lines.append(f"- `{row.condition}` minus `{reference}`, mean detection score: {format_interval(difference, difference - half_width, difference + half_width)}\n")
+                difference = _difference_of_means(
+                    row.detection_mean, row.detection_ci_low, row.detection_ci_high, base_row["detection_mean"], base_row["detection_ci_low"], base_row["detection_ci_high"]
+                )
+                lines.append(f"- `{row.condition}` minus `{reference}`, mean detection score: {format_interval(*difference)}\n")
         if autointerp["backend"].str.contains("offline").any():
             lines.append("\nNote: the `offline` autointerp backend is a non-LLM token-frequency baseline, not the paper's LLM judge.\n")
     return lines
@@ -821,7 +828,7 @@ def _section_claim3(coefficients: pd.DataFrame, judges: Sequence[str]) -> list[s
     return lines
 
 
-def _section_claim4(claim4: pd.DataFrame, robustness: pd.DataFrame, probing: pd.DataFrame) -> list[str]:
+def _section_claim4(claim4: pd.DataFrame, robustness: pd.DataFrame, probing: pd.DataFrame, reference: str | None) -> list[str]:
     lines = ["## Claim 4: off-support L1 and L1/L2-ratio regularizers: more monosemantic, no reconstruction cost, robust to inference k\n"]
     if claim4.empty:
         return lines + ["No evaluate outputs in this run.\n"]
@@ -836,6 +843,21 @@ def _section_claim4(claim4: pd.DataFrame, robustness: pd.DataFrame, probing: pd.
         ["variant", "condition", "FVU", "CE-loss recovered", "L0", "effective latents/token", "l1/l2", "dead", "dense", "top-token mass share (higher = more mono.)", "top-activation token entropy, bits (lower = more mono.)"],
         rows,
     ))
+    reference_rows = claim4[claim4["condition"] == reference]
+    if not reference_rows.empty:
+        base = reference_rows.iloc[0]
+        lines.append(f"Against the reference `{base['variant']}` ({reference}); monosemanticity differences with normal 95% intervals:\n")
+        for row in claim4[claim4["condition"] != reference].itertuples():
+            share = _difference_of_means(row.top_token_mass_share, row.top_token_mass_share_ci_low, row.top_token_mass_share_ci_high,
+                                         base["top_token_mass_share"], base["top_token_mass_share_ci_low"], base["top_token_mass_share_ci_high"])
+            entropy = _difference_of_means(row.token_entropy_bits, row.token_entropy_ci_low, row.token_entropy_ci_high,
+                                           base["token_entropy_bits"], base["token_entropy_ci_low"], base["token_entropy_ci_high"])
+            lines.append(
+                f"- `{row.variant}` ({row.condition}): top-token mass share {format_interval(*share)}; token entropy {format_interval(*entropy, 2)} bits; "
+                f"FVU {row.fvu - base['fvu']:+.4f}; CE-loss recovered {format_interval(row.ce_loss_recovered - base['ce_loss_recovered'] if row.ce_loss_recovered is not None and base['ce_loss_recovered'] is not None else None, digits=4)}; "
+                f"effective latents/token {row.effective_latents - base['effective_latents']:+.2f}\n"
+            )
+        lines.append("")
     if not robustness.empty and robustness["multiplier"].notna().any():
         grid = robustness.dropna(subset=["multiplier"])
         multipliers = sorted(grid["multiplier"].unique())
@@ -936,7 +958,7 @@ def write_summary(
     lines += _section_claim1(digits, digits_verdict)
     lines += _section_claim2(shared, success, autointerp, reference)
     lines += _section_claim3(coefficients, judges)
-    lines += _section_claim4(claim4, robustness, probing)
+    lines += _section_claim4(claim4, robustness, probing, reference)
     text = "\n".join(lines)
     write_text(path, text)
     if html_path is not None:

@@ -251,6 +251,7 @@ def test_run_regression_writes_every_output(tmp_path):
     summary = open(outputs["summary"]).read()
     page = open(outputs["summary_html"]).read()
     assert page.count("<h2>") == summary.count("\n## ") + summary.startswith("## ") and "<table>" in page
+    assert "- `variant1` (l2w1e-03+noreg): top-token mass share 0.000 [-0.028, 0.028]" in summary  # equal fabricated metrics: difference 0
     for heading in ("## Claim 1", "## Claim 2", "## Claim 3", "## Claim 4", "k-robustness", "Sparse probing", "non-LLM"):
         assert heading in summary, heading
     success = pd.read_csv(outputs["steering_success"]).set_index("condition")
