@@ -43,6 +43,9 @@ Solver = Literal["auto", "dense", "sparse"]
 DENSE_AUTO_MAX_ENTRIES = 2048 * 2048
 # Rows of the full matrix checked against the dual potentials at a time.
 CHECK_BLOCK_ROWS = 2048
+# A round checks only the rows/columns whose potentials dropped when they cover less than this share of
+# the matrix; otherwise it checks everything (and its potentials become the new reference).
+PARTIAL_CHECK_SHARE = 0.5
 
 
 @dataclass
@@ -53,9 +56,11 @@ class MatchingReport:
         solver: "dense" or "sparse" (the one that produced the answer).
         rounds: sparse solves run (0 for dense).
         candidate_edges: edges of the final candidate graph (0 for dense).
-        max_dual_violation: largest ``s_ij - u_i - v_j`` over the full matrix at the end (sparse only;
-            <= tolerance means certified optimal; NaN for dense, which is exact by construction).
+        max_dual_violation: largest ``s_ij - u_i - v_j`` among the entries checked in the last round
+            (sparse only; <= tolerance means certified optimal; NaN for dense, exact by construction).
         bellman_ford_iterations: relaxation sweeps used to compute the potentials (sparse only).
+        full_checks: rounds whose check covered the whole matrix (the others checked only the rows and
+            columns whose potentials dropped since the last full check, which suffices; sparse only).
     """
 
     solver: str
@@ -63,6 +68,7 @@ class MatchingReport:
     candidate_edges: int = 0
     max_dual_violation: float = float("nan")
     bellman_ford_iterations: int = 0
+    full_checks: int = 0
 
 
 def max_similarity_matching(
@@ -156,6 +162,7 @@ def _certified_sparse_matching(similarity: torch.Tensor, candidates: int, tolera
     n_rows, n_cols = similarity.shape
     keys = _initial_candidates(similarity, candidates)
     report = MatchingReport(solver="sparse")
+    reference: tuple[np.ndarray, np.ndarray] | None = None  # potentials at the last full-matrix check
     for round_index in range(1, max_rounds + 1):
         rows, cols = np.divmod(keys, n_cols)
         values = _gather(similarity, rows, cols)
@@ -175,7 +182,18 @@ def _certified_sparse_matching(similarity: torch.Tensor, candidates: int, tolera
         partner = np.full(n_rows, -1, dtype=np.int64)
         partner[matched_rows] = matched_cols
         row_potential, col_potential, iterations = _dual_potentials(partner, rows, cols, values, n_cols)
-        violating_keys, max_violation = _dual_violations(similarity, row_potential, col_potential, tolerance)
+        rows_to_check, cols_to_check = None, None
+        if reference is not None:
+            # Entries whose row and column potentials did not drop since the last full check still
+            # satisfy the bound (they did then, or they are candidates); only the rest need a look.
+            rows_to_check = np.flatnonzero(row_potential < reference[0])
+            cols_to_check = np.flatnonzero(col_potential < reference[1])
+            if len(rows_to_check) * n_cols + len(cols_to_check) * n_rows > PARTIAL_CHECK_SHARE * n_rows * n_cols:
+                rows_to_check, cols_to_check = None, None
+        violating_keys, max_violation = _dual_violations(similarity, row_potential, col_potential, tolerance, rows_to_check, cols_to_check)
+        if rows_to_check is None:
+            reference = (row_potential, col_potential)
+            report.full_checks += 1
         report.rounds = round_index
         report.candidate_edges = int(len(keys))
         report.max_dual_violation = max_violation
@@ -236,32 +254,58 @@ def _raise_prices(price: np.ndarray, source: np.ndarray, target: np.ndarray, wei
     raise RuntimeError("Bellman-Ford did not converge: the candidate matching is not optimal on its graph")
 
 
-def _dual_violations(similarity: torch.Tensor, row_potential: np.ndarray, col_potential: np.ndarray, tolerance: float) -> tuple[np.ndarray, float]:
+def _dual_violations(
+    similarity: torch.Tensor, row_potential: np.ndarray, col_potential: np.ndarray, tolerance: float,
+    rows: np.ndarray | None = None, cols: np.ndarray | None = None,
+) -> tuple[np.ndarray, float]:
     """Flat keys of entries with ``s_ij > u_i + v_j + tolerance`` and the largest ``s_ij - u_i - v_j``.
 
-    The pass over the full matrix runs in the similarity's dtype with a margin far above its rounding
-    error; entries inside the margin are re-checked in float64, so the answer is the float64 one.
+    Checks the whole matrix when ``rows`` and ``cols`` are None, else only those rows and columns.
     """
-    device = similarity.device
     n_rows, n_cols = similarity.shape
+    device = similarity.device
     u = torch.from_numpy(row_potential).to(device)
     v = torch.from_numpy(col_potential).to(device)
-    u_low, v_low = u.to(similarity.dtype), v.to(similarity.dtype)
-    margin = 1e-5 if similarity.dtype in (torch.float32, torch.float64) else 1e-2
-    found: list[np.ndarray] = []
+    if rows is None and cols is None:
+        found_rows, found_cols, max_violation = _scan_rows(similarity, None, u, v, tolerance)
+        return found_rows * n_cols + found_cols, max_violation
+    by_row = _scan_rows(similarity, rows, u, v, tolerance)
+    by_col = _scan_rows(similarity.T, cols, v, u, tolerance)
+    keys = _unique_sorted(np.concatenate([by_row[0] * n_cols + by_row[1], by_col[1] * n_cols + by_col[0]]))
+    return keys, max(by_row[2], by_col[2])
+
+
+def _scan_rows(
+    matrix: torch.Tensor, row_ids: np.ndarray | None, u: torch.Tensor, v: torch.Tensor, tolerance: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Entries of ``matrix`` in rows ``row_ids`` (all when None) with ``m_ij > u_i + v_j + tolerance``.
+
+    The pass runs in the matrix's dtype with a margin far above its rounding error; entries inside the
+    margin are re-checked in float64, so the answer is the float64 one. Returns ``(rows, cols, max excess)``.
+    """
+    margin = 1e-5 if matrix.dtype in (torch.float32, torch.float64) else 1e-2
+    u_low, v_low = u.to(matrix.dtype), v.to(matrix.dtype)
+    n_rows = matrix.shape[0] if row_ids is None else len(row_ids)
+    found_rows: list[np.ndarray] = []
+    found_cols: list[np.ndarray] = []
     max_violation = -np.inf
     for start in range(0, n_rows, CHECK_BLOCK_ROWS):
-        stop = min(start + CHECK_BLOCK_ROWS, n_rows)
-        excess = similarity[start:stop] - v_low[None, :]
-        excess -= u_low[start:stop, None]
+        if row_ids is None:
+            index = torch.arange(start, min(start + CHECK_BLOCK_ROWS, n_rows), device=matrix.device)
+            block = matrix[start : start + CHECK_BLOCK_ROWS]
+        else:
+            index = torch.from_numpy(row_ids[start : start + CHECK_BLOCK_ROWS]).to(matrix.device)
+            block = matrix[index]
+        excess = block - v_low[None, :]
+        excess -= u_low[index, None]
         block_rows, block_cols = torch.nonzero(excess > tolerance - margin, as_tuple=True)
         if block_rows.numel() == 0:
             max_violation = max(max_violation, float(excess.max()))
             continue
-        exact = similarity[start:stop][block_rows, block_cols].double() - u[start:stop][block_rows] - v[block_cols]
+        exact = block[block_rows, block_cols].double() - u[index[block_rows]] - v[block_cols]
         max_violation = max(max_violation, float(exact.max()))
         keep = exact > tolerance
-        rows = block_rows[keep].cpu().numpy().astype(np.int64) + start
-        found.append(rows * n_cols + block_cols[keep].cpu().numpy())
-    keys = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-    return keys, max_violation
+        found_rows.append(index[block_rows[keep]].cpu().numpy().astype(np.int64))
+        found_cols.append(block_cols[keep].cpu().numpy().astype(np.int64))
+    empty = np.empty(0, dtype=np.int64)
+    return (np.concatenate(found_rows) if found_rows else empty, np.concatenate(found_cols) if found_cols else empty, max_violation)

@@ -238,6 +238,8 @@ class _DirectionMatch:
 
 
 def _match_directions(unit_a: torch.Tensor, unit_b: torch.Tensor, solver: str, candidates: int) -> _DirectionMatch:
+    if len(unit_a) == 0 or len(unit_b) == 0:  # every latent of one seed excluded: nothing to match
+        return _DirectionMatch(np.full(len(unit_a), -1, dtype=np.int64), np.full(len(unit_a), np.nan), np.zeros(len(unit_a)), np.zeros(len(unit_b)), MatchingReport(solver="none"))
     similarity = absolute_cosine(unit_a, unit_b)
     max_a = similarity.max(dim=1).values.cpu().numpy().astype(np.float64)
     max_b = similarity.max(dim=0).values.cpu().numpy().astype(np.float64)

@@ -177,3 +177,12 @@ def test_run_match_writes_outputs_from_checkpoints(tmp_path):
     assert list(zip(pairs["seed_a"], pairs["seed_b"])) == [(0, 1), (0, 2), (1, 2)]
     assert (pairs["n_features_a"] == d_sae - 1).all()
     assert (output / "max_cosine_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_seed_with_every_latent_dead_matches_nothing():
+    seed0 = basis(0, 1, 2)
+    result = match_dictionaries([seed0, seed0.copy()], [seed0, seed0.copy()], alive_masks=[np.ones(3, bool), np.zeros(3, bool)])
+    pair = result.pair_table.iloc[0]
+    assert (pair["n_features_a"], pair["n_features_b"], pair["n_shared"]) == (3, 0, 0)
+    assert pair["mmcs_decoder_a_to_b"] == 0.0
+    assert list(result.feature_table()["category"]) == ["never"] * 3
