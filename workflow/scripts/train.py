@@ -1,3 +1,7 @@
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall badly on a busy machine
+
 from pathlib import Path
 
 from sae_pipeline.logs import stage_log
