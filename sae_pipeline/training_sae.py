@@ -241,22 +241,28 @@ def weight_penalty(W_enc: torch.Tensor, W_dec: torch.Tensor, kind: str, coeffici
     return coefficient * total
 
 
-def sparsity_regularizer(pre_activations: torch.Tensor, support: torch.Tensor, kind: str, coefficient: float) -> torch.Tensor:
+def sparsity_regularizer(pre_activations: torch.Tensor, active: torch.Tensor, support_l1: torch.Tensor, kind: str, coefficient: float) -> torch.Tensor:
     """Per-seed Top-k sparsity regularizer ``[S]`` ("Beyond the Hard Budget").
 
     Args:
         pre_activations: ``a [S, B, d_sae]`` before any top-k or ReLU.
-        support: bool ``[S, B, d_sae]``, the latents kept for each token (its Top-k set).
-        kind: ``off_support_l1`` (lambda * mean_t sum over batch-active, unselected units of |a|) or
-            ``l1_l2_ratio`` (lambda * mean_t ||a_A||_1 / ||a_A||_2 over the batch-active units A).
+        active: bool ``[S, d_sae]``, the batch-active units A (in the support of at least one token).
+        support_l1: ``[S, B]``, sum of |a_ti| over the support S_t of each token (S_t is a subset of A).
+        kind: ``off_support_l1`` (lambda * mean_t sum_{i in A \\ S_t} |a_ti|) or ``l1_l2_ratio``
+            (lambda * mean_t ||a_tA||_1 / ||a_tA||_2).
+
+    The sums over A are batched matrix-vector products with the 0/1 indicator of A, so no dense mask
+    of shape ``[S, B, d_sae]`` is built.
     """
     if kind == "none" or coefficient == 0:
         return pre_activations.new_zeros(pre_activations.shape[0], dtype=torch.float32)
-    magnitude = pre_activations.float().abs() * support.any(dim=1, keepdim=True)
+    indicator = active.to(pre_activations.dtype).unsqueeze(-1)
+    active_l1 = torch.bmm(pre_activations.abs(), indicator).squeeze(-1).float()
     if kind == "off_support_l1":
-        per_token = (magnitude * ~support).sum(dim=-1)
+        per_token = active_l1 - support_l1.float()
     elif kind == "l1_l2_ratio":
-        per_token = magnitude.sum(dim=-1) / magnitude.square().sum(dim=-1).sqrt().clamp_min(1e-12)
+        active_l2 = torch.bmm(pre_activations.square(), indicator).squeeze(-1).float().clamp_min(1e-24).sqrt()
+        per_token = active_l1 / active_l2
     else:
         raise ValueError(f"unknown regularizer kind {kind!r}")
     return coefficient * per_token.mean(dim=-1)
@@ -355,9 +361,9 @@ class SeedBatchedSAE(nn.Module):
                 1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
             )
             l0 = (codes > 0).float().sum(dim=-1).mean(dim=-1)
-            support = None
             if settings.regularizer["kind"] != "none":
-                support = torch.zeros_like(pre, dtype=torch.bool).scatter_(-1, indices, True)
+                active = torch.zeros(self.n_seeds, self.d_sae, dtype=torch.bool, device=x.device).scatter_(1, indices.reshape(self.n_seeds, -1), True)
+                support_l1 = values.abs().sum(dim=-1)
         else:
             dense_codes = pre.relu() if architecture == "relu" else self._batch_topk(pre)
             bounds = list(settings.matryoshka_prefixes) + [self.d_sae] if architecture == "matryoshka_batchtopk" else [self.d_sae]
@@ -371,7 +377,9 @@ class SeedBatchedSAE(nn.Module):
             fired = dense_codes > 0
             firing_counts = fired.float().sum(dim=1)
             l0 = fired.float().sum(dim=-1).mean(dim=-1)
-            support = fired
+            if settings.regularizer["kind"] != "none":
+                active = firing_counts > 0
+                support_l1 = (pre.abs() * fired).sum(dim=-1)
             if architecture == "relu":
                 decoder_norms = self.W_dec.norm(dim=-1).unsqueeze(1)
                 sparsity_loss = settings.l1_coefficient * (dense_codes * decoder_norms).sum(dim=-1).mean(dim=-1)
@@ -380,8 +388,8 @@ class SeedBatchedSAE(nn.Module):
             aux_loss = self._auxk_loss(pre, (x - x_hat).detach())
         penalty = weight_penalty(self.W_enc, self.W_dec, settings.weight_penalty["kind"], float(settings.weight_penalty["coefficient"]), settings.weight_penalty_on)
         regularizer = pre.new_zeros(self.n_seeds, dtype=torch.float32)
-        if support is not None:
-            regularizer = sparsity_regularizer(pre, support, settings.regularizer["kind"], float(settings.regularizer["coefficient"]))
+        if settings.regularizer["kind"] != "none":
+            regularizer = sparsity_regularizer(pre, active, support_l1, settings.regularizer["kind"], float(settings.regularizer["coefficient"]))
         loss = recon + settings.aux_k_coefficient * aux_loss + penalty + regularizer + sparsity_loss
         with torch.no_grad():
             squared_error = (x_hat.detach().float() - x).square().sum(dim=(1, 2))

@@ -140,13 +140,18 @@ PRE = torch.tensor([[[2.0, -1.0, 0.5, 0.0, 3.0], [1.0, 4.0, -2.0, 0.1, 0.0], [0.
 SUPPORT = torch.tensor([[[True, False, False, False, True], [False, True, False, False, False], [True, False, False, False, False]]])
 
 
+def regularizer_of(pre, support, kind, coefficient):
+    """The regularizer from a support mask, through the function's (active units, support L1) interface."""
+    return sparsity_regularizer(pre, support.any(dim=1), (pre.abs() * support).sum(dim=-1), kind, coefficient)
+
+
 def test_off_support_l1_matches_hand_computation():
     active = [any(SUPPORT[0, t, i] for t in range(3)) for i in range(5)]  # units 0, 1, 4
     per_token = []
     for t in range(3):
         per_token.append(sum(abs(PRE[0, t, i].item()) for i in range(5) if active[i] and not SUPPORT[0, t, i]))
     expected = 0.2 * sum(per_token) / 3  # token sums: 1.0 ; 1.0 + 0.0 ; 0.2 + 1.0
-    assert sparsity_regularizer(PRE, SUPPORT, "off_support_l1", 0.2).item() == pytest.approx(expected)
+    assert regularizer_of(PRE, SUPPORT, "off_support_l1", 0.2).item() == pytest.approx(expected)
     assert expected == pytest.approx(0.2 * (1.0 + 1.0 + 1.2) / 3)
 
 
@@ -157,9 +162,9 @@ def test_l1_l2_ratio_matches_hand_computation():
         values = [abs(PRE[0, t, i].item()) for i in active]
         ratios.append(sum(values) / math.sqrt(sum(v * v for v in values)))
     expected = 0.5 * sum(ratios) / 3
-    assert sparsity_regularizer(PRE, SUPPORT, "l1_l2_ratio", 0.5).item() == pytest.approx(expected, rel=1e-6)
+    assert regularizer_of(PRE, SUPPORT, "l1_l2_ratio", 0.5).item() == pytest.approx(expected, rel=1e-6)
     # scale invariance: multiplying the pre-activations leaves the ratio unchanged
-    assert sparsity_regularizer(7.0 * PRE, SUPPORT, "l1_l2_ratio", 0.5).item() == pytest.approx(expected, rel=1e-6)
+    assert regularizer_of(7.0 * PRE, SUPPORT, "l1_l2_ratio", 0.5).item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["off_support_l1", "l1_l2_ratio"])
@@ -169,9 +174,33 @@ def test_topk_regularizer_in_the_loss_uses_the_topk_support(kind):
     out = model(x)
     pre = hand_pre_activations(model, x, 0).detach()
     support = torch.zeros_like(pre, dtype=torch.bool).scatter(-1, pre.topk(3, dim=-1).indices, True)
-    expected = sparsity_regularizer(pre[None], support[None], kind, 0.3)
+    active = support.any(dim=0)
+    per_token = []
+    for t in range(8):
+        magnitudes = pre[t].abs()
+        if kind == "off_support_l1":
+            per_token.append(magnitudes[active & ~support[t]].sum())
+        else:
+            per_token.append(magnitudes[active].sum() / magnitudes[active].square().sum().sqrt())
+    expected = 0.3 * torch.stack(per_token).mean()
     assert out["regularizer"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert out["regularizer"].item() > 0
+
+
+@pytest.mark.parametrize("architecture", ["batchtopk", "relu"])
+def test_dense_architectures_regularize_over_their_fired_support(architecture):
+    model = SeedBatchedSAE(settings(architecture=architecture, regularizer={"kind": "off_support_l1", "coefficient": 0.3}), D_IN, seeds=[0])
+    x = batches(1)[0]
+    out = model(x)
+    pre = hand_pre_activations(model, x, 0).detach()
+    if architecture == "relu":
+        support = pre > 0
+    else:
+        flat = pre.relu().flatten()
+        support = torch.zeros_like(flat, dtype=torch.bool).scatter(0, flat.topk(8 * 3).indices, True).view_as(pre) & (pre > 0)
+    active = support.any(dim=0)
+    expected = 0.3 * torch.stack([pre[t].abs()[active & ~support[t]].sum() for t in range(8)]).mean()
+    assert out["regularizer"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
 
 
 def test_relu_l1_sparsity_loss_matches_hand_computation():
