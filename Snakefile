@@ -11,6 +11,13 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+wildcard_constraints:
+    experiment="lm|digits",
+    variant="[A-Za-z0-9_.+-]+",
+    group="seeds[0-9-]+",
+    seed="[0-9]+",
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/subject.smk"
 include: "workflow/rules/cache.smk"

@@ -1,19 +1,6 @@
 # Autointerp: explain and score the features of one seed's SAE per variant (the seed steering uses).
 
 
-def autointerp_settings():
-    """The autointerp section with only the active backend's subsection, so that settings of the unused
-    backend (e.g. the judge endpoint while the offline baseline runs) do not rerun the job."""
-    section = dict(config["autointerp"])
-    section.pop("offline" if section["backend"] == "llm" else "llm")
-    return section
-
-
-def autointerp_judge_cache_dir():
-    """The LLM judge's response cache folder (``{results_dir}`` in the setting is replaced)."""
-    return config["autointerp"]["llm"]["cache_dir"].format(results_dir=RESULTS)
-
-
 rule autointerp:
     """Mine top/quantile/non-activating contexts of SAE features, explain them and score the explanations."""
     input:
@@ -34,6 +21,8 @@ rule autointerp:
         gpu=0 if config["autointerp"]["mining"]["device"] == "cpu" else 1,
         mem_mb=8000,
         runtime=240,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/autointerp.py"
 

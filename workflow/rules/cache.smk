@@ -9,7 +9,7 @@ rule cache:
     output:
         manifest=f"{RESULTS}/lm/cache/manifest.json",
     params:
-        model_ref=subject_model_ref(),
+        model_ref=lambda wildcards, input: input.model[0] if input.model else subject_model_ref(),
         hook_name=config["subject_model"]["hook_name"],
         corpus=config["corpus"],
         settings=config["cache"],
@@ -20,6 +20,8 @@ rule cache:
         gpu=1,
         mem_mb=8000,
         runtime=120,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/cache.py"
 

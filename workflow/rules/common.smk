@@ -1,6 +1,4 @@
-# Shared by every rule file: config validation, the variant grid, and path helpers.
-
-import json
+# Shared by every rule file -- config validation, the variant grid, path and input helpers.
 
 from snakemake.utils import validate
 
@@ -12,13 +10,6 @@ validate(config, "../schemas/config.schema.yaml")
 RESULTS = config["results_dir"]
 # Every rule file appends the final targets of its stage here; `rule all` asks for all of them.
 ALL_TARGETS = []
-
-
-wildcard_constraints:
-    experiment="lm|digits",
-    variant="[A-Za-z0-9_.+-]+",
-    group="seeds[0-9-]+",
-    seed="[0-9]+",
 
 
 def train_section(experiment):
@@ -55,11 +46,6 @@ def sae_dir(experiment, variant, seed):
     return f"{RESULTS}/{experiment}/sae/{variant}/{group_of(experiment, seed)}/seed{seed}"
 
 
-def as_json(value):
-    """Params are passed to scripts as canonical JSON so a changed setting changes the params string."""
-    return json.dumps(value, sort_keys=True)
-
-
 def subject_model_ref():
     """What `load_subject_model` is given: the locally trained folder, or the configured Hub id/folder."""
     if config["subject_model"]["source"] == "train_local":
@@ -72,3 +58,23 @@ def subject_model_input():
     if config["subject_model"]["source"] == "train_local":
         return [f"{RESULTS}/lm/subject_model"]
     return []
+
+
+def corpus_documents_input():
+    """The exported documents file for a local corpus; nothing for a Hub dataset (streamed directly)."""
+    if config["corpus"]["source"] == "hf_dataset":
+        return []
+    return [f"{RESULTS}/lm/corpus/documents.jsonl"]
+
+
+def autointerp_settings():
+    """The autointerp section with only the active backend's subsection, so that settings of the unused
+    backend (e.g. the judge endpoint while the offline baseline runs) do not rerun the job."""
+    section = dict(config["autointerp"])
+    section.pop("offline" if section["backend"] == "llm" else "llm")
+    return section
+
+
+def autointerp_judge_cache_dir():
+    """The LLM judge's response cache folder (``{results_dir}`` in the setting is replaced)."""
+    return config["autointerp"]["llm"]["cache_dir"].format(results_dir=RESULTS)

@@ -17,6 +17,8 @@ rule digits_cache:
     resources:
         mem_mb=4000,
         runtime=20,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/digits_cache.py"
 
@@ -40,6 +42,8 @@ rule digits_table:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/digits_table.py"
 

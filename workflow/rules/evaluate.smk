@@ -33,6 +33,8 @@ rule evaluate:
         gpu=1,
         mem_mb=8000,
         runtime=60,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/evaluate.py"
 

@@ -27,6 +27,8 @@ rule match:
         gpu=lambda wildcards: 1 if wildcards.experiment == "lm" else 0,
         mem_mb=8000,
         runtime=30,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/match.py"
 

@@ -58,6 +58,8 @@ rule regress:
     resources:
         mem_mb=4000,
         runtime=30,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/regress.py"
 

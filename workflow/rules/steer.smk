@@ -26,6 +26,8 @@ rule steer:
         gpu=1,
         mem_mb=8000,
         runtime=120,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/steer.py"
 

@@ -12,15 +12,10 @@ rule export_corpus:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/export_corpus.py"
-
-
-def corpus_documents_input():
-    """The exported documents file for a local corpus; nothing for a Hub dataset (streamed directly)."""
-    if config["corpus"]["source"] == "hf_dataset":
-        return []
-    return [f"{RESULTS}/lm/corpus/documents.jsonl"]
 
 
 rule train_subject_model:
@@ -38,5 +33,7 @@ rule train_subject_model:
     resources:
         mem_mb=4000,
         runtime=60,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/train_subject_model.py"

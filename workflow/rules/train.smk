@@ -23,6 +23,8 @@ rule train:
         gpu=1,
         mem_mb=16000,
         runtime=240,
+    conda:
+        "../envs/sae-stability.yaml"
     script:
         "../scripts/train.py"
 
