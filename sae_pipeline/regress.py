@@ -176,12 +176,17 @@ def fit_outcome_model(
     use_share_count: bool,
     min_n: int,
     base: Mapping[str, Any],
+    min_events: int = 1,
 ) -> tuple[list[dict[str, Any]], Any]:
     """Fit one model and return ``(coefficient rows, statsmodels result or None)``.
 
     ``frame`` is a ``judge_frames`` table (row-level for ``logit_row``, feature-level otherwise).
     ``pooled`` adds ``condition`` and its interaction with ``interp_score``. ``base`` is copied into every
-    returned row (judge, scope, ...). Degenerate inputs give a single row with a ``message``.
+    returned row (judge, scope, ...). ``min_events``: fewest successes and fewest failures a logit or
+    binomial fit needs. Degenerate inputs give a single row with a ``message``. In the pooled model a
+    condition whose attempts are all successes or all failures is left out (its terms would be
+    unbounded: quasi-complete separation), with a note; if that leaves fewer than two conditions the
+    pooled fit is skipped.
     """
     import statsmodels.api as sm
     import statsmodels.formula.api as smf
@@ -215,12 +220,28 @@ def fit_outcome_model(
             return [_message_row(base, f"skipped: all {total} steering attempts are successes; the logit slope is not identifiable")], None
         if total_successes == 0:
             return [_message_row(base, f"skipped: all {total} steering attempts are failures; the logit slope is not identifiable")], None
+        fewest = min(total_successes, total - total_successes)
+        if fewest < min_events:
+            kind_of_event = "successes" if total_successes < total - total_successes else "failures"
+            return [_message_row(base, f"skipped: only {fewest} {kind_of_event} in {total} attempts, fewer than regress.min_events={min_events}; Wald intervals would not be trustworthy")], None
     if frame["interp_score"].nunique() < 2:
         return [_message_row(base, f"skipped: interp_score takes the single value {frame['interp_score'].iloc[0]:g}; no slope to estimate")], None
 
     frame = frame.copy()
     terms = ["interp_score"]
     notes = []
+    if pooled and outcome_model != "ols_feature":
+        successes_column, trials_column = ("success", None) if outcome_model == "logit_row" else ("successes", "trials")
+        by_condition = frame.groupby("condition")
+        rate = by_condition[successes_column].sum() / (by_condition[trials_column].sum() if trials_column else by_condition.size())
+        degenerate = sorted(rate[(rate == 0) | (rate == 1)].index)
+        if degenerate:
+            notes.append("left out (all attempts " + ", ".join(f"{c}: {'successes' if rate[c] == 1 else 'failures'}" for c in degenerate) + ")")
+            frame = frame[~frame["condition"].isin(degenerate)]
+            conditions = [c for c in conditions if c not in degenerate]
+            if len(conditions) < 2:
+                return [_message_row(base, f"skipped: fewer than two conditions with both successes and failures ({'; '.join(notes)}); no interaction to estimate")], None
+            base["n"] = int(len(frame))
     if pooled:
         ordered = [reference] + [c for c in conditions if c != reference] if reference in conditions else conditions
         frame["condition"] = pd.Categorical(frame["condition"], categories=ordered)
@@ -279,6 +300,10 @@ def fit_outcome_model(
     intervals = result.conf_int(alpha=0.05)
     if not (np.isfinite(result.params).all() and np.isfinite(result.bse).all() and np.isfinite(intervals.to_numpy()).all()):
         return [_message_row(base, "skipped: non-finite estimates or standard errors")], None
+    if outcome_model != "ols_feature":
+        fitted = np.asarray(result.predict(), dtype=float)
+        if (fitted < 1e-8).any() or (fitted > 1 - 1e-8).any() or (np.asarray(result.bse) > 1e3).any():
+            return [_message_row(base, "skipped: quasi-complete separation (some fitted probabilities are 0 or 1, standard errors unbounded)")], None
     fit_statistic = float(result.prsquared) if outcome_model == "logit_row" else float(result.pseudo_rsquared(kind="mcf")) if outcome_model == "binomial_feature" else float(result.rsquared)
     rows = []
     for term in result.params.index:
@@ -316,7 +341,7 @@ def fit_all_models(rows: pd.DataFrame, settings: Mapping[str, Any]) -> tuple[pd.
             scopes = [(condition, frame[frame["condition"] == condition], False) for condition in conditions] + [("pooled", frame, True)]
             for scope, subset, pooled in scopes:
                 new_rows, result = fit_outcome_model(
-                    subset, outcome_model, pooled, reference, bool(settings["share_count_covariate"]), min_n, {"judge": judge, "scope": scope}
+                    subset, outcome_model, pooled, reference, bool(settings["share_count_covariate"]), min_n, {"judge": judge, "scope": scope}, int(settings["min_events"])
                 )
                 table.extend(new_rows)
                 if result is not None:
@@ -959,7 +984,7 @@ def write_summary(
     lines += _section_claim2(shared, success, autointerp, reference)
     lines += _section_claim3(coefficients, judges)
     lines += _section_claim4(claim4, robustness, probing, reference)
-    text = "\n".join(lines)
+    text = re.sub(r"(?m)^(- .*)\n\n(?=- )", r"\1\n", "\n".join(lines))  # bullets of one list on consecutive lines
     write_text(path, text)
     if html_path is not None:
         write_text(html_path, markdown_to_html(text, "sae-stability: results summary"))
@@ -968,6 +993,14 @@ def write_summary(
 
 # ----------------------------------------------------------------------------------------------
 # The stage
+
+
+def _in_condition_order(table: pd.DataFrame, order: Sequence[str]) -> pd.DataFrame:
+    """Rows of a per-condition table in ``order`` (reference first, then as the variants come)."""
+    if table.empty:
+        return table
+    rank = {condition: index for index, condition in enumerate(order)}
+    return table.sort_values("condition", key=lambda column: column.map(lambda c: rank.get(c, len(rank))), kind="stable").reset_index(drop=True)
 
 
 def run_regression(
@@ -1004,11 +1037,15 @@ def run_regression(
     coefficients, fitted = fit_all_models(rows, settings)
     for message in coefficients.loc[coefficients["term"] == "", "message"]:
         logger.warning("regress: %s", message)
-    success = {judge: steering_success_by_condition(judge_frames(rows, judge)[1], reference, int(settings["bootstrap_samples"]), int(settings["seed"])) for judge in judges}
+    order = [reference] + [condition for condition in dict.fromkeys(conditions.values()) if condition != reference]
+    success = {
+        judge: _in_condition_order(steering_success_by_condition(judge_frames(rows, judge)[1], reference, int(settings["bootstrap_samples"]), int(settings["seed"])), order)
+        for judge in judges
+    }
     shared = shared_fraction_by_condition(variant_inputs)
     digits = shared_fraction_by_condition(digits_inputs or {})
     digits_verdict = json.loads(Path(digits_summary).read_text()) if digits_summary else None
-    autointerp = autointerp_by_condition(variant_inputs)
+    autointerp = _in_condition_order(autointerp_by_condition(variant_inputs), order)
     claim4, robustness, probing = evaluate_table(variant_inputs)
     curves = load_training_curves(variant_inputs)
 

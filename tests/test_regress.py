@@ -29,6 +29,7 @@ SETTINGS = {
     "reference_condition": None,
     "min_rows": 20,
     "min_features": 10,
+    "min_events": 5,
     "bootstrap_samples": 400,
     "seed": 0,
     "plot_bins": 5,
@@ -330,3 +331,29 @@ def test_claim1_section_from_digits_outputs(tmp_path):
     assert f"| l2-tied1-unit1 | 0.750 [{low:.3f}, {high:.3f}] | 0.750 |" in claim1
     half_width = 1.959963984540054 * math.sqrt(0.75 * 0.25 / 40 + 0.25 * 0.75 / 40)
     assert f"0.500 [{0.5 - half_width:.3f}, {0.5 + half_width:.3f}]" in claim1
+
+
+def test_few_events_and_quasi_separation_give_messages():
+    success = np.zeros(40)
+    success[[3, 30]] = 1
+    rows, _ = fit_outcome_model(base_frame(40, success, np.linspace(0, 1, 40)), "logit_row", False, None, False, 20, {}, min_events=5)
+    assert "only 2 successes in 40 attempts, fewer than regress.min_events=5" in rows[0]["message"]
+    # quasi-complete separation: failures at x=0, successes at x=1, both outcomes at x=0.5 (no complete separation)
+    interp = np.repeat([0.0, 0.5, 1.0], 20)
+    success = np.r_[np.zeros(20), np.arange(20) % 2, np.ones(20)]
+    frame = base_frame(60, success, interp)
+    assert not completely_separated(np.column_stack([np.ones(60), interp]), success)
+    rows, result = fit_outcome_model(frame, "logit_row", False, None, False, 20, {}, min_events=5)
+    assert result is None and rows[0]["estimate"] is None
+    assert "separation" in rows[0]["message"] or "did not converge" in rows[0]["message"]
+
+
+def test_pooled_model_leaves_out_a_condition_without_successes():
+    rows = synthetic_rows(n_features=120, truth={**TRUTH, "l1w1e-04+noreg": ((-1.0, 1.0), (0.2, 0.1))})
+    rows.loc[rows["condition"] == "l1w1e-04+noreg", "embedding_success"] = False
+    table, _ = fit_all_models(rows, {**SETTINGS, "share_count_covariate": False})
+    pooled = table[(table["outcome_model"] == "logit_row") & (table["scope"] == "pooled") & (table["judge"] == "embedding")]
+    assert "left out (all attempts l1w1e-04+noreg: failures)" in pooled["message"].iloc[0]
+    assert not pooled["term"].str.contains("l1w1e-04").any()
+    assert pooled["term"].str.contains("interp_score:condition\\[l2w1e-03\\+noreg\\]").any()
+    assert pooled["estimate"].notna().all() and pooled["n"].iloc[0] == 2 * 120 * 8
