@@ -191,7 +191,7 @@ def saelens_step(sizes: dict, device: torch.device) -> Callable[[torch.Tensor], 
 def loader_benchmark(sizes: dict, seeds: int, device: torch.device, batches: int) -> None:
     """End to end from Parquet shards: the loader alone, then loader + fused trainer."""
     from sae_pipeline.loader import ActivationLoader
-    from tests.test_train_loader import write_synthetic_cache
+    from sae_pipeline.loader import write_synthetic_cache
     from sae_pipeline.shards import ActivationStore
 
     rows = sizes["batch"] * min(batches, 64)

@@ -3,40 +3,12 @@ permutation of the training rows, shards are mixed, and the stream can be resume
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from sae_pipeline.loader import ActivationLoader, read_holdout, training_spans
-from sae_pipeline.shards import FORMAT_VERSION, MANIFEST_NAME, SHARD_FOLDER, ActivationStore, ShardData, shard_name, write_sequences, write_shard
-
-
-def write_synthetic_cache(root: Path, activations: np.ndarray, context_size: int = 8, rows_per_shard: int = 64,
-                          dtype: str = "float32", model: str | None = None, hook_name: str = "blocks.0.hook_resid_post") -> Path:
-    """A cache folder in the cache stage's format: rows are consecutive sequences of ``context_size``
-    positions (position 0 is BOS), ``rows_per_shard`` rows per shard, plus tokens.parquet."""
-    root = Path(root)
-    (root / SHARD_FOLDER).mkdir(parents=True, exist_ok=True)
-    rows = len(activations)
-    position = (np.arange(rows) % context_size).astype(np.int32)
-    doc_id = np.arange(rows) // context_size
-    token_id = (np.arange(rows) % 50).astype(np.int32)
-    shards = []
-    for index, start in enumerate(range(0, rows, rows_per_shard)):
-        part = slice(start, start + rows_per_shard)
-        data = ShardData(activations[part], doc_id[part], position[part], token_id[part], position[part] == 0)
-        info = write_shard(root / SHARD_FOLDER / shard_name(index), data, dtype)
-        shards.append({"path": f"{SHARD_FOLDER}/{shard_name(index)}", **info})
-    n_docs = -(-rows // context_size)
-    write_sequences(root / "tokens.parquet", (np.arange(n_docs * context_size) % 50).reshape(n_docs, context_size))
-    manifest = {"format": FORMAT_VERSION, "model": model, "hook_name": hook_name, "dtype": dtype,
-                "d_model": int(activations.shape[1]), "context_size": context_size, "rows_per_shard": rows_per_shard,
-                "n_rows": rows, "shards": shards, "tokens": "tokens.parquet", "bos_token_id": 0}
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
-    return root
+from sae_pipeline.loader import ActivationLoader, read_holdout, training_spans, write_synthetic_cache
+from sae_pipeline.shards import ActivationStore
 
 
 @pytest.fixture()

@@ -18,7 +18,7 @@ from sae_pipeline.checkpoint import load_firing_frequency, load_sae, load_sae_ar
 from sae_pipeline.config import expand_variants, seed_groups
 from sae_pipeline.train import TrainingInterrupted, cross_entropy_losses, group_seeds, train_saes, variant_settings
 from tests.conftest import REPO_ROOT, TINY_HOOK
-from tests.test_train_loader import write_synthetic_cache
+from sae_pipeline.loader import write_synthetic_cache
 
 D_IN = 24
 N_FEATURES = 48
