@@ -256,7 +256,7 @@ class ActivationLoader:
         self._thread = threading.Thread(target=self._produce, args=(out,), name="activation-loader", daemon=True)
         self._thread.start()
         produced = self.start_batch
-        pending: torch.Tensor | None = None
+        leftover: torch.Tensor | None = None  # rows of the previous window not yet in a batch (< batch_size)
         try:
             while produced < self.n_batches:
                 kind, payload = out.get()
@@ -269,12 +269,23 @@ class ActivationLoader:
                     yield payload.to(self.device)  # type: ignore[union-attr]
                     continue
                 rows, indices = payload  # type: ignore[misc]
-                block = rows.to(self.device, non_blocking=True).index_select(0, indices.to(self.device, non_blocking=True)).float()
-                pending = block if pending is None or len(pending) == 0 else torch.cat([pending, block])
-                while len(pending) >= self.batch_size and produced < self.n_batches:
+                # the shuffled window stays in the cache dtype on the device; batches are cast as they leave
+                block = rows.to(self.device, non_blocking=True).index_select(0, indices.to(self.device, non_blocking=True))
+                del rows
+                offset = 0
+                if leftover is not None:
+                    needed = self.batch_size - len(leftover)
+                    if len(block) < needed:
+                        leftover = torch.cat([leftover, block])
+                        continue
                     produced += 1
-                    yield pending[: self.batch_size]
-                    pending = pending[self.batch_size :]
+                    yield torch.cat([leftover, block[:needed]]).float()
+                    offset, leftover = needed, None
+                while len(block) - offset >= self.batch_size and produced < self.n_batches:
+                    produced += 1
+                    yield block[offset : offset + self.batch_size].float()
+                    offset += self.batch_size
+                leftover = block[offset:] if offset < len(block) else None
         finally:
             self.close()
 

@@ -103,3 +103,14 @@ def test_stopping_early_ends_the_background_thread(indexed_cache):
     next(iterator)
     iterator.close()
     assert loader._thread is None
+
+
+def test_batches_larger_than_a_window_are_assembled_across_windows(indexed_cache):
+    arguments = dict(batch_size=150, n_batches=9, seed=5, shuffle_buffer_rows=1, holdout_rows=0)
+    host = [batch.clone() for batch in ActivationLoader(indexed_cache, **arguments)]
+    device = [batch.clone() for batch in ActivationLoader(indexed_cache, gather_on_device=True, **arguments)]
+    resumed = list(ActivationLoader(indexed_cache, start_batch=4, gather_on_device=True, **arguments))
+    assert len(host) == len(device) == 9 and all(torch.equal(a, b) for a, b in zip(host, device))
+    assert all(torch.equal(a, b) for a, b in zip(host[4:], resumed))
+    first_epoch = [row for batch in host[:3] for row in row_ids(batch)]
+    assert len(set(first_epoch)) == 450 and set(first_epoch) <= expected_training_rows(0)
