@@ -7,7 +7,7 @@ Architectures (``cfg["architecture"]``):
 
 - ``topk``: z = ReLU(TopK_k(pre)) with pre = (x - b_dec) W_enc + b_enc
 - ``batchtopk`` / ``matryoshka_batchtopk``: trained with a batch-level top-k; at inference
-  z = pre * (pre > threshold) with the learned scalar ``threshold``
+  z = pre * (pre > threshold) with the learned threshold (one per latent in the saved file)
 - ``relu`` (SAELens "standard"): z = ReLU(pre)
 """
 
@@ -19,6 +19,9 @@ import torch
 from torch import nn
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk", "relu")
+# SAELens's inference names for what we train: a ReLU SAE is "standard"; batch-top-k SAEs run at
+# inference as "jumprelu" with a per-latent threshold (relu(a) * (a > t) equals a * (a > t) for t > 0).
+SAELENS_ARCHITECTURE_NAMES = {"standard": "relu", "jumprelu": "batchtopk"}
 
 
 def topk_codes(pre_activations: torch.Tensor, k: int) -> torch.Tensor:
@@ -41,7 +44,8 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]):
         super().__init__()
         self.cfg = dict(cfg)
-        architecture = self.cfg["architecture"]
+        architecture = self.cfg.get("training", {}).get("architecture") or SAELENS_ARCHITECTURE_NAMES.get(self.cfg["architecture"], self.cfg["architecture"])
+        self.cfg["architecture"] = architecture
         if architecture not in ARCHITECTURES:
             raise ValueError(f"unknown SAE architecture {architecture!r}; expected one of {ARCHITECTURES}")
         self.W_enc = nn.Parameter(tensors["W_enc"].detach().clone(), requires_grad=False)
