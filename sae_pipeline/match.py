@@ -241,8 +241,8 @@ def _match_directions(unit_a: torch.Tensor, unit_b: torch.Tensor, solver: str, c
     if len(unit_a) == 0 or len(unit_b) == 0:  # every latent of one seed excluded: nothing to match
         return _DirectionMatch(np.full(len(unit_a), -1, dtype=np.int64), np.full(len(unit_a), np.nan), np.zeros(len(unit_a)), np.zeros(len(unit_b)), MatchingReport(solver="none"))
     similarity = absolute_cosine(unit_a, unit_b)
-    max_a = similarity.max(dim=1).values.cpu().numpy().astype(np.float64)
-    max_b = similarity.max(dim=0).values.cpu().numpy().astype(np.float64)
+    max_a = similarity.amax(dim=1).cpu().numpy().astype(np.float64)
+    max_b = similarity.amax(dim=0).cpu().numpy().astype(np.float64)
     partner, report = max_similarity_matching(similarity, solver=solver, candidates=candidates)
     matched = partner >= 0
     cosine = np.full(len(partner), np.nan)
