@@ -95,7 +95,7 @@ def build_cache(root: Path, tokens: int, d_model: int, context_size: int, rows_p
         positions = np.tile(np.arange(context_size, dtype=np.int32), count)
         data = ShardData(activations, np.repeat(np.arange(first, first + count), context_size), positions, sequences[first : first + count].reshape(-1), positions == 0)
         info = write_shard(root / "shards" / shard_name(index), data, "float16")
-        shards.append({"path": f"shards/{shard_name(index)}", "rows": info["rows"], "sha256": info["sha256"]})
+        shards.append({"path": f"shards/{shard_name(index)}", "rows": info["rows"], "checksum": info["checksum"]})
     manifest = {
         "format": FORMAT_VERSION, "model": "synthetic", "hook_name": "blocks.0.hook_resid_post", "dtype": "float16", "d_model": d_model,
         "context_size": context_size, "rows_per_shard": rows_per_shard, "n_rows": n_sequences * context_size, "shards": shards,

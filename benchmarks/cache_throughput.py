@@ -115,7 +115,7 @@ def main() -> None:
     print(f"end to end (text -> finished Parquet): {end_to_end:.2f} s = {n_tokens / end_to_end / 1e6:.3f} M tokens/s")
     print(f"  tokenization alone: {tokenize_s:.2f} s = {n_tokens / tokenize_s / 1e6:.3f} M tokens/s")
     print(f"  forward to the hook alone: {forward_s:.2f} s = {n_tokens / forward_s / 1e6:.3f} M tokens/s")
-    print(f"  Parquet writing alone (4 threads, sha256 included): {write_s:.2f} s = {n_shards * rows / write_s / 1e6:.3f} M rows/s")
+    print(f"  Parquet writing alone (4 threads, checksum included): {write_s:.2f} s = {n_shards * rows / write_s / 1e6:.3f} M rows/s")
     print(f"  cache stage wall time recorded in manifest: {manifest['wall_time_s']:.2f} s")
     shutil.rmtree(work, ignore_errors=True)
 

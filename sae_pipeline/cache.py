@@ -17,6 +17,7 @@ small thread pool so Parquet writing overlaps the next forward passes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import shutil
@@ -39,7 +40,7 @@ from sae_pipeline.shards import (
     SUPPORTED_DTYPES,
     TOKENS_NAME,
     ShardData,
-    file_sha256,
+    file_checksum,
     shard_name,
     write_sequences,
     write_shard,
@@ -77,7 +78,8 @@ def iter_sequence_blocks(
 
     for chunk in chunks():
         token_lists = tokenizer(chunk, add_special_tokens=False)["input_ids"]
-        flat = np.fromiter((token for tokens in token_lists for token in (*tokens, bos)), dtype=np.int32)
+        n_tokens = sum(len(tokens) + 1 for tokens in token_lists)
+        flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(zip(token_lists, itertools.repeat((bos,))))), dtype=np.int32, count=n_tokens)
         stream = np.concatenate([carry, flat])
         n_new = min(len(stream) // body, max_sequences - produced)
         if n_new > 0:
@@ -209,10 +211,10 @@ def cache_activations(
         for shard_index, shard_sequences in enumerate(blocks):
             all_sequences.append(shard_sequences)
             path = shard_folder / shard_name(shard_index)
-            record = {"path": f"{SHARD_FOLDER}/{path.name}", "rows": int(shard_sequences.size), "sha256": None}
+            record = {"path": f"{SHARD_FOLDER}/{path.name}", "rows": int(shard_sequences.size), "checksum": None}
             shard_records.append(record)
             if path.exists():
-                record["sha256"] = writers.submit(file_sha256, path)
+                record["checksum"] = writers.submit(file_checksum, path)
                 progress.update(shard_sequences.size)
                 continue
             activations = _forward_shard(forward, shard_sequences, batch_size, device, dtype, progress)
@@ -225,10 +227,10 @@ def cache_activations(
                 pending.pop(0).result()
             future = writers.submit(write_shard, path, data, dtype)
             pending.append(future)
-            record["sha256"] = future
+            record["checksum"] = future
         for record in shard_records:
-            result = record["sha256"].result()
-            record["sha256"] = result if isinstance(result, str) else result["sha256"]
+            result = record["checksum"].result()
+            record["checksum"] = result if isinstance(result, str) else result["checksum"]
     progress.close()
     if not all_sequences:
         raise ValueError(f"the corpus yields no complete sequence of {context_size} tokens")

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sae_pipeline.atomic import atomic_path, write_dataframe, write_json
-from sae_pipeline.shards import FORMAT_VERSION, SHARD_FOLDER, ShardData, file_sha256, shard_name, write_shard
+from sae_pipeline.shards import FORMAT_VERSION, SHARD_FOLDER, ShardData, file_checksum, shard_name, write_shard
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def cache_digits(settings: Mapping[str, Any], manifest_path: str | os.PathLike) 
         )
         path = shard_folder / shard_name(index)
         info = write_shard(path, data, dtype)
-        shards.append({"path": f"{SHARD_FOLDER}/{path.name}", "rows": info["rows"], "sha256": info["sha256"]})
+        shards.append({"path": f"{SHARD_FOLDER}/{path.name}", "rows": info["rows"], "checksum": info["checksum"]})
     labels_table = pa.table({"doc_id": pa.array(np.arange(len(labels), dtype=np.int64)), "label": pa.array(labels)})
     with atomic_path(root / LABELS_NAME) as temporary:
         pq.write_table(labels_table, temporary)

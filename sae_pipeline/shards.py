@@ -2,7 +2,7 @@
 
 Layout of a cache folder::
 
-    <cache>/manifest.json         what is here (model, hook, dtype, d_model, shards with row counts and sha256)
+    <cache>/manifest.json         what is here (model, hook, dtype, d_model, shards with row counts and checksums)
     <cache>/tokens.parquet        one row per sequence: doc_id (int64), token_ids (fixed_size_list<int32>[T])
     <cache>/shards/shard-00000.parquet
 
@@ -22,7 +22,6 @@ and in the manifest, and reading is a zero-copy ``np.frombuffer``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 
 from sae_pipeline.atomic import atomic_path
 
@@ -47,13 +47,17 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
+def file_checksum(path: str | os.PathLike) -> str:
+    """``"xxh3_128:<hex>"`` of a file's bytes.
+
+    XXH3-128 rather than sha256: it detects corruption and truncation as well and runs at memory
+    speed (about 10x sha256), which matters when the cache writes gigabytes per second.
+    """
+    digest = xxhash.xxh3_128()
     with open(path, "rb") as stream:
         for block in iter(lambda: stream.read(1 << 22), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return f"xxh3_128:{digest.hexdigest()}"
 
 
 @dataclass
@@ -98,7 +102,7 @@ def shard_schema(d_model: int, dtype: str) -> pa.Schema:
 
 
 def write_shard(path: str | os.PathLike, data: ShardData, dtype: str) -> dict:
-    """Write ``data`` to ``path`` atomically; returns ``{"rows", "sha256", "bytes"}`` for the manifest.
+    """Write ``data`` to ``path`` atomically; returns ``{"rows", "checksum", "bytes"}`` for the manifest.
 
     ``data.activations`` is cast to ``dtype`` (little-endian) before writing.
     """
@@ -120,7 +124,7 @@ def write_shard(path: str | os.PathLike, data: ShardData, dtype: str) -> dict:
     )
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary, compression="none", use_dictionary=False, write_statistics=False)
-    return {"rows": rows, "sha256": file_sha256(path), "bytes": os.path.getsize(path)}
+    return {"rows": rows, "checksum": file_checksum(path), "bytes": os.path.getsize(path)}
 
 
 def decode_activation_column(column: pa.ChunkedArray | pa.Array, d_model: int, dtype: str) -> np.ndarray:
@@ -208,9 +212,9 @@ class ActivationStore:
         return tokens
 
     def verify(self) -> None:
-        """Check every shard's sha256 against the manifest; raises ``ValueError`` naming the first bad file."""
+        """Check every shard's checksum against the manifest; raises ``ValueError`` naming the first bad file."""
         for shard, path in zip(self.manifest["shards"], self.shard_paths):
-            if file_sha256(path) != shard["sha256"]:
+            if file_checksum(path) != shard["checksum"]:
                 raise ValueError(f"{path}: checksum does not match {self.root / MANIFEST_NAME}")
 
 

@@ -81,7 +81,7 @@ def run_fingerprint(settings: TrainSettings, seeds: Sequence[int], manifest: Map
     payload = {
         "settings": settings.as_dict(),
         "seeds": [int(seed) for seed in seeds],
-        "shards": [shard.get("sha256") for shard in manifest["shards"]],
+        "shards": [shard.get("checksum") for shard in manifest["shards"]],
         "d_model": manifest["d_model"],
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -74,7 +74,7 @@ def planted(tmp_path_factory, tiny_subject_model):
         part = slice(begin, begin + ROWS_PER_SHARD)
         data = ShardData(activations[part], docs[part], positions[part].astype(np.int32), tokens[part], positions[part] == 0)
         info = write_shard(root / "shards" / shard_name(index), data, "float32")
-        shards.append({"path": f"shards/{shard_name(index)}", "rows": info["rows"], "sha256": info["sha256"]})
+        shards.append({"path": f"shards/{shard_name(index)}", "rows": info["rows"], "checksum": info["checksum"]})
     write_sequences(root / "tokens.parquet", sequences)
     manifest = {
         "format": FORMAT_VERSION, "model": str(tiny_subject_model), "hook_name": "blocks.0.hook_resid_post", "dtype": "float32",
