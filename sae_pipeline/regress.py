@@ -223,7 +223,7 @@ def fit_outcome_model(
         fewest = min(total_successes, total - total_successes)
         if fewest < min_events:
             kind_of_event = "successes" if total_successes < total - total_successes else "failures"
-            return [_message_row(base, f"skipped: only {fewest} {kind_of_event} in {total} attempts, fewer than regress.min_events={min_events}; Wald intervals would not be trustworthy")], None
+            return [_message_row(base, f"skipped: only {fewest} of {total} attempts are {kind_of_event}, fewer than regress.min_events={min_events}; Wald intervals would not be trustworthy")], None
     if frame["interp_score"].nunique() < 2:
         return [_message_row(base, f"skipped: interp_score takes the single value {frame['interp_score'].iloc[0]:g}; no slope to estimate")], None
 
@@ -801,8 +801,12 @@ def _section_claim2(shared: pd.DataFrame, success: Mapping[str, pd.DataFrame], a
         if table.empty:
             lines.append(f"- {judge} judge: no scored rows (judge not run).\n")
             continue
+        reference_rate = table.set_index("condition")["success_rate"].get(reference, float("nan"))
+        no_ratio = "n/a (reference rate is 0)" if reference_rate == 0 else "n/a"
         rows = [
-            [row.condition, format_interval(row.success_rate, row.ci_low, row.ci_high), format_interval(row.ratio_to_reference, row.ratio_ci_low, row.ratio_ci_high, 2), row.n_attempts, row.n_features]
+            [row.condition, format_interval(row.success_rate, row.ci_low, row.ci_high),
+             no_ratio if pd.isna(row.ratio_to_reference) and row.condition != reference else format_interval(row.ratio_to_reference, row.ratio_ci_low, row.ratio_ci_high, 2),
+             row.n_attempts, row.n_features]
             for row in table.itertuples()
         ]
         lines.append(f"**{judge} judge**\n")

@@ -337,7 +337,7 @@ def test_few_events_and_quasi_separation_give_messages():
     success = np.zeros(40)
     success[[3, 30]] = 1
     rows, _ = fit_outcome_model(base_frame(40, success, np.linspace(0, 1, 40)), "logit_row", False, None, False, 20, {}, min_events=5)
-    assert "only 2 successes in 40 attempts, fewer than regress.min_events=5" in rows[0]["message"]
+    assert "only 2 of 40 attempts are successes, fewer than regress.min_events=5" in rows[0]["message"]
     # quasi-complete separation: failures at x=0, successes at x=1, both outcomes at x=0.5 (no complete separation)
     interp = np.repeat([0.0, 0.5, 1.0], 20)
     success = np.r_[np.zeros(20), np.arange(20) % 2, np.ones(20)]
