@@ -11,7 +11,8 @@ Sharding is deterministic (shard ``i`` holds sequences ``[i*S, (i+1)*S)``) and e
 to a temporary name and renamed, so a rerun after a kill finds the complete shards, skips them and
 resumes at the first missing one. The forward pass stops after the hooked block
 (``stop_at_layer``); finished batches move to the host asynchronously and shards are written by a
-small thread pool so Parquet writing overlaps the next forward passes.
+thread pool from reusable (pinned) host buffers, so tokenization, forward
+passes and Parquet writing overlap.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import logging
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -77,7 +78,7 @@ def iter_sequence_blocks(
             yield chunk
 
     for chunk in chunks():
-        token_lists = tokenizer(chunk, add_special_tokens=False)["input_ids"]
+        token_lists = encode_batch(tokenizer, chunk)
         n_tokens = sum(len(tokens) + 1 for tokens in token_lists)
         flat = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(zip(token_lists, itertools.repeat((bos,))))), dtype=np.int32, count=n_tokens)
         stream = np.concatenate([carry, flat])
@@ -97,6 +98,19 @@ def iter_sequence_blocks(
             break
     if pending_count:
         yield np.concatenate(pending)
+
+
+def encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of ``texts`` without special tokens.
+
+    Fast (Rust) tokenizers are called through their backend's ``encode_batch``, which tokenizes in
+    parallel with the GIL released (the forward pass keeps running meanwhile) and skips the Python-side
+    BatchEncoding work of ``tokenizer(...)``; other tokenizers go through ``tokenizer(...)``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 def tokenize_corpus(documents: Iterator[str], tokenizer: Any, context_size: int, max_tokens: int, bos: int) -> np.ndarray:
@@ -206,8 +220,8 @@ def cache_activations(
     all_sequences: list[np.ndarray] = []
     shard_records: list[dict] = []
     progress = tqdm(total=max_sequences * context_size, desc="cache", unit="tok", unit_scale=True, mininterval=2.0)
+    pool = HostBufferPool(WRITER_THREADS + 1, pinned=device.startswith("cuda"))
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as writers:
-        pending: list[Future] = []
         for shard_index, shard_sequences in enumerate(blocks):
             all_sequences.append(shard_sequences)
             path = shard_folder / shard_name(shard_index)
@@ -217,16 +231,13 @@ def cache_activations(
                 record["checksum"] = writers.submit(file_checksum, path)
                 progress.update(shard_sequences.size)
                 continue
-            activations = _forward_shard(forward, shard_sequences, batch_size, device, dtype, progress)
+            activations = _forward_shard(forward, shard_sequences, batch_size, device, dtype, progress, pool)
             first_doc = shard_index * sequences_per_shard
             doc_ids = np.repeat(np.arange(first_doc, first_doc + len(shard_sequences)), context_size)
             positions = np.tile(np.arange(context_size, dtype=np.int32), len(shard_sequences))
-            data = ShardData(activations, doc_ids, positions, shard_sequences.reshape(-1), positions == 0)
-            pending = [future for future in pending if not future.done()]
-            while len(pending) >= WRITER_THREADS:
-                pending.pop(0).result()
+            data = ShardData(activations.numpy(), doc_ids, positions, shard_sequences.reshape(-1), positions == 0)
             future = writers.submit(write_shard, path, data, dtype)
-            pending.append(future)
+            future.add_done_callback(lambda _, buffer=activations: pool.give_back(buffer))
             record["checksum"] = future
         for record in shard_records:
             result = record["checksum"].result()
@@ -263,20 +274,52 @@ def cache_activations(
     return manifest
 
 
-def _forward_shard(forward: HookActivations, shard_sequences: np.ndarray, batch_size: int, device: str, dtype: str, progress: tqdm) -> np.ndarray:
-    """Activations ``[len(shard_sequences) * T, d_model]`` (host, ``dtype``) of one shard's sequences."""
-    host_batches: list[torch.Tensor] = []
+class HostBufferPool:
+    """Reusable host buffers for shard activations, ``[rows, d_model]`` of the cache dtype.
+
+    On CUDA the buffers are pinned, so device-to-host copies run asynchronously straight into the
+    buffer the writer thread later reads (no per-batch pinned allocation, no concatenation copy).
+    ``take`` blocks while every buffer is still being written, which bounds host memory to
+    ``size`` shards and applies back-pressure to the forward pass.
+    """
+
+    def __init__(self, size: int, pinned: bool):
+        import queue
+
+        self.pinned = pinned
+        self._free: "queue.Queue[torch.Tensor]" = queue.Queue()
+        self._created = 0
+        self._size = size
+
+    def take(self, rows: int, d_model: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer with at least ``rows`` rows (a view of exactly ``rows`` rows is returned)."""
+        if self._free.empty() and self._created < self._size:
+            self._created += 1
+            return torch.empty((rows, d_model), dtype=dtype, pin_memory=self.pinned)
+        buffer = self._free.get()
+        if buffer.shape[0] < rows or buffer.shape[1] != d_model or buffer.dtype != dtype:
+            buffer = torch.empty((rows, d_model), dtype=dtype, pin_memory=self.pinned)
+        return buffer[:rows]
+
+    def give_back(self, buffer: torch.Tensor) -> None:
+        self._free.put(buffer)
+
+
+def _forward_shard(
+    forward: HookActivations, shard_sequences: np.ndarray, batch_size: int, device: str, dtype: str, progress: tqdm, pool: HostBufferPool
+) -> torch.Tensor:
+    """Activations ``[len(shard_sequences) * T, d_model]`` (host tensor from ``pool``, ``dtype``) of one shard's sequences."""
     target_dtype = torch.float16 if dtype == "float16" else torch.float32
+    context_size = shard_sequences.shape[1]
+    buffer: torch.Tensor | None = None
     for start in range(0, len(shard_sequences), batch_size):
         tokens = torch.from_numpy(shard_sequences[start : start + batch_size].astype(np.int64)).to(device, non_blocking=True)
         activations = forward(tokens).to(target_dtype)
-        host = activations.reshape(-1, activations.shape[-1])
-        if device.startswith("cuda"):
-            pinned = torch.empty(host.shape, dtype=target_dtype, pin_memory=True)
-            pinned.copy_(host, non_blocking=True)
-            host = pinned
-        host_batches.append(host)
+        if buffer is None:
+            buffer = pool.take(len(shard_sequences) * context_size, activations.shape[-1], target_dtype)
+        buffer[start * context_size : start * context_size + tokens.numel()].copy_(activations.reshape(-1, activations.shape[-1]), non_blocking=True)
         progress.update(tokens.numel())
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return torch.cat(host_batches).numpy() if len(host_batches) > 1 else host_batches[0].numpy()
+    assert buffer is not None
+    return buffer
