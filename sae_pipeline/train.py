@@ -170,28 +170,17 @@ def cross_entropy_losses(bridge: Any, hook_name: str, tokens: torch.Tensor, saes
     at ``hook_name`` zeroed, and with it replaced by each SAE's reconstruction (positions >= 1; the
     BOS position, which the SAEs never saw in training, stays as it is).
 
-    Returns ``{"clean": float, "zero_ablation": float, "with_sae": [float per SAE]}``.
+    Returns ``{"clean": float, "zero_ablation": float, "with_sae": [float per SAE]}`` in nats/token.
     """
+    from sae_pipeline.subject import ce_loss_with_replacement
 
-    def run(replace) -> float:
-        total = 0.0
-        for start in range(0, len(tokens), CE_BATCH_SEQUENCES):
-            batch = tokens[start : start + CE_BATCH_SEQUENCES]
-
-            def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor:
-                patched = activation.clone()
-                patched[:, 1:] = replace(activation[:, 1:]).to(activation.dtype)
-                return patched
-
-            hooks = [] if replace is None else [(hook_name, hook)]
-            loss = bridge.run_with_hooks(batch, return_type="loss", fwd_hooks=hooks)
-            total += float(loss) * len(batch)
-        return total / len(tokens)
+    def loss(replace: Any) -> float:
+        return ce_loss_with_replacement(bridge, tokens, hook_name, replace, batch_size=CE_BATCH_SEQUENCES)
 
     return {
-        "clean": run(None),
-        "zero_ablation": run(torch.zeros_like),
-        "with_sae": [run(lambda activation, sae=sae: sae(activation.float())) for sae in saes],
+        "clean": loss(None),
+        "zero_ablation": loss(torch.zeros_like),
+        "with_sae": [loss(lambda activation, sae=sae: sae(activation)) for sae in saes],
     }
 
 
