@@ -3,7 +3,8 @@
 Measures, on the same activations (random data with a constant offset, resident on the device):
 
 - our step (sae_pipeline.training_sae.SeedBatchedTrainer) for 1 seed and for ``--seeds`` seeds fused,
-  with the sparse (k selected decoder rows) and the dense decoder;
+  with the sparse (k selected decoder rows) and the dense decoder; on CUDA each step is a CUDA-graph
+  replay as in training (``--eager-too`` adds the same steps launched kernel by kernel);
 - SAELens's ``TopKTrainingSAE`` step as ``SAETrainer._train_step`` runs it (forward under bf16
   autocast on CUDA, dead-latent bookkeeping, backward, ``clip_grad_norm_(1.0)``, Adam), when
   ``sae_lens`` can be imported;
@@ -133,19 +134,20 @@ def count_syncs(step: Callable[[torch.Tensor], object], x: torch.Tensor, device:
     return f"{len(caught)}" + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
-def our_trainer(sizes: dict, seeds: int, sparse_decoder: bool, device: torch.device) -> SeedBatchedTrainer:
+def our_trainer(sizes: dict, seeds: int, sparse_decoder: bool, device: torch.device, cuda_graphs: bool = True) -> SeedBatchedTrainer:
     settings = TrainSettings.from_mapping(dict(
         architecture="topk", k=sizes["k"], d_sae=sizes["d_sae"], batch_size=sizes["batch"],
         total_tokens=sizes["batch"] * 1_000_000, lr=2e-4, lr_scale_with_width=True, warmup_steps=0,
         sparse_decoder=sparse_decoder, device=str(device),
     ))
     model = SeedBatchedSAE(settings, sizes["d_in"], seeds=list(range(seeds)), b_dec=torch.zeros(sizes["d_in"])).to(device)
-    return SeedBatchedTrainer(model, device)
+    return SeedBatchedTrainer(model, device, cuda_graphs=cuda_graphs)
 
 
-def our_step(sizes: dict, seeds: int, sparse_decoder: bool, device: torch.device) -> Callable[[torch.Tensor], object]:
-    """Our training step as the train loop runs it between logging steps (no statistics read)."""
-    trainer = our_trainer(sizes, seeds, sparse_decoder, device)
+def our_step(sizes: dict, seeds: int, sparse_decoder: bool, device: torch.device, cuda_graphs: bool = True) -> Callable[[torch.Tensor], object]:
+    """Our training step as the train loop runs it between logging steps (no statistics read);
+    on CUDA a graph replay unless ``cuda_graphs`` is off."""
+    trainer = our_trainer(sizes, seeds, sparse_decoder, device, cuda_graphs)
     return lambda x: trainer.step(x, statistics=False)
 
 
@@ -241,6 +243,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds fused in the batched configuration")
     parser.add_argument("--no-dense", action="store_true", help="skip the dense-decoder configurations")
     parser.add_argument("--no-saelens", action="store_true")
+    parser.add_argument("--eager-too", action="store_true", help="also time our step without CUDA graphs (every kernel launched from Python)")
     parser.add_argument("--loader", action="store_true", help="also measure end to end from Parquet shards")
     parser.add_argument("--loader-batches", type=int, default=100)
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -276,6 +279,9 @@ def main() -> None:
         kind = "sparse" if sparse else "dense"
         report(f"ours, 1 seed, {kind} decoder", our_step(sizes, 1, sparse, device), 1)
         report(f"ours, {args.seeds} seeds fused, {kind} decoder", our_step(sizes, args.seeds, sparse, device), args.seeds)
+        if args.eager_too and device.type == "cuda":
+            report(f"ours, 1 seed, {kind}, no CUDA graph", our_step(sizes, 1, sparse, device, cuda_graphs=False), 1)
+            report(f"ours, {args.seeds} seeds, {kind}, no CUDA graph", our_step(sizes, args.seeds, sparse, device, cuda_graphs=False), args.seeds)
     saelens = None if args.no_saelens else saelens_step(sizes, device)
     if callable(saelens):
         report(f"SAELens {saelens.version} TopK, 1 seed", saelens, 1)

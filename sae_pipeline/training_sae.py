@@ -9,9 +9,11 @@ seed, so training seeds together equals training each alone up to floating-point
 
 Architectures (pre-activations ``a = (x - b_dec) W_enc + b_enc``, shape ``[S, B, d_sae]``):
 
-- ``topk``: z = ReLU(TopK_k(a)) per token. With ``sparse_decoder`` the reconstruction gathers
-  only the k selected decoder rows (``embedding_bag``), skipping the dense ``[B, d_sae] x
-  [d_sae, d_in]`` product and its two gradient products.
+- ``topk``: z = ReLU(TopK_k(a)) per token (selection by :func:`topk_indices`). With a sparse
+  decoder the reconstruction gathers only the k selected decoder rows (``embedding_bag``),
+  skipping the dense ``[B, d_sae] x [d_sae, d_in]`` product and its two gradient products; that
+  wins on the CPU, while on a GPU the dense products are cheaper than embedding_bag's backward, so
+  ``sparse_decoder: auto`` (the default) means sparse on CPU, dense on CUDA.
 - ``batchtopk``: keep the k*B largest ReLU(a) over the whole batch; a scalar inference threshold
   follows an exponential moving average of the smallest kept value (SAELens's rule).
 - ``relu``: z = ReLU(a), loss += l1_coefficient * mean_t sum_i z_ti * ||W_dec[i]||.
@@ -53,6 +55,10 @@ PENALTY_TARGETS = ("both", "encoder", "decoder")
 REGULARIZER_KINDS = ("none", "off_support_l1", "l1_l2_ratio")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 AUTOCAST_MODES = ("auto", "bf16", "off")
+SPARSE_DECODER_MODES = (True, False, "auto")
+# topk_indices preselects whole chunks of this many latents when d_sae >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK.
+TOPK_CHUNK = 32
+TOPK_CHUNK_MIN_RATIO = 4
 
 # Columns of the per-step statistics returned by SeedBatchedTrainer.step (one row per seed).
 STEP_STATISTICS = (
@@ -99,7 +105,7 @@ class TrainSettings:
     l1_coefficient: float = 5.0
     matryoshka_prefixes: Sequence[int] = (128, 512)
     threshold_lr: float = 0.01
-    sparse_decoder: bool = True
+    sparse_decoder: bool | str = "auto"
     shuffle_buffer_rows: int = 131072
     data_seed: int = 0
     holdout_tokens: int = 16384
@@ -135,9 +141,10 @@ class TrainSettings:
             "regularizer.kind": (self.regularizer.get("kind"), REGULARIZER_KINDS),
             "b_dec_init": (self.b_dec_init, B_DEC_INITS),
             "autocast": (self.autocast, AUTOCAST_MODES),
+            "sparse_decoder": (self.sparse_decoder, SPARSE_DECODER_MODES),
         }
         for key, (value, allowed) in choices.items():
-            if value not in allowed:
+            if not any(value is option or (isinstance(option, str) and value == option) for option in allowed):
                 raise ValueError(f"train: {key} must be one of {list(allowed)}, got {value!r}")
         positive = {"k": self.k, "d_sae": self.d_sae, "batch_size": self.batch_size, "total_tokens": self.total_tokens,
                     "log_every": self.log_every, "checkpoint_every": self.checkpoint_every, "aux_k": self.aux_k}
@@ -241,6 +248,31 @@ def weight_penalty(W_enc: torch.Tensor, W_dec: torch.Tensor, kind: str, coeffici
     return coefficient * total
 
 
+def topk_indices(pre_activations: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``[..., k]`` of the k largest entries in each row of ``pre_activations [..., n]``
+    (in no particular order), without gradient.
+
+    Selects the same values as ``torch.topk`` (ties may pick other indices of equal value) but,
+    for wide rows, faster on a GPU: the row is cut into ``n / TOPK_CHUNK`` interleaved chunks
+    (chunk c holds entries c, c + n/TOPK_CHUNK, ...), and the k chunks with the largest maxima hold
+    every top-k entry (an entry above the k-th largest chunk maximum lies in a chunk whose maximum
+    beats it, and those k chunks hold at least k entries no smaller than that maximum). So the
+    top k of their ``k * TOPK_CHUNK`` entries are the top k of the row; the chunk maxima are one
+    coalesced reduction and both selections are over short rows. Narrow rows use ``torch.topk``.
+    """
+    width = pre_activations.shape[-1]
+    with torch.no_grad():
+        if width % TOPK_CHUNK or width < TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK:
+            return pre_activations.topk(k, dim=-1, sorted=False).indices
+        n_chunks = width // TOPK_CHUNK
+        chunk_maxima = pre_activations.unflatten(-1, (TOPK_CHUNK, n_chunks)).amax(dim=-2)
+        chunks = chunk_maxima.topk(k, dim=-1, sorted=False).indices
+        members = torch.arange(0, width, n_chunks, device=pre_activations.device)
+        candidates = (chunks.unsqueeze(-1) + members).flatten(-2)
+        best = pre_activations.gather(-1, candidates).topk(k, dim=-1, sorted=False).indices
+        return candidates.gather(-1, best)
+
+
 def sparsity_regularizer(pre_activations: torch.Tensor, active: torch.Tensor, support_l1: torch.Tensor, kind: str, coefficient: float) -> torch.Tensor:
     """Per-seed Top-k sparsity regularizer ``[S]`` ("Beyond the Hard Budget").
 
@@ -311,11 +343,17 @@ class SeedBatchedSAE(nn.Module):
         b_dec_gradient_path = torch.bmm((self.b_dec - self.b_dec.detach()).unsqueeze(1), self.W_enc)
         return torch.baddbmm(self.b_enc.unsqueeze(1) - b_dec_gradient_path, centered, self.W_enc)
 
+    @property
+    def uses_sparse_decoder(self) -> bool:
+        """Whether the top-k reconstruction uses ``embedding_bag`` (``sparse_decoder``; ``auto``: off CUDA only)."""
+        mode = self.settings.sparse_decoder
+        return (not self.W_dec.is_cuda) if mode == "auto" else bool(mode)
+
     def decode_selected(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``sum_j values[s,b,j] * W_dec[s, indices[s,b,j]]``: ``[S, B, m]`` -> ``[S, B, d_in]`` (no bias)."""
         n_seeds, batch, width = indices.shape
         offsets = (torch.arange(n_seeds, device=indices.device) * self.d_sae).view(n_seeds, 1, 1)
-        if self.settings.sparse_decoder:
+        if self.uses_sparse_decoder:
             flat = F.embedding_bag(
                 (indices + offsets).reshape(n_seeds * batch, width),
                 self.W_dec.reshape(n_seeds * self.d_sae, self.d_in),
@@ -338,14 +376,16 @@ class SeedBatchedSAE(nn.Module):
             self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
         return torch.zeros_like(flat).scatter(-1, indices, values).view(n_seeds, batch, width)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, statistics: bool = True) -> dict[str, torch.Tensor]:
         """Losses and statistics on one batch ``x [B, d_in]``; also updates the dead-latent counters
         and (batch-top-k) the inference threshold.
 
         Returns a dict of per-seed ``[S]`` tensors: ``loss`` (what is minimised), ``recon``,
         ``aux_loss``, ``penalty``, ``regularizer``, ``sparsity_loss``, ``squared_error`` (summed over
         batch and d_in), ``l0`` (mean nonzero codes per token); plus ``total_variance`` (scalar) and
-        ``firing_counts [S, d_sae]`` (tokens of this batch on which each latent fired).
+        ``firing_counts [S, d_sae]`` (tokens of this batch on which each latent fired). With
+        ``statistics=False`` the three monitoring-only entries (``squared_error``, ``total_variance``,
+        ``l0``) are neither computed nor returned; the losses and updates are the same.
         """
         settings = self.settings
         architecture = settings.architecture
@@ -353,14 +393,16 @@ class SeedBatchedSAE(nn.Module):
         pre = self.pre_activations(x)
         sparsity_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
         if architecture == "topk":
-            values, indices = pre.topk(settings.k, dim=-1, sorted=False)
+            indices = topk_indices(pre, settings.k)
+            values = pre.gather(-1, indices)
             codes = values.relu()
             x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
             recon = (x_hat - x).square().sum(dim=-1).mean(dim=-1)
             firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
                 1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
             )
-            l0 = (codes > 0).float().sum(dim=-1).mean(dim=-1)
+            if statistics:
+                l0 = (codes > 0).float().sum(dim=-1).mean(dim=-1)
             if settings.regularizer["kind"] != "none":
                 active = torch.zeros(self.n_seeds, self.d_sae, dtype=torch.bool, device=x.device).scatter_(1, indices.reshape(self.n_seeds, -1), True)
                 support_l1 = values.abs().sum(dim=-1)
@@ -376,7 +418,8 @@ class SeedBatchedSAE(nn.Module):
                 start = end
             fired = dense_codes > 0
             firing_counts = fired.float().sum(dim=1)
-            l0 = fired.float().sum(dim=-1).mean(dim=-1)
+            if statistics:
+                l0 = fired.float().sum(dim=-1).mean(dim=-1)
             if settings.regularizer["kind"] != "none":
                 active = firing_counts > 0
                 support_l1 = (pre.abs() * fired).sum(dim=-1)
@@ -392,21 +435,22 @@ class SeedBatchedSAE(nn.Module):
             regularizer = sparsity_regularizer(pre, active, support_l1, settings.regularizer["kind"], float(settings.regularizer["coefficient"]))
         loss = recon + settings.aux_k_coefficient * aux_loss + penalty + regularizer + sparsity_loss
         with torch.no_grad():
-            squared_error = (x_hat.detach().float() - x).square().sum(dim=(1, 2))
-            total_variance = (x - x.mean(dim=0)).square().sum()
-            self.tokens_since_fired.copy_(torch.where(firing_counts > 0, 0, self.tokens_since_fired + x.shape[0]))
-        return {
+            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(firing_counts > 0, 0)
+        out = {
             "loss": loss,
             "recon": recon,
             "aux_loss": aux_loss,
             "penalty": penalty,
             "regularizer": regularizer,
             "sparsity_loss": sparsity_loss,
-            "squared_error": squared_error,
-            "total_variance": total_variance,
-            "l0": l0,
             "firing_counts": firing_counts,
         }
+        if statistics:
+            with torch.no_grad():
+                out["squared_error"] = (x_hat.detach().float() - x).square().sum(dim=(1, 2))
+                out["total_variance"] = (x - x.mean(dim=0)).square().sum()
+                out["l0"] = l0
+        return out
 
     def dead_mask(self) -> torch.Tensor:
         """bool ``[S, d_sae]``: latents that have not fired for ``dead_window_tokens`` tokens."""
@@ -429,23 +473,25 @@ class SeedBatchedSAE(nn.Module):
     @torch.no_grad()
     def remove_parallel_decoder_gradient(self) -> None:
         """Project out of each decoder row's gradient its component along that (unit-norm) row."""
-        if self.W_dec.grad is None:
+        gradient = self.W_dec.grad
+        if gradient is None:
             return
-        directions = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        parallel = (self.W_dec.grad * directions).sum(dim=-1, keepdim=True)
-        self.W_dec.grad.sub_(parallel * directions)
+        directions = self.W_dec / torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min(1e-12)
+        parallel = torch.linalg.vecdot(gradient, directions, dim=-1).unsqueeze(-1)
+        gradient.addcmul_(parallel, directions, value=-1.0)
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale every decoder row to unit L2 norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def clip_gradients_per_seed(self, max_norm: float) -> torch.Tensor:
         """Scale each seed's gradients so their joint L2 norm is at most ``max_norm`` (as
         ``torch.nn.utils.clip_grad_norm_`` does for one model); returns the norms before clipping ``[S]``."""
         grads = [parameter.grad for parameter in self.parameters() if parameter.grad is not None]
-        norms = torch.stack([grad.float().square().flatten(1).sum(dim=1) for grad in grads]).sum(dim=0).sqrt()
+        squared = [torch.linalg.vector_norm(grad, dim=tuple(range(1, grad.dim())), dtype=torch.float32).square() for grad in grads]
+        norms = torch.stack(squared).sum(dim=0).sqrt()
         scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for grad in grads:
             grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
@@ -474,17 +520,38 @@ class SeedBatchedTrainer:
 
     ``step(x)`` performs one optimizer step and returns the per-seed statistics as a device tensor
     ``[S, len(STEP_STATISTICS)]`` without synchronising (``step(x, statistics=False)`` skips them).
+
+    On CUDA (``cuda_graphs`` true, the default there) a step without statistics is one CUDA-graph
+    replay: forward, backward, gradient projection and clipping, fused Adam and decoder
+    renormalisation are captured once (after ``GRAPH_WARMUP_STEPS`` ordinary steps) and replayed,
+    so the step costs no per-kernel launch overhead. The learning rate lives in a device tensor the
+    captured Adam reads. Steps with statistics, another batch shape, or the AuxK pass switched
+    on or off run eagerly or replay their own graph; the arithmetic is the same either way.
     """
 
-    def __init__(self, model: SeedBatchedSAE, device: str | torch.device):
+    GRAPH_WARMUP_STEPS = 2
+
+    def __init__(self, model: SeedBatchedSAE, device: str | torch.device, cuda_graphs: bool | None = None):
         self.model = model
         self.settings = model.settings
         self.device = torch.device(device)
-        use_fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.settings.effective_lr, betas=(0.9, 0.999), fused=use_fused or None)
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = on_cuda if cuda_graphs is None else bool(cuda_graphs) and on_cuda
+        # A captured Adam must read its learning rate from device memory; eager runs take a float.
+        self._lr: float | torch.Tensor = (
+            torch.tensor(self.settings.effective_lr, dtype=torch.float32, device=self.device) if self.cuda_graphs else self.settings.effective_lr
+        )
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=self._lr, betas=(0.9, 0.999), fused=on_cuda or None, capturable=self.cuda_graphs
+        )
+        # The capturable-Adam warning about eager steps does not apply: only warm-up and logging steps run eagerly.
+        self.optimizer._warned_capturable_if_run_uncaptured = True
         mode = self.settings.autocast
         self.autocast_enabled = mode == "bf16" or (mode == "auto" and self.device.type == "cuda")
         self.step_index = 0
+        self._eager_steps = 0
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool: Any = None
 
     def current_lr(self) -> float:
         settings = self.settings
@@ -493,26 +560,59 @@ class SeedBatchedTrainer:
     def step(self, x: torch.Tensor, statistics: bool = True) -> torch.Tensor | None:
         """One optimizer step on ``x [B, d_in]`` for every seed; returns statistics ``[S, n_stats]``
         (columns ``STEP_STATISTICS``, measured before the update) or None when not asked for."""
-        model, settings = self.model, self.settings
         lr = self.current_lr()
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_enabled):
-            out = model(x)
+        if isinstance(self._lr, torch.Tensor):
+            self._lr.fill_(lr)
+        else:
+            self._lr = lr
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        if statistics or not self.cuda_graphs or self._eager_steps < self.GRAPH_WARMUP_STEPS or not x.is_cuda:
+            out = self._update(x, statistics, capturing=False)
+            self._eager_steps += 1
+        else:
+            self._replay(x)
+        self.step_index += 1
+        if not statistics:
+            return None
+        return self._statistics(out, x.shape)
+
+    def _update(self, x: torch.Tensor, statistics: bool, capturing: bool) -> dict[str, torch.Tensor]:
+        """Forward, backward, decoder-gradient projection, per-seed clipping, Adam, renormalisation."""
+        model, settings = self.model, self.settings
+        # A graph must not keep autocast's cast-weight cache (it would outlive the capture).
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_enabled, cache_enabled=not capturing):
+            out = model(x, statistics=statistics)
         out["loss"].sum().backward()
         if settings.unit_norm_decoder:
             model.remove_parallel_decoder_gradient()
         if settings.grad_clip_norm is not None:
             model.clip_gradients_per_seed(float(settings.grad_clip_norm))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if settings.unit_norm_decoder:
             model.normalize_decoder()
-        self.step_index += 1
-        if not statistics:
-            return None
+        return out
+
+    def _replay(self, x: torch.Tensor) -> None:
+        """Run the statistics-free step as a CUDA graph, capturing it first for a new input layout."""
+        key = (self.model.auxk_active, tuple(x.shape), x.dtype)
+        if key not in self._graphs:
+            static_x = x.detach().clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._update(static_x, statistics=False, capturing=True)
+            self._graph_pool = graph.pool()
+            self._graphs[key] = (graph, static_x)
+        graph, static_x = self._graphs[key]
+        static_x.copy_(x)
+        graph.replay()
+
+    def _statistics(self, out: Mapping[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+        """The ``[S, len(STEP_STATISTICS)]`` statistics of a step's forward output (no sync)."""
+        model = self.model
         with torch.no_grad():
-            batch, d_in = x.shape
+            batch, d_in = shape
             return torch.stack(
                 [
                     out["loss"].float(),
@@ -532,15 +632,30 @@ class SeedBatchedTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit: model, optimizer, step, AuxK flag."""
+        optimizer = self.optimizer.state_dict()
+        # The learning rate is stored as a float so a state moves between CPU and CUDA runs.
+        optimizer["param_groups"] = [{**group, "lr": float(group["lr"])} for group in optimizer["param_groups"]]
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "step_index": self.step_index,
             "auxk_active": self.model.auxk_active,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # Keep this trainer's own learning-rate holder and fused/capturable flags (they depend on the device).
+        own = self.optimizer.param_groups[0]
+        optimizer = dict(state["optimizer"])
+        optimizer["param_groups"] = [
+            {**group, "lr": float(group["lr"]), "fused": own["fused"], "capturable": own["capturable"]} for group in optimizer["param_groups"]
+        ]
+        self.optimizer.load_state_dict(optimizer)
+        for group in self.optimizer.param_groups:  # loading copies the groups; point them at our holder again
+            group["lr"] = self._lr
         self.step_index = int(state["step_index"])
         self.model.auxk_active = bool(state["auxk_active"])
+        # The optimizer's state tensors were replaced, so captured graphs would read stale memory.
+        self._graphs.clear()
+        self._graph_pool = None
+        self._eager_steps = 0

@@ -15,6 +15,7 @@ from sae_pipeline.training_sae import (
     initial_weights,
     learning_rate,
     sparsity_regularizer,
+    topk_indices,
     weight_penalty,
 )
 
@@ -58,6 +59,26 @@ def test_topk_keeps_exactly_k_per_row_and_reconstructs_like_dense_topk(sparse_de
         x_hat = codes @ model.W_dec[index] + model.b_dec[index]
         expected = (x_hat - x).square().sum(dim=-1).mean()
         assert out["recon"][index].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("width,k", [(4096, 5), (1024, 8), (100, 7)])
+def test_topk_indices_select_the_same_values_as_torch_topk(width, k):
+    generator = torch.Generator().manual_seed(width + k)
+    pre = torch.randn(3, 64, width, generator=generator)
+    pre[0, 0, :64] = 10.0 + torch.arange(64.0)  # all top entries crowded into two adjacent chunks
+    pre[1, 1] = 2.0  # a row of ties: any k indices of the tied value are right
+    indices = topk_indices(pre, k)
+    assert indices.shape == (3, 64, k)
+    assert (indices.sort(dim=-1).values.diff(dim=-1) > 0).all()  # k distinct latents per row
+    chosen = pre.gather(-1, indices).sort(dim=-1).values
+    assert torch.equal(chosen, pre.topk(k, dim=-1).values.sort(dim=-1).values)
+
+
+def test_sparse_decoder_auto_means_sparse_off_cuda():
+    assert SeedBatchedSAE(settings(), D_IN, seeds=[0]).uses_sparse_decoder  # default "auto", on the CPU
+    assert not SeedBatchedSAE(settings(sparse_decoder=False), D_IN, seeds=[0]).uses_sparse_decoder
+    with pytest.raises(ValueError, match="sparse_decoder"):
+        settings(sparse_decoder="yes")
 
 
 def test_topk_relu_zeroes_negative_kept_values():
