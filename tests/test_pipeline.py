@@ -136,5 +136,5 @@ def test_changed_digits_setting_reruns_the_digits_branch_only(finished_run, tmp_
 
 
 def test_lint_is_clean():
-    output = snakemake("--lint", "--config", "results_dir=/tmp/sae-stability-lint").stdout
-    assert "Congratulations, your workflow is in a good condition!" in output
+    linted = snakemake("--lint", "--config", "results_dir=/tmp/sae-stability-lint")
+    assert "Congratulations, your workflow is in a good condition!" in linted.stdout + linted.stderr
