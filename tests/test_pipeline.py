@@ -138,3 +138,11 @@ def test_changed_digits_setting_reruns_the_digits_branch_only(finished_run, tmp_
 def test_lint_is_clean():
     linted = snakemake("--lint", "--config", "results_dir=/tmp/sae-stability-lint")
     assert "Congratulations, your workflow is in a good condition!" in linted.stdout + linted.stderr
+
+
+def test_report_gathers_plots_and_tables(finished_run):
+    report = finished_run / "report.html"
+    snakemake("--report", str(report), "--configfile", str(E2E_CONFIG), "--config", f"results_dir={finished_run}")
+    html = report.read_text(errors="replace")
+    for item in ("summary.html", "coefficients.csv", "shared_fraction.png", "k_robustness.png", "stability.png"):
+        assert item in html
