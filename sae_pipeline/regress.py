@@ -654,6 +654,7 @@ def plot_training_curves(path: str | Path, curves: pd.DataFrame, metrics: Sequen
             for seed_index, (_, seed_group) in enumerate(group.groupby("seed") if "seed" in group.columns else [(None, group)]):
                 axis.plot(seed_group[x_column], seed_group[metric], color=colours[index % len(colours)], alpha=0.8, linewidth=1, label=variant if seed_index == 0 else None)
         axis.set_xlabel(x_column)
+        axis.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
         axis.set_title(metric)
         if metric in ("mse", "fvu", "loss"):
             axis.set_yscale("log")
