@@ -19,7 +19,6 @@ On a CPU (small)::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from sae_pipeline.autointerp import ContextSet, FeatureExamples, LLMBackend, Min
 from sae_pipeline.checkpoint import load_sae, save_sae  # noqa: E402
 from sae_pipeline.config import resolve_device  # noqa: E402
 from sae_pipeline.judge import JudgeClient, JudgeSettings  # noqa: E402
-from sae_pipeline.shards import FORMAT_VERSION, ActivationStore, ShardData, shard_name, write_sequences, write_shard  # noqa: E402
+from sae_pipeline.shards import ActivationStore, ShardData, write_manifest, write_numbered_shard, write_sequences  # noqa: E402
 from tests.fake_openai_server import FakeOpenAIServer, autointerp_responder  # noqa: E402
 
 AUTOINTERP_SETTINGS = {
@@ -94,14 +93,11 @@ def build_cache(root: Path, tokens: int, d_model: int, context_size: int, rows_p
         activations = torch.randn((rows, d_model), generator=generator, device=device).half().cpu().numpy()
         positions = np.tile(np.arange(context_size, dtype=np.int32), count)
         data = ShardData(activations, np.repeat(np.arange(first, first + count), context_size), positions, sequences[first : first + count].reshape(-1), positions == 0)
-        info = write_shard(root / "shards" / shard_name(index), data, "float16")
-        shards.append({"path": f"shards/{shard_name(index)}", "rows": info["rows"], "checksum": info["checksum"]})
-    manifest = {
-        "format": FORMAT_VERSION, "model": "synthetic", "hook_name": "blocks.0.hook_resid_post", "dtype": "float16", "d_model": d_model,
-        "context_size": context_size, "rows_per_shard": rows_per_shard, "n_rows": n_sequences * context_size, "shards": shards,
-        "tokens": "tokens.parquet", "bos_token_id": 0,
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+        shards.append(write_numbered_shard(root, index, data, "float16"))
+    write_manifest(
+        root, model="synthetic", hook_name="blocks.0.hook_resid_post", dtype="float16", d_model=d_model, context_size=context_size,
+        rows_per_shard=rows_per_shard, shards=shards, tokens="tokens.parquet", bos_token_id=0,
+    )
 
 
 def mining_time(args: argparse.Namespace, device: str) -> None:

@@ -35,16 +35,14 @@ from sae_pipeline.atomic import write_json
 from sae_pipeline.config import resolve_device
 from sae_pipeline.corpus import load_documents
 from sae_pipeline.shards import (
-    FORMAT_VERSION,
-    MANIFEST_NAME,
     SHARD_FOLDER,
-    SUPPORTED_DTYPES,
     TOKENS_NAME,
     ShardData,
-    file_checksum,
+    existing_shard_record,
     shard_name,
+    write_manifest,
+    write_numbered_shard,
     write_sequences,
-    write_shard,
 )
 from sae_pipeline.subject import bos_token_id, hook_layer, load_subject_model
 
@@ -218,17 +216,14 @@ def cache_activations(
     forward = HookActivations(bridge, hook_name)
 
     all_sequences: list[np.ndarray] = []
-    shard_records: list[dict] = []
     progress = tqdm(total=max_sequences * context_size, desc="cache", unit="tok", unit_scale=True, mininterval=2.0)
     pool = HostBufferPool(WRITER_THREADS + 1, pinned=device.startswith("cuda"))
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as writers:
+        record_futures = []
         for shard_index, shard_sequences in enumerate(blocks):
             all_sequences.append(shard_sequences)
-            path = shard_folder / shard_name(shard_index)
-            record = {"path": f"{SHARD_FOLDER}/{path.name}", "rows": int(shard_sequences.size), "checksum": None}
-            shard_records.append(record)
-            if path.exists():
-                record["checksum"] = writers.submit(file_checksum, path)
+            if (shard_folder / shard_name(shard_index)).exists():
+                record_futures.append(writers.submit(existing_shard_record, root, shard_index))
                 progress.update(shard_sequences.size)
                 continue
             activations = _forward_shard(forward, shard_sequences, batch_size, device, dtype, progress, pool)
@@ -236,12 +231,10 @@ def cache_activations(
             doc_ids = np.repeat(np.arange(first_doc, first_doc + len(shard_sequences)), context_size)
             positions = np.tile(np.arange(context_size, dtype=np.int32), len(shard_sequences))
             data = ShardData(activations.numpy(), doc_ids, positions, shard_sequences.reshape(-1), positions == 0)
-            future = writers.submit(write_shard, path, data, dtype)
+            future = writers.submit(write_numbered_shard, root, shard_index, data, dtype)
             future.add_done_callback(lambda _, buffer=activations: pool.give_back(buffer))
-            record["checksum"] = future
-        for record in shard_records:
-            result = record["checksum"].result()
-            record["checksum"] = result if isinstance(result, str) else result["checksum"]
+            record_futures.append(future)
+        shard_records = [future.result() for future in record_futures]
     progress.close()
     if not all_sequences:
         raise ValueError(f"the corpus yields no complete sequence of {context_size} tokens")
@@ -250,26 +243,24 @@ def cache_activations(
     n_shards = len(shard_records)
 
     elapsed = time.time() - started
-    manifest = {
-        "format": FORMAT_VERSION,
-        "model": model_ref,
-        "hook_name": hook_name,
-        "dtype": dtype,
-        "d_model": int(bridge.cfg.d_model),
-        "context_size": context_size,
-        "rows_per_shard": sequences_per_shard * context_size,
-        "n_rows": int(sequences.size),
-        "n_sequences": int(len(sequences)),
-        "n_bos_rows": int(len(sequences)),
-        "bos_token_id": bos,
-        "prepend_bos": True,
-        "dataset": corpus_settings.get("hf_dataset", {}).get("path") if corpus_settings["source"] == "hf_dataset" else corpus_settings["source"],
-        "tokens": TOKENS_NAME,
-        "shards": shard_records,
-        "fingerprint": fingerprint,
-        "wall_time_s": elapsed,
-    }
-    write_json(manifest_path, manifest)
+    manifest = write_manifest(
+        root,
+        model=model_ref,
+        hook_name=hook_name,
+        dtype=dtype,
+        d_model=int(bridge.cfg.d_model),
+        context_size=context_size,
+        rows_per_shard=sequences_per_shard * context_size,
+        shards=shard_records,
+        n_sequences=int(len(sequences)),
+        n_bos_rows=int(len(sequences)),
+        bos_token_id=bos,
+        prepend_bos=True,
+        dataset=corpus_settings.get("hf_dataset", {}).get("path") if corpus_settings["source"] == "hf_dataset" else corpus_settings["source"],
+        tokens=TOKENS_NAME,
+        fingerprint=fingerprint,
+        wall_time_s=elapsed,
+    )
     logger.info("cached %d tokens in %d shards in %.1f s (%.0f tokens/s)", sequences.size, n_shards, elapsed, sequences.size / elapsed)
     return manifest
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sae_pipeline.atomic import atomic_path, write_dataframe, write_json
-from sae_pipeline.shards import FORMAT_VERSION, SHARD_FOLDER, ShardData, file_checksum, shard_name, write_shard
+from sae_pipeline.shards import SHARD_FOLDER, ShardData, write_manifest, write_numbered_shard
 
 logger = logging.getLogger(__name__)
 
@@ -116,36 +116,32 @@ def cache_digits(settings: Mapping[str, Any], manifest_path: str | os.PathLike) 
             token_id=np.full(count, -1, dtype=np.int32),
             is_bos=np.zeros(count, dtype=bool),
         )
-        path = shard_folder / shard_name(index)
-        info = write_shard(path, data, dtype)
-        shards.append({"path": f"{SHARD_FOLDER}/{path.name}", "rows": info["rows"], "checksum": info["checksum"]})
+        shards.append(write_numbered_shard(root, index, data, dtype))
     labels_table = pa.table({"doc_id": pa.array(np.arange(len(labels), dtype=np.int64)), "label": pa.array(labels)})
     with atomic_path(root / LABELS_NAME) as temporary:
         pq.write_table(labels_table, temporary)
-    manifest = {
-        "format": FORMAT_VERSION,
-        "model": None,
-        "hook_name": HOOK_NAME,
-        "dtype": dtype,
-        "d_model": int(pixels.shape[1]),
-        "context_size": 1,
-        "rows_per_shard": rows_per_shard,
-        "n_rows": int(len(pixels)),
-        "n_sequences": int(len(pixels)),
-        "n_bos_rows": 0,
-        "bos_token_id": None,
-        "prepend_bos": False,
-        "dataset": dataset_name,
-        "source": settings["source"],
-        "pixel_range": [0.0, 1.0],
-        "shuffle_seed": int(settings["shuffle_seed"]),
-        "tokens": None,
-        "labels": LABELS_NAME,
-        "label_counts": {str(label): int(count) for label, count in zip(*np.unique(labels, return_counts=True))},
-        "shards": shards,
-        "wall_time_s": time.time() - started,
-    }
-    write_json(manifest_path, manifest)
+    manifest = write_manifest(
+        root,
+        model=None,
+        hook_name=HOOK_NAME,
+        dtype=dtype,
+        d_model=int(pixels.shape[1]),
+        context_size=1,
+        rows_per_shard=rows_per_shard,
+        shards=shards,
+        n_sequences=int(len(pixels)),
+        n_bos_rows=0,
+        bos_token_id=None,
+        prepend_bos=False,
+        dataset=dataset_name,
+        source=settings["source"],
+        pixel_range=[0.0, 1.0],
+        shuffle_seed=int(settings["shuffle_seed"]),
+        tokens=None,
+        labels=LABELS_NAME,
+        label_counts={str(label): int(count) for label, count in zip(*np.unique(labels, return_counts=True))},
+        wall_time_s=time.time() - started,
+    )
     logger.info("cached %d images of %d pixels (%s) in %d shards", len(pixels), pixels.shape[1], dataset_name, len(shards))
     return manifest
 

@@ -21,7 +21,6 @@ and batches on the GPU (a host-side gather of 1 KB rows would cap the stream nea
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -32,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from sae_pipeline.shards import FORMAT_VERSION, MANIFEST_NAME, SHARD_FOLDER, ActivationStore, ShardData, shard_name, write_sequences, write_shard
+from sae_pipeline.shards import SHARD_FOLDER, ActivationStore, ShardData, write_manifest, write_numbered_shard, write_sequences
 
 logger = logging.getLogger(__name__)
 
@@ -313,12 +312,9 @@ def write_synthetic_cache(root: Path, activations: np.ndarray, context_size: int
     for index, start in enumerate(range(0, rows, rows_per_shard)):
         part = slice(start, start + rows_per_shard)
         data = ShardData(activations[part], doc_id[part], position[part], token_id[part], position[part] == 0)
-        info = write_shard(root / SHARD_FOLDER / shard_name(index), data, dtype)
-        shards.append({"path": f"{SHARD_FOLDER}/{shard_name(index)}", **info})
+        shards.append(write_numbered_shard(root, index, data, dtype))
     n_docs = -(-rows // context_size)
     write_sequences(root / "tokens.parquet", (np.arange(n_docs * context_size) % 50).reshape(n_docs, context_size))
-    manifest = {"format": FORMAT_VERSION, "model": model, "hook_name": hook_name, "dtype": dtype,
-                "d_model": int(activations.shape[1]), "context_size": context_size, "rows_per_shard": rows_per_shard,
-                "n_rows": rows, "shards": shards, "tokens": "tokens.parquet", "bos_token_id": 0}
-    (root / MANIFEST_NAME).write_text(json.dumps(manifest))
+    write_manifest(root, model=model, hook_name=hook_name, dtype=dtype, d_model=activations.shape[1], context_size=context_size,
+                   rows_per_shard=rows_per_shard, shards=shards, tokens="tokens.parquet", bos_token_id=0)
     return root

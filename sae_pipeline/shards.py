@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from sae_pipeline.atomic import atomic_path
+from sae_pipeline.atomic import atomic_path, write_json
 
 FORMAT_VERSION = "sae-stability-activations/1"
 MANIFEST_NAME = "manifest.json"
@@ -125,6 +125,56 @@ def write_shard(path: str | os.PathLike, data: ShardData, dtype: str) -> dict:
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary, compression="none", use_dictionary=False, write_statistics=False)
     return {"rows": rows, "checksum": file_checksum(path), "bytes": os.path.getsize(path)}
+
+
+def write_numbered_shard(cache_dir: str | os.PathLike, index: int, data: ShardData, dtype: str) -> dict:
+    """Write shard ``index`` of a cache folder (``<cache>/shards/shard-<index>.parquet``) atomically.
+
+    Returns its manifest record ``{"path", "rows", "checksum"}`` (path relative to the cache folder).
+    """
+    relative = f"{SHARD_FOLDER}/{shard_name(index)}"
+    info = write_shard(Path(cache_dir) / relative, data, dtype)
+    return {"path": relative, "rows": info["rows"], "checksum": info["checksum"]}
+
+
+def existing_shard_record(cache_dir: str | os.PathLike, index: int) -> dict:
+    """Manifest record of a shard already on disk (its checksum recomputed)."""
+    relative = f"{SHARD_FOLDER}/{shard_name(index)}"
+    path = Path(cache_dir) / relative
+    return {"path": relative, "rows": pq.ParquetFile(path).metadata.num_rows, "checksum": file_checksum(path)}
+
+
+def write_manifest(
+    cache_dir: str | os.PathLike,
+    *,
+    model: str | None,
+    hook_name: str,
+    dtype: str,
+    d_model: int,
+    context_size: int,
+    rows_per_shard: int,
+    shards: Sequence[dict],
+    **extra: object,
+) -> dict:
+    """Write ``<cache>/manifest.json`` atomically (last, once every shard exists) and return it.
+
+    The keys given here are the ones :class:`ActivationStore` and the stages rely on; ``n_rows`` is
+    summed from the shard records; ``extra`` adds stage-specific keys (tokens table, labels, timings...).
+    """
+    manifest = {
+        "format": FORMAT_VERSION,
+        "model": model,
+        "hook_name": hook_name,
+        "dtype": dtype,
+        "d_model": int(d_model),
+        "context_size": int(context_size),
+        "rows_per_shard": int(rows_per_shard),
+        "n_rows": int(sum(int(shard["rows"]) for shard in shards)),
+        "shards": list(shards),
+        **extra,
+    }
+    write_json(Path(cache_dir) / MANIFEST_NAME, manifest)
+    return manifest
 
 
 def decode_activation_column(column: pa.ChunkedArray | pa.Array, d_model: int, dtype: str) -> np.ndarray:

@@ -25,7 +25,7 @@ from sae_pipeline.autointerp import (
     select_features,
 )
 from sae_pipeline.checkpoint import load_sae, save_sae
-from sae_pipeline.shards import FORMAT_VERSION, ActivationStore, ShardData, shard_name, write_sequences, write_shard
+from sae_pipeline.shards import ActivationStore, ShardData, write_manifest, write_numbered_shard, write_sequences
 from tests.conftest import REPO_ROOT, tiny_documents
 from tests.fake_openai_server import FakeOpenAIServer, Scripted, autointerp_responder
 
@@ -73,15 +73,12 @@ def planted(tmp_path_factory, tiny_subject_model):
     for index, begin in enumerate(range(0, len(tokens), ROWS_PER_SHARD)):
         part = slice(begin, begin + ROWS_PER_SHARD)
         data = ShardData(activations[part], docs[part], positions[part].astype(np.int32), tokens[part], positions[part] == 0)
-        info = write_shard(root / "shards" / shard_name(index), data, "float32")
-        shards.append({"path": f"shards/{shard_name(index)}", "rows": info["rows"], "checksum": info["checksum"]})
+        shards.append(write_numbered_shard(root, index, data, "float32"))
     write_sequences(root / "tokens.parquet", sequences)
-    manifest = {
-        "format": FORMAT_VERSION, "model": str(tiny_subject_model), "hook_name": "blocks.0.hook_resid_post", "dtype": "float32",
-        "d_model": 4, "context_size": CONTEXT, "rows_per_shard": ROWS_PER_SHARD, "n_rows": len(tokens), "shards": shards,
-        "tokens": "tokens.parquet", "bos_token_id": 0,
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(
+        root, model=str(tiny_subject_model), hook_name="blocks.0.hook_resid_post", dtype="float32", d_model=4, context_size=CONTEXT,
+        rows_per_shard=ROWS_PER_SHARD, shards=shards, tokens="tokens.parquet", bos_token_id=0,
+    )
 
     sae_folder = root / "sae"
     eye = torch.eye(4)

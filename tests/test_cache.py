@@ -69,18 +69,18 @@ def test_float32_dtype(tmp_path, tiny_subject_model, tiny_corpus):
 def test_crash_leaves_no_partial_shard_and_rerun_resumes(tmp_path, tiny_subject_model, tiny_corpus, monkeypatch):
     corpus_settings, documents = tiny_corpus
     manifest_path = tmp_path / "manifest.json"
-    real_write_shard = cache_module.write_shard
+    real_write_numbered_shard = cache_module.write_numbered_shard
     written = []
 
-    def crash_on_third_shard(path, data, dtype):
+    def crash_on_third_shard(cache_dir, index, data, dtype):
         if len(written) == 2:
             # die half-way through writing: a temporary file exists, then the process "is killed"
-            (path.parent / f".{path.name}.deadbeef.tmp").write_bytes(b"partial")
+            (tmp_path / "shards" / f".shard-{index:05d}.parquet.deadbeef.tmp").write_bytes(b"partial")
             raise KeyboardInterrupt("simulated kill")
-        written.append(path.name)
-        return real_write_shard(path, data, dtype)
+        written.append(index)
+        return real_write_numbered_shard(cache_dir, index, data, dtype)
 
-    monkeypatch.setattr(cache_module, "write_shard", crash_on_third_shard)
+    monkeypatch.setattr(cache_module, "write_numbered_shard", crash_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), TINY_CACHE_SETTINGS)
     assert not manifest_path.exists()
@@ -89,7 +89,7 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes(tmp_path, tiny_subject_
     for name in complete:
         assert len(read_shard(tmp_path / "shards" / name)) == 512
 
-    monkeypatch.setattr(cache_module, "write_shard", real_write_shard)
+    monkeypatch.setattr(cache_module, "write_numbered_shard", real_write_numbered_shard)
     forwarded_batches = []
     real_call = cache_module.HookActivations.__call__
 

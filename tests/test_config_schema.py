@@ -4,7 +4,6 @@ required key is rejected with the key named."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
