@@ -3,8 +3,10 @@
 Measures, on the same activations (random data with a constant offset, resident on the device):
 
 - our step (sae_pipeline.training_sae.SeedBatchedTrainer) for 1 seed and for ``--seeds`` seeds fused,
-  with the sparse (k selected decoder rows) and the dense decoder; on CUDA each step is a CUDA-graph
-  replay as in training (``--eager-too`` adds the same steps launched kernel by kernel);
+  for each ``--decoders`` mode: ``kernels`` (sparse Triton forward and backward; the default on
+  CUDA), ``dense`` (autograd with dense decoder products), ``embedding_bag`` (autograd gathering
+  the k selected decoder rows); on CUDA each step is a CUDA-graph replay as in training
+  (``--eager-too`` adds the same steps launched kernel by kernel);
 - SAELens's ``TopKTrainingSAE`` step as ``SAETrainer._train_step`` runs it (forward under bf16
   autocast on CUDA, dead-latent bookkeeping, backward, ``clip_grad_norm_(1.0)``, Adam), when
   ``sae_lens`` can be imported;
@@ -134,7 +136,10 @@ def count_syncs(step: Callable[[torch.Tensor], object], x: torch.Tensor, device:
     return f"{len(caught)}" + (f" ({'; '.join(reasons)})" if reasons else "")
 
 
-def our_trainer(sizes: dict, seeds: int, sparse_decoder: bool, device: torch.device, cuda_graphs: bool = True) -> SeedBatchedTrainer:
+DECODER_SETTINGS = {"kernels": "kernels", "dense": False, "embedding_bag": True}
+
+
+def our_trainer(sizes: dict, seeds: int, sparse_decoder: bool | str, device: torch.device, cuda_graphs: bool = True) -> SeedBatchedTrainer:
     settings = TrainSettings.from_mapping(dict(
         architecture="topk", k=sizes["k"], d_sae=sizes["d_sae"], batch_size=sizes["batch"],
         total_tokens=sizes["batch"] * 1_000_000, lr=2e-4, lr_scale_with_width=True, warmup_steps=0,
@@ -144,7 +149,7 @@ def our_trainer(sizes: dict, seeds: int, sparse_decoder: bool, device: torch.dev
     return SeedBatchedTrainer(model, device, cuda_graphs=cuda_graphs)
 
 
-def our_step(sizes: dict, seeds: int, sparse_decoder: bool, device: torch.device, cuda_graphs: bool = True) -> Callable[[torch.Tensor], object]:
+def our_step(sizes: dict, seeds: int, sparse_decoder: bool | str, device: torch.device, cuda_graphs: bool = True) -> Callable[[torch.Tensor], object]:
     """Our training step as the train loop runs it between logging steps (no statistics read);
     on CUDA a graph replay unless ``cuda_graphs`` is off."""
     trainer = our_trainer(sizes, seeds, sparse_decoder, device, cuda_graphs)
@@ -215,7 +220,7 @@ def loader_benchmark(sizes: dict, seeds: int, device: torch.device, batches: int
         print(f"  loader alone: {batches * sizes['batch'] / elapsed / 1e6:.2f} M tokens/s ({batches} batches)")
         elapsed_by_seeds = {}
         for n_seeds in sorted({1, seeds}):
-            trainer = our_trainer(sizes, n_seeds, True, device)
+            trainer = our_trainer(sizes, n_seeds, "auto", device)
             iterator = iter(loader())
             trainer.step(next(iterator))
             synchronize(device)
@@ -246,7 +251,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, help="untimed steps first")
     parser.add_argument("--seeds", type=int, default=3, help="seeds fused in the batched configuration")
-    parser.add_argument("--no-dense", action="store_true", help="skip the dense-decoder configurations")
+    parser.add_argument("--decoders", default="kernels,dense", help="comma-separated decoder modes to time: kernels, dense, embedding_bag")
     parser.add_argument("--no-saelens", action="store_true")
     parser.add_argument("--eager-too", action="store_true", help="also time our step without CUDA graphs (every kernel launched from Python)")
     parser.add_argument("--loader", action="store_true", help="also measure end to end from Parquet shards")
@@ -279,14 +284,17 @@ def main() -> None:
         print(f"{label:<34} {1000 * measured['seconds_per_step']:8.2f} ms/step  {measured['tokens_per_second'] / 1e6:7.3f} M tokens/s  "
               f"{seeds * measured['tokens_per_second'] / 1e6:7.3f} M seed-tokens/s  GPU util {measured['utilisation']}  host syncs/step {measured['syncs']}")
 
-    decoders = [True] if args.no_dense else [True, False]
-    for sparse in decoders:
-        kind = "sparse" if sparse else "dense"
-        report(f"ours, 1 seed, {kind} decoder", our_step(sizes, 1, sparse, device), 1)
-        report(f"ours, {args.seeds} seeds fused, {kind} decoder", our_step(sizes, args.seeds, sparse, device), args.seeds)
+    decoders = [kind.strip() for kind in args.decoders.split(",") if kind.strip()]
+    unknown = sorted(set(decoders) - set(DECODER_SETTINGS))
+    if unknown:
+        parser.error(f"--decoders: unknown mode(s) {unknown}; choose from {sorted(DECODER_SETTINGS)}")
+    for kind in decoders:
+        mode = DECODER_SETTINGS[kind]
+        report(f"ours, 1 seed, {kind}", our_step(sizes, 1, mode, device), 1)
+        report(f"ours, {args.seeds} seeds fused, {kind}", our_step(sizes, args.seeds, mode, device), args.seeds)
         if args.eager_too and device.type == "cuda":
-            report(f"ours, 1 seed, {kind}, no CUDA graph", our_step(sizes, 1, sparse, device, cuda_graphs=False), 1)
-            report(f"ours, {args.seeds} seeds, {kind}, no CUDA graph", our_step(sizes, args.seeds, sparse, device, cuda_graphs=False), args.seeds)
+            report(f"ours, 1 seed, {kind}, no CUDA graph", our_step(sizes, 1, mode, device, cuda_graphs=False), 1)
+            report(f"ours, {args.seeds} seeds, {kind}, no CUDA graph", our_step(sizes, args.seeds, mode, device, cuda_graphs=False), args.seeds)
     saelens = None if args.no_saelens else saelens_step(sizes, device)
     if callable(saelens):
         report(f"SAELens {saelens.version} TopK, 1 seed", saelens, 1)
@@ -294,14 +302,13 @@ def main() -> None:
         print(f"SAELens: {saelens}")
 
     print("summary:")
-    for sparse in decoders:
-        kind = "sparse" if sparse else "dense"
-        single, fused = results[f"ours, 1 seed, {kind} decoder"], results[f"ours, {args.seeds} seeds fused, {kind} decoder"]
-        print(f"  {kind} decoder: {args.seeds} fused seeds take {fused['seconds_per_step'] / single['seconds_per_step']:.2f}x "
+    for kind in decoders:
+        single, fused = results[f"ours, 1 seed, {kind}"], results[f"ours, {args.seeds} seeds fused, {kind}"]
+        print(f"  {kind}: {args.seeds} fused seeds take {fused['seconds_per_step'] / single['seconds_per_step']:.2f}x "
               f"the time of 1 seed (target <= 1.5x)")
         if callable(saelens):
             reference = results[f"SAELens {saelens.version} TopK, 1 seed"]["tokens_per_second"]
-            print(f"  {kind} decoder: 1 seed at {single['tokens_per_second'] / reference:.2f}x SAELens tokens/s; "
+            print(f"  {kind}: 1 seed at {single['tokens_per_second'] / reference:.2f}x SAELens tokens/s; "
                   f"{args.seeds} fused seeds at {args.seeds * fused['tokens_per_second'] / reference:.2f}x SAELens seed-tokens/s (target >= 1.5x)")
     if args.loader:
         print("end to end from Parquet:")

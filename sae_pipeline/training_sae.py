@@ -9,11 +9,19 @@ seed, so training seeds together equals training each alone up to floating-point
 
 Architectures (pre-activations ``a = (x - b_dec) W_enc + b_enc``, shape ``[S, B, d_sae]``):
 
-- ``topk``: z = ReLU(TopK_k(a)) per token (selection by :func:`topk_indices`). With a sparse
-  decoder the reconstruction gathers only the k selected decoder rows (``embedding_bag``),
-  skipping the dense ``[B, d_sae] x [d_sae, d_in]`` product and its two gradient products; that
-  wins on the CPU, while on a GPU the dense products are cheaper than embedding_bag's backward, so
-  ``sparse_decoder: auto`` (the default) means sparse on CPU, dense on CUDA.
+- ``topk``: z = ReLU(TopK_k(a)) per token (selection by :func:`topk_indices`). How the k
+  selected codes reach the loss is ``sparse_decoder``:
+
+  - ``kernels``: the encoder product runs without autograd and only the k selected
+    pre-activations carry gradients; decoding and every gradient are the sparse kernels of
+    :mod:`sae_pipeline.sparse_kernels` (Triton on CUDA), so the only ``[B, d_sae] x d_in`` product
+    of a step is the encoder's forward. Needs ``regularizer: none`` (the Top-k regularizers put
+    gradient on every batch-active pre-activation); with a regularizer the step falls back to
+    ``dense`` on CUDA and ``embedding_bag`` elsewhere.
+  - ``true``: autograd, decoding from the k selected rows with ``embedding_bag``;
+  - ``false``: autograd with dense ``[B, d_sae] x [d_sae, d_in]`` products;
+  - ``auto`` (default): ``kernels`` on CUDA when Triton is importable, else ``true`` off CUDA and
+    ``false`` on it.
 - ``batchtopk``: keep the k*B largest ReLU(a) over the whole batch; a scalar inference threshold
   follows an exponential moving average of the smallest kept value (SAELens's rule).
 - ``relu``: z = ReLU(a), loss += l1_coefficient * mean_t sum_i z_ti * ||W_dec[i]||.
@@ -48,6 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae_pipeline import sparse_kernels
+from sae_pipeline.sparse_kernels import selected_preactivations, sparse_decode
+
 ARCHITECTURES = ("topk", "batchtopk", "relu", "matryoshka_batchtopk")
 TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
 PENALTY_KINDS = ("none", "l1", "l2")
@@ -55,7 +66,7 @@ PENALTY_TARGETS = ("both", "encoder", "decoder")
 REGULARIZER_KINDS = ("none", "off_support_l1", "l1_l2_ratio")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 AUTOCAST_MODES = ("auto", "bf16", "off")
-SPARSE_DECODER_MODES = (True, False, "auto")
+SPARSE_DECODER_MODES = (True, False, "auto", "kernels")
 # topk_indices preselects whole chunks of this many latents when d_sae >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK.
 TOPK_CHUNK = 32
 TOPK_CHUNK_MIN_RATIO = 4
@@ -248,9 +259,9 @@ def weight_penalty(W_enc: torch.Tensor, W_dec: torch.Tensor, kind: str, coeffici
     return coefficient * total
 
 
-def topk_indices(pre_activations: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``[..., k]`` of the k largest entries in each row of ``pre_activations [..., n]``
-    (in no particular order), without gradient.
+def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[..., k]`` of the k largest entries in each row of ``pre_activations [S, ..., n]``
+    (plus ``bias [S, n]`` when given), in no particular order, without gradient.
 
     Selects the same values as ``torch.topk`` (ties may pick other indices of equal value) but,
     for wide rows, faster on a GPU: the row is cut into ``n / TOPK_CHUNK`` interleaved chunks
@@ -259,10 +270,17 @@ def topk_indices(pre_activations: torch.Tensor, k: int) -> torch.Tensor:
     beats it, and those k chunks hold at least k entries no smaller than that maximum). So the
     top k of their ``k * TOPK_CHUNK`` entries are the top k of the row; the chunk maxima are one
     coalesced reduction and both selections are over short rows. Narrow rows use ``torch.topk``.
+    Where Triton runs (CUDA), wide rows go to :func:`sae_pipeline.sparse_kernels.topk_columns`, the
+    same two-stage selection (over contiguous chunks) fused into one pass over the row.
     """
     width = pre_activations.shape[-1]
     with torch.no_grad():
-        if width % TOPK_CHUNK or width < TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK:
+        wide = width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK
+        if wide and sparse_kernels.triton_usable(pre_activations):
+            return sparse_kernels.topk_columns(pre_activations, k, bias)
+        if bias is not None:
+            pre_activations = pre_activations + bias.view(bias.shape[0], *([1] * (pre_activations.dim() - 2)), width)
+        if not wide:
             return pre_activations.topk(k, dim=-1, sorted=False).indices
         n_chunks = width // TOPK_CHUNK
         chunk_maxima = pre_activations.unflatten(-1, (TOPK_CHUNK, n_chunks)).amax(dim=-2)
@@ -344,10 +362,23 @@ class SeedBatchedSAE(nn.Module):
         return torch.baddbmm(self.b_enc.unsqueeze(1) - b_dec_gradient_path, centered, self.W_enc)
 
     @property
-    def uses_sparse_decoder(self) -> bool:
-        """Whether the top-k reconstruction uses ``embedding_bag`` (``sparse_decoder``; ``auto``: off CUDA only)."""
+    def decoder_mode(self) -> str:
+        """How the top-k codes are decoded and differentiated: ``kernels``, ``embedding_bag`` or
+        ``dense`` (``sparse_decoder`` resolved for this device and regularizer; see the module docstring)."""
         mode = self.settings.sparse_decoder
-        return (not self.W_dec.is_cuda) if mode == "auto" else bool(mode)
+        on_cuda = self.W_dec.is_cuda
+        if mode == "auto":
+            mode = "kernels" if on_cuda and sparse_kernels.triton is not None else not on_cuda
+        if mode == "kernels" and self.settings.regularizer["kind"] != "none":
+            mode = not on_cuda
+        if mode == "kernels":
+            return "kernels"
+        return "embedding_bag" if mode else "dense"
+
+    @property
+    def uses_sparse_decoder(self) -> bool:
+        """Whether the autograd top-k reconstruction gathers the selected rows (``embedding_bag``)."""
+        return self.decoder_mode == "embedding_bag"
 
     def decode_selected(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``sum_j values[s,b,j] * W_dec[s, indices[s,b,j]]``: ``[S, B, m]`` -> ``[S, B, d_in]`` (no bias)."""
@@ -390,13 +421,26 @@ class SeedBatchedSAE(nn.Module):
         settings = self.settings
         architecture = settings.architecture
         x = x.float()
-        pre = self.pre_activations(x)
+        sparse_gradients = architecture == "topk" and self.decoder_mode == "kernels"
+        centered = None
+        if sparse_gradients:
+            with torch.no_grad():
+                centered = x.unsqueeze(0) - self.b_dec.unsqueeze(1)
+                # The encoder bias is added where pre is read (top-k, selected values), never as a [S, B, d_sae] pass.
+                pre = torch.bmm(centered, self.W_enc)
+        else:
+            pre = self.pre_activations(x)
         sparsity_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
         if architecture == "topk":
-            indices = topk_indices(pre, settings.k)
-            values = pre.gather(-1, indices)
-            codes = values.relu()
-            x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
+            indices = topk_indices(pre, settings.k, bias=self.b_enc.detach() if sparse_gradients else None)
+            if sparse_gradients:
+                values = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices, bias_separate=True)
+                codes = values.relu()
+                x_hat = sparse_decode(codes, self.W_dec, indices) + self.b_dec.unsqueeze(1)
+            else:
+                values = pre.gather(-1, indices)
+                codes = values.relu()
+                x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
             recon = (x_hat - x).square().sum(dim=-1).mean(dim=-1)
             firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
                 1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
@@ -428,7 +472,7 @@ class SeedBatchedSAE(nn.Module):
                 sparsity_loss = settings.l1_coefficient * (dense_codes * decoder_norms).sum(dim=-1).mean(dim=-1)
         aux_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
         if architecture in TOPK_FAMILY and self.auxk_active and settings.aux_k_coefficient > 0:
-            aux_loss = self._auxk_loss(pre, (x - x_hat).detach())
+            aux_loss = self._auxk_loss(pre, (x - x_hat).detach(), centered)
         penalty = weight_penalty(self.W_enc, self.W_dec, settings.weight_penalty["kind"], float(settings.weight_penalty["coefficient"]), settings.weight_penalty_on)
         regularizer = pre.new_zeros(self.n_seeds, dtype=torch.float32)
         if settings.regularizer["kind"] != "none":
@@ -460,12 +504,24 @@ class SeedBatchedSAE(nn.Module):
         """Read (one device sync) whether any latent is dead, to switch the AuxK pass on or off."""
         self.auxk_active = bool(self.dead_mask().any().item())
 
-    def _auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Normalised AuxK loss ``[S]``; zero for a seed without dead latents."""
+    def _auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, centered: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised AuxK loss ``[S]``; zero for a seed without dead latents.
+
+        ``pre [S, B, d_sae]`` carries gradients itself, or (``centered = x - b_dec`` given) was
+        computed without autograd and the selected entries get theirs through the sparse kernels.
+        """
         dead = self.dead_mask()
+        if centered is not None:  # the kernels path leaves the encoder bias out of pre
+            pre = pre + self.b_enc.detach().unsqueeze(1).to(pre.dtype)
         masked = torch.where(dead.unsqueeze(1), pre, torch.full_like(pre, float("-inf")))
         values, indices = masked.topk(min(self.settings.aux_k, self.d_sae), dim=-1, sorted=False)
-        reconstruction = self.decode_selected(values.relu(), indices)
+        if centered is None:
+            reconstruction = self.decode_selected(values.relu(), indices)
+        else:
+            selected = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices)
+            # Seeds with fewer than aux_k dead latents also select live ones (value -inf above): they add nothing.
+            codes = selected.relu() * dead.gather(1, indices.reshape(self.n_seeds, -1)).view_as(indices)
+            reconstruction = sparse_decode(codes, self.W_dec, indices)
         error = (residual - reconstruction.float()).square().sum(dim=-1).mean(dim=-1)
         variance = (residual - residual.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=-1)
         return (error / variance).nan_to_num(0.0) * dead.any(dim=-1)

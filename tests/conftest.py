@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton fixes its interpreter mode at import: set before anything imports it, so the tests can run the
+# GPU programs on CPU tensors (sparse_kernels uses the interpreter only where a test switches it on).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
