@@ -43,6 +43,8 @@ except ImportError:  # the PyTorch path serves; the programs below are then neve
 
 # Columns of d_in one program handles at a time.
 COLUMN_BLOCK = 128
+# Selected rows the decode and dot programs load at once (all K up to this many).
+MAX_ROW_BLOCK = 64
 # Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
 TOPK_CHUNK = 32
 TOPK_CHUNK_BLOCK = 64
@@ -66,41 +68,45 @@ def triton_usable(tensor: torch.Tensor) -> bool:
 
 def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
                     ROWS: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
-    """One program per (seed, token): ``out[t] = sum_j values[t, j] * table[seed, indices[t, j]]``.
-    ``ROWS >= K``: every selected row is loaded at once, one column block after another (unrolled)."""
+    """One program per (seed, token): ``out[t] = sum_j values[t, j] * table[seed, indices[t, j]]``,
+    ``ROWS`` selected rows at a time, every column block of them together (unrolled)."""
     token = tl.program_id(0).to(tl.int64)
     seed = token // n_tokens
     table_seed = table + seed * table_rows * D
-    slots = tl.arange(0, ROWS)
-    slot_mask = slots < K
-    rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
-    weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
     for column_block in tl.static_range(COLUMN_BLOCKS):
         columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
         column_mask = columns < D
-        tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
-                       mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
-        tl.store(out + token * D + columns, tl.sum(tile * weights[:, None], axis=0), mask=column_mask)
+        total = tl.zeros([COLUMNS], dtype=tl.float32)
+        for row_start in range(0, K, ROWS):
+            slots = row_start + tl.arange(0, ROWS)
+            slot_mask = slots < K
+            rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+            weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
+            tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
+                           mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+            total += tl.sum(tile * weights[:, None], axis=0)
+        tl.store(out + token * D + columns, total, mask=column_mask)
 
 
 def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D,
                           ROWS: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
-    """One program per (seed, token): ``out[t, j] = <dense[t], table[seed, indices[t, j]]>`` (``ROWS >= K``)."""
+    """One program per (seed, token): ``out[t, j] = <dense[t], table[seed, indices[t, j]]>``, ``ROWS`` at a time."""
     token = tl.program_id(0).to(tl.int64)
     seed = token // n_tokens
     table_seed = table + seed * table_rows * D
-    slots = tl.arange(0, ROWS)
-    slot_mask = slots < K
-    rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
-    dots = tl.zeros([ROWS], dtype=tl.float32)
-    for column_block in tl.static_range(COLUMN_BLOCKS):
-        columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
-        column_mask = columns < D
-        row = tl.load(dense + token * D + columns, mask=column_mask, other=0.0).to(tl.float32)
-        tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
-                       mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
-        dots += tl.sum(tile * row[None, :], axis=1)
-    tl.store(out + token * K + slots, dots, mask=slot_mask)
+    for row_start in range(0, K, ROWS):
+        slots = row_start + tl.arange(0, ROWS)
+        slot_mask = slots < K
+        rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+        dots = tl.zeros([ROWS], dtype=tl.float32)
+        for column_block in tl.static_range(COLUMN_BLOCKS):
+            columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+            column_mask = columns < D
+            row = tl.load(dense + token * D + columns, mask=column_mask, other=0.0).to(tl.float32)
+            tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
+                           mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+            dots += tl.sum(tile * row[None, :], axis=1)
+        tl.store(out + token * K + slots, dots, mask=slot_mask)
 
 
 def _sortable_keys(values):
@@ -200,7 +206,7 @@ def _column_block(D: int) -> int:
 
 def _row_meta(K: int, D: int) -> dict:
     columns = _column_block(D)
-    return {"ROWS": triton.next_power_of_2(K), "COLUMNS": columns, "COLUMN_BLOCKS": triton.cdiv(D, columns)}
+    return {"ROWS": min(MAX_ROW_BLOCK, triton.next_power_of_2(K)), "COLUMNS": columns, "COLUMN_BLOCKS": triton.cdiv(D, columns)}
 
 
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -579,7 +580,8 @@ class SeedBatchedTrainer:
 
     On CUDA (``cuda_graphs`` true, the default there) a step without statistics is one CUDA-graph
     replay: forward, backward, gradient projection and clipping, fused Adam and decoder
-    renormalisation are captured once (after ``GRAPH_WARMUP_STEPS`` ordinary steps) and replayed,
+    renormalisation are captured once (after ``GRAPH_WARMUP_STEPS`` ordinary steps of the same
+    layout: the first run of a layout compiles its Triton programs, which a capture cannot) and replayed,
     so the step costs no per-kernel launch overhead. The learning rate lives in a device tensor the
     captured Adam reads. Steps with statistics, another batch shape, or the AuxK pass switched
     on or off run eagerly or replay their own graph; the arithmetic is the same either way.
@@ -605,7 +607,8 @@ class SeedBatchedTrainer:
         mode = self.settings.autocast
         self.autocast_enabled = mode == "bf16" or (mode == "auto" and self.device.type == "cuda")
         self.step_index = 0
-        self._eager_steps = 0
+        self._eager_steps: dict[tuple, int] = {}
+        self._uncapturable: set[tuple] = set()
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._graph_pool: Any = None
 
@@ -623,11 +626,13 @@ class SeedBatchedTrainer:
             self._lr = lr
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-        if statistics or not self.cuda_graphs or self._eager_steps < self.GRAPH_WARMUP_STEPS or not x.is_cuda:
+        key = self._graph_key(x)
+        eager = not self.cuda_graphs or not x.is_cuda or key in self._uncapturable or self._eager_steps.get(key, 0) < self.GRAPH_WARMUP_STEPS
+        if statistics or eager:
             out = self._update(x, statistics, capturing=False)
-            self._eager_steps += 1
+            self._eager_steps[key] = self._eager_steps.get(key, 0) + 1
         else:
-            self._replay(x)
+            self._replay(x, key)
         self.step_index += 1
         if not statistics:
             return None
@@ -650,14 +655,24 @@ class SeedBatchedTrainer:
             model.normalize_decoder()
         return out
 
-    def _replay(self, x: torch.Tensor) -> None:
+    def _graph_key(self, x: torch.Tensor) -> tuple:
+        """What a captured step depends on besides tensor contents: the AuxK pass and the batch layout."""
+        return (self.model.auxk_active, tuple(x.shape), x.dtype)
+
+    def _replay(self, x: torch.Tensor, key: tuple) -> None:
         """Run the statistics-free step as a CUDA graph, capturing it first for a new input layout."""
-        key = (self.model.auxk_active, tuple(x.shape), x.dtype)
         if key not in self._graphs:
             static_x = x.detach().clone()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._update(static_x, statistics=False, capturing=True)
+            try:
+                # thread_local: CUDA calls of the loader's prefetch thread must not invalidate this capture.
+                with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+                    self._update(static_x, statistics=False, capturing=True)
+            except RuntimeError as error:  # nothing captured ran: take this step, and later ones of this layout, eagerly
+                warnings.warn(f"train: CUDA-graph capture failed ({str(error).splitlines()[0]}); this step layout runs eagerly", RuntimeWarning)
+                self._uncapturable.add(key)
+                self._update(x, statistics=False, capturing=False)
+                return
             self._graph_pool = graph.pool()
             self._graphs[key] = (graph, static_x)
         graph, static_x = self._graphs[key]
@@ -714,4 +729,4 @@ class SeedBatchedTrainer:
         # The optimizer's state tensors were replaced, so captured graphs would read stale memory.
         self._graphs.clear()
         self._graph_pool = None
-        self._eager_steps = 0
+        self._eager_steps = {}
