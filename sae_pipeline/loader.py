@@ -22,8 +22,10 @@ and batches on the GPU (a host-side gather of 1 KB rows would cap the stream nea
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +38,8 @@ from sae_pipeline.shards import SHARD_FOLDER, ActivationStore, ShardData, write_
 logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# Shards of a shuffle window read at once (each also decodes its row groups on pyarrow's threads).
+READ_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -171,8 +175,9 @@ class ActivationLoader:
         """One window as ``(parts, order)``: ``parts`` are the shards' training rows in the cache dtype
         (BOS rows included) and ``order`` indexes their concatenation: the non-BOS rows, shuffled."""
         parts, keeps = [], []
-        for span in window:
-            data = self.store.read_shard(span.index, columns=["activation", "is_bos"])
+        with ThreadPoolExecutor(max_workers=min(len(window), READ_THREADS)) as pool:  # Parquet decoding releases the GIL
+            shards = list(pool.map(lambda span: self.store.read_shard(span.index, columns=["activation", "is_bos"]), window))
+        for span, data in zip(window, shards):
             parts.append(data.activations[: span.kept_rows])
             keeps.append(~data.is_bos[: span.kept_rows])
         usable = np.flatnonzero(np.concatenate(keeps))

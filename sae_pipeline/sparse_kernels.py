@@ -45,6 +45,8 @@ except ImportError:  # the PyTorch path serves; the programs below are then neve
 COLUMN_BLOCK = 128
 # Selected rows the decode and dot programs load at once (all K up to this many).
 MAX_ROW_BLOCK = 64
+# Key below that of -inf (see _sortable_keys): marks candidate slots past the row's end.
+BELOW_ALL_KEYS = tl.constexpr(-2139095042)
 # Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
 TOPK_CHUNK = 32
 TOPK_CHUNK_BLOCK = 64
@@ -110,21 +112,22 @@ def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D
 
 
 def _sortable_keys(values):
-    """int64 keys that order like the float32 ``values`` (negative floats get their magnitude bits flipped)."""
+    """int32 keys that order like the float32 ``values`` (negative floats get their magnitude bits flipped);
+    -inf maps to -2139095041, above every key :data:`BELOW_ALL_KEYS` marks."""
     bits = values.to(tl.float32).to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 def _kth_largest_key(keys, K):
     """The K-th largest of ``keys`` (ties counted), by bisection: 33 halvings cover any range of width <= 2**33."""
-    low = tl.min(keys, axis=0)
-    high = tl.max(keys, axis=0)
+    low = tl.min(keys, axis=0).to(tl.int64)
+    high = tl.max(keys, axis=0).to(tl.int64)
     for _ in range(33):
         middle = low + (high - low + 1) // 2
-        enough = tl.sum((keys >= middle).to(tl.int32), axis=0) >= K
+        enough = tl.sum((keys >= middle.to(tl.int32)).to(tl.int32), axis=0) >= K
         low = tl.where(enough, middle, low)
         high = tl.where(enough, high, middle - 1)
-    return low
+    return low.to(tl.int32)
 
 
 def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bias,
@@ -162,14 +165,14 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
     tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=(above | tied) & (rank < K))
     tl.debug_barrier()
     slots = tl.arange(0, K_PAD)
-    chunks = tl.load(chosen_chunks + row * K_PAD + slots, mask=slots < K, other=0).to(tl.int64)
+    chunks = tl.load(chosen_chunks + row * K_PAD + slots, mask=slots < K, other=0)
     columns = chunks[:, None] * CHUNK + members[None, :]
     valid = (slots < K)[:, None] & (columns < n)
     candidates = tl.load(row_start + columns, mask=valid, other=float("-inf")).to(tl.float32)
     if HAS_BIAS:
         candidates += tl.load(bias_start + columns, mask=valid, other=0.0).to(tl.float32)
     columns = tl.reshape(columns, [K_PAD * CHUNK])
-    keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), -(2**31) - 1)
+    keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
     threshold = _kth_largest_key(keys, K)
     above = keys > threshold
     tied = keys == threshold
