@@ -130,6 +130,17 @@ def _kth_largest_key(keys, K):
     return low.to(tl.int32)
 
 
+def _top_k_slots(keys, K):
+    """For the K largest of ``keys`` (ties broken by position): each entry's output slot ``rank``
+    (0..K-1 where ``chosen``) and the mask ``chosen``; slots are filled by prefix sums, not sorting."""
+    threshold = _kth_largest_key(keys, K)
+    above = keys > threshold
+    tied = keys == threshold
+    n_above = tl.sum(above.to(tl.int32), axis=0)
+    rank = tl.where(above, tl.cumsum(above.to(tl.int32), axis=0) - 1, n_above + tl.cumsum(tied.to(tl.int32), axis=0) - 1)
+    return rank, (above | tied) & (rank < K)
+
+
 def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bias,
                   N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
                   HAS_BIAS: tl.constexpr):
@@ -157,12 +168,8 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
     tl.debug_barrier()
     chunk_ids = tl.arange(0, N_CHUNKS)
     keys = _sortable_keys(tl.load(chunk_maxima + row * N_CHUNKS + chunk_ids))
-    threshold = _kth_largest_key(keys, K)
-    above = keys > threshold
-    tied = keys == threshold
-    n_above = tl.sum(above.to(tl.int32), axis=0)
-    rank = tl.where(above, tl.cumsum(above.to(tl.int32), axis=0) - 1, n_above + tl.cumsum(tied.to(tl.int32), axis=0) - 1)
-    tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=(above | tied) & (rank < K))
+    rank, chosen = _top_k_slots(keys, K)
+    tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=chosen)
     tl.debug_barrier()
     slots = tl.arange(0, K_PAD)
     chunks = tl.load(chosen_chunks + row * K_PAD + slots, mask=slots < K, other=0)
@@ -173,12 +180,8 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
         candidates += tl.load(bias_start + columns, mask=valid, other=0.0).to(tl.float32)
     columns = tl.reshape(columns, [K_PAD * CHUNK])
     keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
-    threshold = _kth_largest_key(keys, K)
-    above = keys > threshold
-    tied = keys == threshold
-    n_above = tl.sum(above.to(tl.int32), axis=0)
-    rank = tl.where(above, tl.cumsum(above.to(tl.int32), axis=0) - 1, n_above + tl.cumsum(tied.to(tl.int32), axis=0) - 1)
-    tl.store(out + row * K + rank, columns, mask=(above | tied) & (rank < K))
+    rank, chosen = _top_k_slots(keys, K)
+    tl.store(out + row * K + rank, columns, mask=chosen)
 
 
 def _source(function):
@@ -191,7 +194,7 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     """The helpers and programs compiled by ``triton.jit`` (separately for the CPU interpreter)."""
     # The interpreter runs helpers as plain Python (with triton.language patched); compiled programs need them jitted.
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
-               for name in ("_sortable_keys", "_kth_largest_key")}
+               for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program))}
     return helpers, programs
@@ -203,13 +206,16 @@ def _launch(name: str, grid: tuple[int, ...], *args, **meta) -> None:
     programs[name][grid](*args, **meta)
 
 
-def _column_block(D: int) -> int:
-    return min(COLUMN_BLOCK, triton.next_power_of_2(D))
-
-
-def _row_meta(K: int, D: int) -> dict:
-    columns = _column_block(D)
-    return {"ROWS": min(MAX_ROW_BLOCK, triton.next_power_of_2(K)), "COLUMNS": columns, "COLUMN_BLOCKS": triton.cdiv(D, columns)}
+def _per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, out_width: int) -> torch.Tensor:
+    """Launch a one-program-per-(seed, token) program (``decode`` or ``selected_dot``) over
+    ``indices [S,B,K]`` into table ``[S,n,d]``; returns its float32 output ``[S,B,out_width]``."""
+    n_seeds, batch, k = indices.shape
+    n_rows, width = table.shape[1:]
+    columns = min(COLUMN_BLOCK, triton.next_power_of_2(width))
+    out = torch.empty(n_seeds, batch, out_width, dtype=torch.float32, device=table.device)
+    _launch(name, (n_seeds * batch,), operand.contiguous(), indices.contiguous(), table.contiguous(), out, batch, k, n_rows, width,
+            ROWS=min(MAX_ROW_BLOCK, triton.next_power_of_2(k)), COLUMNS=columns, COLUMN_BLOCKS=triton.cdiv(width, columns))
+    return out
 
 
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -217,10 +223,7 @@ def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor
     n_seeds, batch, k = values.shape
     n_rows, width = table.shape[1:]
     if triton_usable(table):
-        out = torch.empty(n_seeds, batch, width, dtype=torch.float32, device=table.device)
-        _launch("decode", (n_seeds * batch,), values.contiguous(), indices.contiguous(), table.contiguous(), out, batch, k, n_rows, width,
-                **_row_meta(k, width))
-        return out
+        return _per_token_program("decode", values, indices, table, width)
     offsets = (torch.arange(n_seeds, device=table.device) * n_rows).view(n_seeds, 1, 1)
     flat = F.embedding_bag((indices + offsets).reshape(n_seeds * batch, k), table.reshape(n_seeds * n_rows, width).float(),
                            per_sample_weights=values.reshape(n_seeds * batch, k).float(), mode="sum")
@@ -230,12 +233,9 @@ def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor
 def selected_dots(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``out[s,b,j] = <dense[s,b], table[s, indices[s,b,j]]>``: ``[S,B,d]`` x ``[S,n,d]`` -> float32 ``[S,B,K]``."""
     n_seeds, batch, k = indices.shape
-    n_rows, width = table.shape[1:]
+    width = table.shape[2]
     if triton_usable(table):
-        out = torch.empty(n_seeds, batch, k, dtype=torch.float32, device=table.device)
-        _launch("selected_dot", (n_seeds * batch,), dense.contiguous(), indices.contiguous(), table.contiguous(), out, batch, k, n_rows, width,
-                **_row_meta(k, width))
-        return out
+        return _per_token_program("selected_dot", dense, indices, table, k)
     rows = table.float().gather(1, indices.reshape(n_seeds, batch * k, 1).expand(-1, -1, width)).view(n_seeds, batch, k, width)
     return torch.einsum("sbkd,sbd->sbk", rows, dense.float())
 
