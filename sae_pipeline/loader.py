@@ -21,6 +21,7 @@ and batches on the GPU (a host-side gather of 1 KB rows would cap the stream nea
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -173,13 +174,19 @@ class ActivationLoader:
 
     def _window_block(self, epoch: int, window_index: int, window: list[ShardSpan]) -> tuple[list[np.ndarray], np.ndarray]:
         """One window as ``(parts, order)``: ``parts`` are the shards' training rows in the cache dtype
-        (BOS rows included) and ``order`` indexes their concatenation: the non-BOS rows, shuffled."""
+        (BOS rows included; one array per row group, not copied) and ``order`` indexes their
+        concatenation: the non-BOS rows, shuffled."""
         parts, keeps = [], []
         with ThreadPoolExecutor(max_workers=min(len(window), READ_THREADS)) as pool:  # Parquet decoding releases the GIL
-            shards = list(pool.map(lambda span: self.store.read_shard(span.index, columns=["activation", "is_bos"]), window))
-        for span, data in zip(window, shards):
-            parts.append(data.activations[: span.kept_rows])
-            keeps.append(~data.is_bos[: span.kept_rows])
+            shards = list(pool.map(lambda span: self.store.read_activation_parts(span.index), window))
+        for span, (groups, is_bos) in zip(window, shards):
+            remaining = span.kept_rows
+            for group in groups:
+                if remaining <= 0:
+                    break
+                parts.append(group[:remaining])
+                remaining -= len(group)
+            keeps.append(~is_bos[: span.kept_rows])
         usable = np.flatnonzero(np.concatenate(keeps))
         permutation = np.random.default_rng([self.seed, epoch, window_index]).permutation(len(usable))
         return parts, usable[permutation]
@@ -235,15 +242,25 @@ class ActivationLoader:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             if self.gather_on_device:
+                on_cuda = self.device.type == "cuda"
+                # Copies and the shuffle run on a stream of their own, overlapping the training kernels.
+                stream = torch.cuda.Stream(self.device) if on_cuda else None
                 for parts, order in self._blocks(self.start_batch * self.batch_size):
                     rows = torch.empty((sum(len(part) for part in parts), self.store.d_model), dtype=TORCH_DTYPES[self.store.dtype],
-                                       pin_memory=self.device.type == "cuda")
+                                       pin_memory=on_cuda)
                     offset = 0
                     for part in parts:
                         rows[offset : offset + len(part)].copy_(torch.from_numpy(part))
                         offset += len(part)
                     indices = torch.from_numpy(order)
-                    if not self._put(out, ("window", (rows, indices.pin_memory() if self.device.type == "cuda" else indices))):
+                    ready = None
+                    with torch.cuda.stream(stream) if on_cuda else contextlib.nullcontext():
+                        block = rows.to(self.device, non_blocking=True).index_select(0, indices.pin_memory().to(self.device, non_blocking=True) if on_cuda else indices)
+                        if on_cuda:
+                            ready = torch.cuda.Event()
+                            ready.record(stream)
+                    del rows
+                    if not self._put(out, ("window", (block, ready))):
                         return
             else:
                 for batch in self.numpy_batches():
@@ -272,10 +289,12 @@ class ActivationLoader:
                     produced += 1
                     yield payload.to(self.device)  # type: ignore[union-attr]
                     continue
-                rows, indices = payload  # type: ignore[misc]
+                block, ready = payload  # type: ignore[misc]
                 # the shuffled window stays in the cache dtype on the device; batches are cast as they leave
-                block = rows.to(self.device, non_blocking=True).index_select(0, indices.to(self.device, non_blocking=True))
-                del rows
+                if ready is not None:
+                    consumer = torch.cuda.current_stream(self.device)
+                    consumer.wait_event(ready)
+                    block.record_stream(consumer)  # made on the loader's stream, used on this one
                 offset = 0
                 if leftover is not None:
                     needed = self.batch_size - len(leftover)

@@ -209,6 +209,17 @@ def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) ->
     return ShardData(activations, column("doc_id", np.int64), column("position", np.int32), column("token_id", np.int32), column("is_bos", bool))
 
 
+def read_activation_parts(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray]:
+    """A shard's activations as zero-copy arrays ``[rows_g, d_model]``, one per Parquet row group (in
+    order), and its ``is_bos [rows]`` column: what a reader that copies the rows anyway needs, without
+    first joining the row groups into one array."""
+    table = pq.read_table(path, columns=["activation", "is_bos"], use_threads=True)
+    metadata = pq.read_schema(path).metadata
+    dtype, d_model = metadata[b"dtype"].decode(), int(metadata[b"d_model"])
+    parts = [decode_activation_column(chunk, d_model, dtype) for chunk in table.column("activation").chunks]
+    return parts, table.column("is_bos").to_numpy()
+
+
 class ActivationStore:
     """Read access to a finished cache folder (the one ``manifest.json`` sits in).
 
@@ -246,6 +257,9 @@ class ActivationStore:
 
     def read_shard(self, index: int, columns: Sequence[str] | None = None) -> ShardData:
         return read_shard(self.shard_paths[index], columns)
+
+    def read_activation_parts(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
+        return read_activation_parts(self.shard_paths[index])
 
     def iter_shards(self, columns: Sequence[str] | None = None, drop_bos: bool = False, order: Sequence[int] | None = None) -> Iterator[ShardData]:
         """Yield shards in ``order`` (default: stored order), optionally without BOS rows."""
