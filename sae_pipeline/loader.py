@@ -13,10 +13,12 @@ uninterrupted run would have seen:
 - batches are consecutive ``batch_size`` slices of the concatenated windows; once an epoch is used
   up the next begins (a run whose ``total_tokens`` exceeds the cache sees it several times).
 
-A background thread reads the next shards while the model trains. On the CPU it also permutes
-the rows and cuts batches. On CUDA it copies each window's raw rows once into pinned memory; the
-main thread issues one non-blocking host-to-device copy per window and gathers the shuffled rows
-and batches on the GPU (a host-side gather of 1 KB rows would cap the stream near 1-2 M rows/s).
+A background thread reads the next shards while the model trains, the shards of a window on
+``READ_THREADS`` threads (each shard's row groups also decode in parallel). On the CPU it also
+permutes the rows and cuts batches. On CUDA it copies each window's raw row groups once into pinned
+memory, uploads them and gathers the shuffled rows on a CUDA stream of its own (overlapping the
+training kernels; an event orders the main stream after it), and the main thread cuts batches on
+the GPU (a host-side gather of 1 KB rows would cap the stream near 1-2 M rows/s).
 """
 
 from __future__ import annotations
