@@ -48,8 +48,8 @@ MAX_ROW_BLOCK = 64
 # Key below that of -inf (see _sortable_keys): marks candidate slots past the row's end.
 BELOW_ALL_KEYS = tl.constexpr(-2139095042)
 # Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
-TOPK_CHUNK = 32
-TOPK_CHUNK_BLOCK = 64
+TOPK_CHUNK = 16
+TOPK_CHUNK_BLOCK = 128
 TOPK_WARPS = 1
 
 
