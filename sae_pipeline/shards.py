@@ -189,12 +189,16 @@ def decode_activation_column(column: pa.ChunkedArray | pa.Array, d_model: int, d
     return raw.view(np.dtype(SUPPORTED_DTYPES[dtype]).newbyteorder("<")).reshape(len(column), d_model)
 
 
+def _activation_format(table: pa.Table) -> tuple[str, int]:
+    """``(dtype, d_model)`` of a shard from the schema metadata its table was read with (no second file read)."""
+    metadata = table.schema.metadata
+    return metadata[b"dtype"].decode(), int(metadata[b"d_model"])
+
+
 def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) -> ShardData:
     """Read one shard. ``columns`` may omit ``activation`` (then ``activations`` is an empty [rows, 0] array)."""
     table = pq.read_table(path, columns=list(columns) if columns is not None else None, use_threads=True)
-    metadata = pq.read_schema(path).metadata
-    dtype = metadata[b"dtype"].decode()
-    d_model = int(metadata[b"d_model"])
+    dtype, d_model = _activation_format(table)
     rows = table.num_rows
     names = set(table.column_names)
     activations = (
@@ -214,8 +218,7 @@ def read_activation_parts(path: str | os.PathLike) -> tuple[list[np.ndarray], np
     order), and its ``is_bos [rows]`` column: what a reader that copies the rows anyway needs, without
     first joining the row groups into one array."""
     table = pq.read_table(path, columns=["activation", "is_bos"], use_threads=True)
-    metadata = pq.read_schema(path).metadata
-    dtype, d_model = metadata[b"dtype"].decode(), int(metadata[b"d_model"])
+    dtype, d_model = _activation_format(table)
     parts = [decode_activation_column(chunk, d_model, dtype) for chunk in table.column("activation").chunks]
     return parts, table.column("is_bos").to_numpy()
 

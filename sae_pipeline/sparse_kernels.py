@@ -220,13 +220,19 @@ def _per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, 
 
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``."""
+    if triton_usable(table):
+        return _per_token_program("decode", values, indices, table, table.shape[2])
+    return embedding_bag_rows(values.float(), indices, table.float())
+
+
+def embedding_bag_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The same sum with PyTorch's ``embedding_bag`` (differentiable; output in ``table``'s dtype):
+    ``values [S,B,K]`` (in ``table``'s dtype), ``indices [S,B,K]``, ``table [S,n,d]`` -> ``[S,B,d]``."""
     n_seeds, batch, k = values.shape
     n_rows, width = table.shape[1:]
-    if triton_usable(table):
-        return _per_token_program("decode", values, indices, table, width)
     offsets = (torch.arange(n_seeds, device=table.device) * n_rows).view(n_seeds, 1, 1)
-    flat = F.embedding_bag((indices + offsets).reshape(n_seeds * batch, k), table.reshape(n_seeds * n_rows, width).float(),
-                           per_sample_weights=values.reshape(n_seeds * batch, k).float(), mode="sum")
+    flat = F.embedding_bag((indices + offsets).reshape(n_seeds * batch, k), table.reshape(n_seeds * n_rows, width),
+                           per_sample_weights=values.reshape(n_seeds * batch, k), mode="sum")
     return flat.view(n_seeds, batch, width)
 
 

@@ -54,7 +54,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sae_pipeline import sparse_kernels
@@ -383,17 +382,9 @@ class SeedBatchedSAE(nn.Module):
 
     def decode_selected(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """``sum_j values[s,b,j] * W_dec[s, indices[s,b,j]]``: ``[S, B, m]`` -> ``[S, B, d_in]`` (no bias)."""
-        n_seeds, batch, width = indices.shape
-        offsets = (torch.arange(n_seeds, device=indices.device) * self.d_sae).view(n_seeds, 1, 1)
         if self.uses_sparse_decoder:
-            flat = F.embedding_bag(
-                (indices + offsets).reshape(n_seeds * batch, width),
-                self.W_dec.reshape(n_seeds * self.d_sae, self.d_in),
-                per_sample_weights=values.reshape(n_seeds * batch, width).to(self.W_dec.dtype),
-                mode="sum",
-            )
-            return flat.view(n_seeds, batch, self.d_in)
-        dense = values.new_zeros(n_seeds, batch, self.d_sae).scatter(-1, indices, values)
+            return sparse_kernels.embedding_bag_rows(values.to(self.W_dec.dtype), indices, self.W_dec)
+        dense = values.new_zeros(*indices.shape[:2], self.d_sae).scatter(-1, indices, values)
         return torch.bmm(dense, self.W_dec)
 
     def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
