@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from sae_pipeline.atomic import atomic_path, write_dataframe, write_json
 from sae_pipeline.shards import SHARD_FOLDER, ShardData, write_manifest, write_numbered_shard
+from sae_pipeline.training_sae import TrainSettings
 
 logger = logging.getLogger(__name__)
 
@@ -153,14 +154,16 @@ def read_labels(cache_dir: str | os.PathLike) -> np.ndarray:
 
 
 def cell_of(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The grid cell of a digits variant: penalty kind and coefficient, tied init, unit-norm decoder."""
-    penalty = settings.get("weight_penalty", {"kind": "none", "coefficient": 0.0})
-    kind = penalty["kind"] if float(penalty.get("coefficient", 0.0)) != 0 else "none"
+    """The grid cell of a digits variant: penalty kind and coefficient, tied init, unit-norm decoder
+    (a setting the variant leaves out takes the trainer's default)."""
+    resolved = TrainSettings.from_mapping(settings)
+    coefficient = float(resolved.weight_penalty["coefficient"])
+    kind = resolved.weight_penalty["kind"] if coefficient != 0 else "none"
     return {
         "weight_penalty": kind,
-        "penalty_coefficient": float(penalty.get("coefficient", 0.0)) if kind != "none" else 0.0,
-        "tied_init": bool(settings.get("tied_init", False)),
-        "unit_norm_decoder": bool(settings.get("unit_norm_decoder", False)),
+        "penalty_coefficient": coefficient if kind != "none" else 0.0,
+        "tied_init": resolved.tied_init,
+        "unit_norm_decoder": resolved.unit_norm_decoder,
     }
 
 

@@ -44,9 +44,9 @@ import pandas as pd
 import torch
 
 from sae_pipeline.atomic import atomic_path, write_dataframe, write_json
-from sae_pipeline.checkpoint import load_sae, load_sae_config
+from sae_pipeline.checkpoint import load_sae
 from sae_pipeline.config import resolve_device
-from sae_pipeline.sae import SparseAutoencoder
+from sae_pipeline.sae import SparseAutoencoder, reconstruction_metrics
 from sae_pipeline.shards import ActivationStore
 
 logger = logging.getLogger("sae_pipeline.evaluate")
@@ -302,21 +302,6 @@ def evaluation_set(store: ActivationStore, holdout_rows: int, max_tokens: int, c
     return EvaluationSet(np.asarray(activations, dtype=np.float32), np.asarray(token_ids, dtype=np.int64), np.asarray(documents, dtype=np.int64), source)
 
 
-def _reconstruction_pass(sae: SparseAutoencoder, x: torch.Tensor, k: int | None, batch_size: int, mean: torch.Tensor) -> dict[str, float]:
-    """FVU, MSE (mean over elements) and mean L0 of the SAE at inference k (None = as trained) over ``x [rows, d]``."""
-    residual, total, nonzero = 0.0, 0.0, 0.0
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            batch = x[start : start + batch_size]
-            codes = sae.encode(batch, k)
-            reconstruction = sae.decode(codes)
-            residual += float(((batch.double() - reconstruction.double()) ** 2).sum())
-            total += float(((batch.double() - mean.double()) ** 2).sum())
-            nonzero += float((codes != 0).sum())
-    rows = x.shape[0]
-    return {"fvu": residual / total, "mse": residual / (rows * x.shape[1]), "l0": nonzero / rows}
-
-
 def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray, batch_size: int) -> dict[str, Any]:
     """One pass at the trained sparsity: firing counts, code concentration, and nonzero (latent, token, value) triplets."""
     fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=x.device)
@@ -475,7 +460,7 @@ def run_evaluation(
     sae = load_sae(sae_folder, device)
     torch.manual_seed(int(settings["probe"]["seed"]))
     evaluation = evaluation_set(
-        store, holdout_rows_of(load_sae_config(sae_folder)), int(settings["max_tokens"]), int(settings["ce_sequences"]), int(settings["probe"]["seed"])
+        store, holdout_rows_of(sae.cfg), int(settings["max_tokens"]), int(settings["ce_sequences"]), int(settings["probe"]["seed"])
     )
     token_ids = evaluation.token_ids
     x = torch.from_numpy(evaluation.activations).to(device)
@@ -499,7 +484,8 @@ def run_evaluation(
     identity = {"variant": variant, "seed": int(seed), "condition": condition, "architecture": sae.architecture, "trained_k": sae.k}
     robustness_rows = []
     for label, multiplier, k in ks:
-        reconstruction = _reconstruction_pass(sae, x, k, batch_size, mean)
+        measured = reconstruction_metrics(sae, x, mean, k, batch_size)
+        reconstruction = {key: measured[key] for key in ("fvu", "mse", "l0")}
         robustness_rows.append({**identity, "inference": label, "multiplier": multiplier, "k_prime": k, **reconstruction, **ce_results[label]})
         logger.info("%s: FVU %.4f, CE-loss recovered %s", label, reconstruction["fvu"], ce_results[label]["ce_loss_recovered"])
     robustness = pd.DataFrame(robustness_rows)

@@ -99,3 +99,37 @@ class SparseAutoencoder(nn.Module):
     def unit_decoder_directions(self) -> torch.Tensor:
         """Decoder rows scaled to unit L2 norm, ``[d_sae, d_in]``."""
         return self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SparseAutoencoder, x: Any, mean: torch.Tensor, k: int | None = None, batch_rows: int = 8192) -> dict[str, Any]:
+    """Reconstruction figures of ``sae`` (at inference ``k``, None = as trained) over ``x [rows, d_in]``.
+
+    ``x`` is a tensor or array; chunks of ``batch_rows`` rows go to the SAE's device as float32 and
+    the sums stay there (one host sync at the end). ``mean [d_in]`` is the centre for the variance.
+    Returns ``fvu`` (sum of squared errors / sum of squared deviations from ``mean``), ``mse`` (mean
+    over rows and dimensions), ``reconstruction_loss`` (squared error summed over d_in, mean over
+    rows), ``l0`` (mean nonzero codes per row), ``firing_frequency`` (float64 ``[d_sae]``, share of
+    rows on which each latent is nonzero) and ``rows``.
+    """
+    device = sae.W_enc.device
+    rows, width = x.shape
+    centre = mean.to(device=device, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # squared error, squared deviation, nonzero codes
+    fired = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
+    for start in range(0, rows, batch_rows):
+        batch = torch.as_tensor(x[start : start + batch_rows]).to(device=device, dtype=torch.float32)
+        codes = sae.encode(batch, k)
+        active = codes != 0
+        sums += torch.stack([(sae.decode(codes).double() - batch.double()).square().sum(),
+                             (batch.double() - centre).square().sum(), active.sum().double()])
+        fired += active.sum(dim=0).double()
+    squared_error, variance, nonzero = sums.tolist()
+    return {
+        "fvu": squared_error / max(variance, 1e-30),
+        "mse": squared_error / (rows * width),
+        "reconstruction_loss": squared_error / rows,
+        "l0": nonzero / rows,
+        "firing_frequency": (fired / rows).cpu().numpy(),
+        "rows": rows,
+    }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -31,7 +32,7 @@ from sae_pipeline.atomic import atomic_path, write_dataframe
 from sae_pipeline.checkpoint import save_sae
 from sae_pipeline.config import resolve_device, seed_group_label
 from sae_pipeline.loader import ActivationLoader, read_holdout
-from sae_pipeline.sae import SparseAutoencoder
+from sae_pipeline.sae import SparseAutoencoder, reconstruction_metrics
 from sae_pipeline.shards import ActivationStore, ShardData
 from sae_pipeline.training_sae import (
     STEP_STATISTICS,
@@ -122,40 +123,6 @@ def sae_config(settings: TrainSettings, manifest: Mapping[str, Any], cache_dir: 
 def inference_sae(settings: TrainSettings, tensors: Mapping[str, torch.Tensor], device: str) -> SparseAutoencoder:
     """The trained SAE as the pipeline's inference module (our architecture names)."""
     return SparseAutoencoder({"architecture": settings.architecture, "k": settings.k}, tensors).to(device)
-
-
-@torch.no_grad()
-def reconstruction_metrics(sae: SparseAutoencoder, activations: np.ndarray, device: str) -> dict[str, Any]:
-    """FVU, MSE, L0 and per-latent firing frequency of ``sae`` on ``activations [rows, d_in]``.
-
-    Returns ``fvu`` (sum of squared errors / sum of squared deviations from the mean), ``mse``
-    (mean over rows and dimensions), ``reconstruction_loss`` (squared error summed over d_in, mean
-    over rows), ``l0`` (mean nonzero codes per row), ``firing_frequency`` (float64 ``[d_sae]``,
-    fraction of rows on which each latent is nonzero) and ``rows``.
-    """
-    rows = len(activations)
-    mean = torch.from_numpy(activations.astype(np.float64).mean(axis=0)).to(device)
-    squared_error = 0.0
-    variance = 0.0
-    nonzero = 0.0
-    fired = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
-    for start in range(0, rows, EVAL_CHUNK_ROWS):
-        x = torch.from_numpy(np.asarray(activations[start : start + EVAL_CHUNK_ROWS], dtype=np.float32)).to(device)
-        codes = sae.encode(x)
-        x_hat = sae.decode(codes)
-        squared_error += float((x_hat - x).double().square().sum())
-        variance += float((x.double() - mean).square().sum())
-        active = codes > 0
-        nonzero += float(active.sum())
-        fired += active.double().sum(dim=0)
-    return {
-        "fvu": squared_error / max(variance, 1e-30),
-        "mse": squared_error / (rows * activations.shape[1]),
-        "reconstruction_loss": squared_error / rows,
-        "l0": nonzero / rows,
-        "firing_frequency": (fired / rows).cpu().numpy(),
-        "rows": rows,
-    }
 
 
 def complete_holdout_documents(holdout: ShardData) -> np.ndarray:
@@ -325,8 +292,10 @@ def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: 
     """Held-out metrics, CE-loss recovered (language model only), then the group folder."""
     holdout = read_holdout(store, config.holdout_tokens)
     eval_rows = holdout.without_bos().activations
-    saes = [inference_sae(config, model.inference_tensors(index), device) for index in range(len(seeds))]
-    reconstruction = [reconstruction_metrics(sae, eval_rows, device) for sae in saes]
+    all_tensors = [model.inference_tensors(index) for index in range(len(seeds))]
+    saes = [inference_sae(config, tensors, device) for tensors in all_tensors]
+    mean = torch.from_numpy(eval_rows.astype(np.float64).mean(axis=0))
+    reconstruction = [reconstruction_metrics(sae, eval_rows, mean, batch_rows=EVAL_CHUNK_ROWS) for sae in saes]
     dead_fraction = model.dead_mask().float().mean(dim=-1).cpu().tolist()
     cross_entropy = _cross_entropy_for(config, store, manifest, holdout, saes, device)
     tokens_seen = config.total_steps * config.batch_size
@@ -334,7 +303,7 @@ def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: 
     with atomic_path(output_dir) as folder:
         folder.mkdir(parents=True)
         for index, seed in enumerate(seeds):
-            tensors = model.inference_tensors(index)
+            tensors = all_tensors[index]
             measured = reconstruction[index]
             metrics = {
                 "variant": variant,
@@ -393,7 +362,10 @@ def _cross_entropy_for(config: TrainSettings, store: ActivationStore, manifest: 
 def _cross_entropy_entry(losses: Mapping[str, Any] | None, index: int) -> dict[str, Any]:
     if losses is None:
         return {"ce_loss_clean": None, "ce_loss_with_sae": None, "ce_loss_zero_ablation": None, "ce_loss_recovered": None, "ce_eval_sequences": 0}
+    from sae_pipeline.subject import ce_loss_recovered
+
     clean, zero, spliced = losses["clean"], losses["zero_ablation"], losses["with_sae"][index]
-    recovered = (zero - spliced) / (zero - clean) if zero != clean else None
+    recovered = ce_loss_recovered(clean, spliced, zero)
+    recovered = None if math.isnan(recovered) else recovered  # NaN: zero ablation leaves the loss unchanged
     return {"ce_loss_clean": clean, "ce_loss_with_sae": spliced, "ce_loss_zero_ablation": zero,
             "ce_loss_recovered": recovered, "ce_eval_sequences": losses["sequences"]}
