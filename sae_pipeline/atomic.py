@@ -52,7 +52,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` atomically."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
 def write_dataframe(path: str | os.PathLike, frame: "Any") -> None:
@@ -67,11 +67,13 @@ def write_dataframe(path: str | os.PathLike, frame: "Any") -> None:
             raise ValueError(f"write_dataframe: unsupported suffix {target.suffix!r} for {target}")
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy/torch values and paths: arrays and tensors become lists,
+    scalars Python numbers, paths strings."""
+    if hasattr(value, "tolist"):  # arrays and tensors (a 0-d one gives a plain number), numpy scalars
+        return value.tolist()
     if hasattr(value, "item"):
         return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -951,7 +951,7 @@ def run_autointerp(
     """
     from transformers import AutoTokenizer
 
-    from sae_pipeline.atomic import write_dataframe, write_text
+    from sae_pipeline.atomic import json_default, write_dataframe, write_text
     from sae_pipeline.checkpoint import load_sae
     from sae_pipeline.config import resolve_device
 
@@ -1007,7 +1007,7 @@ def run_autointerp(
         summary["usage"] = client.usage.as_dict()
         logger.info("judge usage: %s", client.usage.as_dict())
     audit.append(summary)
-    write_text(audit_path, "".join(json.dumps(record, ensure_ascii=False, default=_json_value) + "\n" for record in audit))
+    write_text(audit_path, "".join(json.dumps(record, ensure_ascii=False, default=json_default) + "\n" for record in audit))
     write_dataframe(scores_path, table)
     scored = table["detection_score"].notna()
     logger.info(
@@ -1016,10 +1016,3 @@ def run_autointerp(
     )
     return table
 
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

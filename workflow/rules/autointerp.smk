@@ -5,7 +5,7 @@ rule autointerp:
     """Mine top/quantile/non-activating contexts of SAE features, explain them and score the explanations."""
     input:
         manifest=f"{RESULTS}/lm/cache/manifest.json",
-        sae_group=lambda wildcards: f"{RESULTS}/lm/sae/{wildcards.variant}/{group_of('lm', wildcards.seed)}",
+        sae_group=lambda wildcards: sae_group_dir("lm", wildcards.variant, wildcards.seed),
         sharedness=f"{RESULTS}/lm/match/{{variant}}/features.parquet",
     output:
         scores=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/scores.parquet",

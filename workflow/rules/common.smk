@@ -41,9 +41,14 @@ def sae_group_dirs(experiment, variant):
     return [f"{RESULTS}/{experiment}/sae/{variant}/{seed_group_label(group)}" for group in groups(experiment)]
 
 
+def sae_group_dir(experiment, variant, seed):
+    """Training output folder (one train job) that holds the SAE of `seed`."""
+    return f"{RESULTS}/{experiment}/sae/{variant}/{group_of(experiment, seed)}"
+
+
 def sae_dir(experiment, variant, seed):
     """Folder of one trained SAE (cfg.json + sae_weights.safetensors)."""
-    return f"{RESULTS}/{experiment}/sae/{variant}/{group_of(experiment, seed)}/seed{seed}"
+    return f"{sae_group_dir(experiment, variant, seed)}/seed{seed}"
 
 
 def subject_model_ref():

@@ -7,7 +7,7 @@ rule evaluate:
     """k-robustness (FVU, CE-loss recovered at k' = multiplier x k), code concentration, latent usage,
     monosemanticity proxies and sparse probing of one trained SAE."""
     input:
-        sae_group=lambda wildcards: f"{RESULTS}/lm/sae/{wildcards.variant}/{group_of('lm', wildcards.seed)}",
+        sae_group=lambda wildcards: sae_group_dir("lm", wildcards.variant, wildcards.seed),
         cache=f"{RESULTS}/lm/cache/manifest.json",
         model=subject_model_input(),
     output:

@@ -7,7 +7,7 @@ rule steer:
     input:
         model=subject_model_input(),
         manifest=f"{RESULTS}/lm/cache/manifest.json",
-        sae_group=lambda wildcards: f"{RESULTS}/lm/sae/{wildcards.variant}/{group_of('lm', wildcards.seed)}",
+        sae_group=lambda wildcards: sae_group_dir("lm", wildcards.variant, wildcards.seed),
         scores=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/scores.parquet",
     output:
         rows=f"{RESULTS}/lm/steer/{{variant}}/seed{{seed}}/rows.parquet",
@@ -18,7 +18,7 @@ rule steer:
         # the judge endpoint (autointerp.llm) only when the LLM judge is on, so that its settings do not
         # rerun an embedding-only steering job
         llm=config["autointerp"]["llm"] if "llm" in config["steer"]["judges"] else None,
-        judge_cache_dir=config["autointerp"]["llm"]["cache_dir"].format(results_dir=RESULTS) if "llm" in config["steer"]["judges"] else None,
+        judge_cache_dir=autointerp_judge_cache_dir() if "llm" in config["steer"]["judges"] else None,
     log:
         f"{RESULTS}/logs/steer/{{variant}}/seed{{seed}}.log",
     threads: 2
