@@ -25,13 +25,13 @@ import torch
 
 from sae_pipeline.cache import HookActivations, cache_activations, tokenize_corpus
 from sae_pipeline.corpus import load_documents
+from sae_pipeline.config import resolve_device
 from sae_pipeline.shards import ShardData, write_shard
 from sae_pipeline.subject import build_gpt_neox, build_tokenizer, load_subject_model
 
 
-def repeated_corpus(path: Path, target_characters: int, folder: Path) -> Path:
-    """A JSON-lines corpus of at least ``target_characters``, repeating ``path``'s documents."""
-    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+def repeated_corpus(texts: list[str], target_characters: int, folder: Path) -> Path:
+    """A JSON-lines corpus of at least ``target_characters``, repeating the documents ``texts``."""
     output = folder / "documents.jsonl"
     written = 0
     with open(output, "w") as stream:
@@ -52,18 +52,18 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=50304)
     parser.add_argument("--small", action="store_true", help="CPU-sized run: d_model 64, 2 layers, 200k tokens")
     args = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")
     if args.small:
         args.tokens, args.vocab_size, args.batch_size, args.rows_per_shard = 200_000, 4096, 64, 1 << 15
         shape = dict(d_model=64, n_layers=4, n_heads=4, d_mlp=256)
     else:
         shape = dict(d_model=512, n_layers=6, n_heads=8, d_mlp=2048)
     work = Path(tempfile.mkdtemp(prefix="cache_bench_"))
-    corpus_file = repeated_corpus(args.corpus, args.tokens * 5, work)
+    sample = [json.loads(line)["text"] for line in args.corpus.read_text().splitlines()]
+    corpus_file = repeated_corpus(sample, args.tokens * 5, work)
     corpus_settings = {"source": "text_files", "max_documents": None}
 
     started = time.perf_counter()
-    sample = [json.loads(line)["text"] for line in args.corpus.read_text().splitlines()]
     tokenizer = build_tokenizer(sample, args.vocab_size)
     model = build_gpt_neox(len(tokenizer), context_size=args.context_size, seed=0, **shape)
     model_folder = work / "model"

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_pipeline.config import resolve_device
 from sae_pipeline.steer import SamplingSettings, generate_continuations, prompt_token_ids, sampling_uniforms, steer_features
 from sae_pipeline.subject import bos_token_id, build_gpt_neox, build_tokenizer, load_subject_model
 
@@ -64,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.small:
         args.features, args.single_pairs, args.new_tokens, args.batch_size = 16, 8, 10, 128
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device("auto")
     shape = dict(d_model=512, n_layers=6, n_heads=8, d_mlp=2048)
     sampling = SamplingSettings(greedy=args.greedy, temperature=0.7, top_p=0.9)
 

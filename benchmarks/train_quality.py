@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sae_pipeline.checkpoint import load_sae_arrays  # noqa: E402
+from sae_pipeline.config import resolve_device  # noqa: E402
 from sae_pipeline.loader import write_synthetic_cache  # noqa: E402
 from sae_pipeline.train import train_saes  # noqa: E402
 
@@ -67,7 +68,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     sizes = dict(SMALL if args.small else FULL)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(resolve_device(args.device))
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:

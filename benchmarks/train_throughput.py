@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from sae_pipeline.config import resolve_device  # noqa: E402
 from sae_pipeline.training_sae import SeedBatchedSAE, SeedBatchedTrainer, TrainSettings  # noqa: E402
 
 FULL = dict(d_in=512, d_sae=16384, k=40, batch=4096, steps=50, warmup=10)
@@ -276,7 +277,7 @@ def main() -> None:
             sizes[key] = getattr(args, key)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(resolve_device(args.device))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}")
     print(f"sizes: d_in={sizes['d_in']} d_sae={sizes['d_sae']} k={sizes['k']} batch={sizes['batch']}; "

@@ -327,14 +327,13 @@ class JudgeClient:
         description: str = "judge",
     ) -> list[JudgeReply]:
         """Async form of :meth:`complete_many`."""
-        from openai import AsyncOpenAI
         from tqdm.auto import tqdm
 
         payloads = [self.request_payload(messages, max_tokens, temperature) for messages in conversations]
         replies: list[JudgeReply | None] = [None] * len(payloads)
+        keys = [request_hash(payload) for payload in payloads]
         pending: list[int] = []
-        for index, payload in enumerate(payloads):
-            key = request_hash(payload)
+        for index, key in enumerate(keys):
             stored = self.cache.get(key)
             if stored is None:
                 pending.append(index)
@@ -355,19 +354,14 @@ class JudgeClient:
         semaphore = asyncio.Semaphore(self.settings.max_concurrency)
         probe_lock = asyncio.Lock()
         progress = tqdm(total=len(pending), desc=description, unit="req", mininterval=2.0)
-        async with AsyncOpenAI(
-            base_url=self.settings.base_url,
-            api_key=self._api_key,
-            timeout=self.settings.timeout_s,
-            max_retries=0,
-        ) as client:
+        async with self._client() as client:
 
             async def one(index: int) -> None:
                 async with semaphore:
                     async with probe_lock:
                         if not self._endpoint_checked:
                             await self._probe_endpoint(client)
-                    replies[index] = await self._send(client, payloads[index])
+                    replies[index] = await self._send(client, payloads[index], keys[index])
                 progress.update(1)
 
             tasks = [asyncio.ensure_future(one(index)) for index in pending]
@@ -386,13 +380,17 @@ class JudgeClient:
         Raises :class:`JudgeUnavailable` when it is unreachable or rejects the key. A stage calls this
         before long preparatory work when nothing can come from the cache anyway.
         """
-        from openai import AsyncOpenAI
-
         async def probe() -> None:
-            async with AsyncOpenAI(base_url=self.settings.base_url, api_key=self._api_key, timeout=self.settings.timeout_s, max_retries=0) as client:
+            async with self._client() as client:
                 await self._probe_endpoint(client)
 
         _run_blocking(probe)
+
+    def _client(self) -> Any:
+        """An ``AsyncOpenAI`` client for the endpoint (retries are ours, so the client's are off)."""
+        from openai import AsyncOpenAI
+
+        return AsyncOpenAI(base_url=self.settings.base_url, api_key=self._api_key, timeout=self.settings.timeout_s, max_retries=0)
 
     async def _probe_endpoint(self, client: Any) -> None:
         """One ``GET /models``: fails clearly on an unreachable endpoint or a rejected key."""
@@ -425,11 +423,11 @@ class JudgeClient:
             )
         self._reserved_tokens += estimate
 
-    async def _send(self, client: Any, payload: dict[str, Any]) -> JudgeReply:
-        """Send one request with retries; returns a reply (possibly a recorded failure) or raises JudgeError."""
+    async def _send(self, client: Any, payload: dict[str, Any], key: str) -> JudgeReply:
+        """Send one request (``key``: its :func:`request_hash`) with retries; returns a reply (possibly a
+        recorded failure) or raises JudgeError."""
         import openai
 
-        key = request_hash(payload)
         estimate = _estimate_tokens(payload["messages"], payload["max_tokens"])
         self._reserve(estimate)
         attempts = 0

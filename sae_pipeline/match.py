@@ -94,9 +94,6 @@ class PairMatch:
             return self.view_b
         raise KeyError(f"seed {seed} is not in pair ({self.seed_a}, {self.seed_b})")
 
-    def other(self, seed: int) -> int:
-        return self.seed_b if seed == self.seed_a else self.seed_a
-
 
 @dataclass
 class MatchResult:
@@ -183,10 +180,11 @@ class MatchResult:
         safe_p = np.where(has_both, partner_p, 0)
         return has_both & view_p.shared[safe_p] & (view_p.decoder_partner[safe_p] == partner_q)
 
-    def summary(self, reference_seed: int | None = None) -> dict[str, Any]:
-        """Configuration summary: pair metrics averaged over pairs, and category fractions of the reference seed."""
+    def summary(self, reference_seed: int | None = None, features: pd.DataFrame | None = None) -> dict[str, Any]:
+        """Configuration summary: pair metrics averaged over pairs, and category fractions of the reference
+        seed (``features``: its :meth:`feature_table`, when the caller already has it)."""
         reference = self.seeds[0] if reference_seed is None else int(reference_seed)
-        features = self.feature_table(reference)
+        features = self.feature_table(reference) if features is None else features
         considered = features[features["included"]]
         n_considered = max(len(considered), 1)
         counts = {category: int((features["category"] == category).sum()) for category in CATEGORIES}
@@ -448,7 +446,7 @@ def run_match(sae_dirs: Sequence[str], output_dir: str, settings: Mapping[str, A
     features.insert(3, "dead", dead[reference_index])
     frequency = frequencies[reference_index]
     features.insert(4, "firing_frequency", frequency if frequency is not None else np.full(len(features), np.nan))
-    summary = result.summary(reference)
+    summary = result.summary(reference, features)
     summary = {
         "title": title,
         "sae_dirs": [str(folder) for folder in sae_dirs],

@@ -323,13 +323,15 @@ def fit_outcome_model(
     return rows, result
 
 
-def fit_all_models(rows: pd.DataFrame, settings: Mapping[str, Any]) -> tuple[pd.DataFrame, dict[tuple[str, str, str], Any]]:
+def fit_all_models(rows: pd.DataFrame, settings: Mapping[str, Any], reference: str | None = None) -> tuple[pd.DataFrame, dict[tuple[str, str, str], Any]]:
     """Every (judge, outcome model, scope) fit; returns the coefficient table and the fitted results
-    keyed by ``(judge, outcome_model, scope)`` (scope = a condition or ``"pooled"``)."""
+    keyed by ``(judge, outcome_model, scope)`` (scope = a condition or ``"pooled"``). Pooled fits
+    contrast against ``reference`` (default: chosen among the conditions of ``rows``)."""
     table: list[dict[str, Any]] = []
     fitted: dict[tuple[str, str, str], Any] = {}
     conditions = sorted(rows["condition"].unique()) if len(rows) else []
-    reference = reference_condition(conditions, settings.get("reference_condition")) if conditions else None
+    if reference is None and conditions:
+        reference = reference_condition(conditions, settings.get("reference_condition"))
     for judge in settings["judges"]:
         row_frame, feature_frame = judge_frames(rows, judge)
         if row_frame.empty:
@@ -1039,7 +1041,7 @@ def run_regression(
     reference = reference_condition(list(conditions.values()), settings.get("reference_condition")) if conditions else None
     logger.info("regress: %d steering rows from %d variants; reference condition %s", len(rows), rows["variant"].nunique() if len(rows) else 0, reference)
 
-    coefficients, fitted = fit_all_models(rows, settings)
+    coefficients, fitted = fit_all_models(rows, settings, reference)
     for message in coefficients.loc[coefficients["term"] == "", "message"]:
         logger.warning("regress: %s", message)
     order = [reference] + [condition for condition in dict.fromkeys(conditions.values()) if condition != reference]

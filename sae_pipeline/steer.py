@@ -275,7 +275,9 @@ def generate_continuations(
     if steering_vectors is not None and steering_vectors.shape[0] != rows:
         raise ValueError(f"{steering_vectors.shape[0]} steering vectors for {rows} rows")
     hooks = [] if steering_vectors is None else [(hook_name, NewestPositionSteering(steering_vectors.to(device)))]
-    chosen = torch.empty((rows, new_tokens), dtype=torch.long)
+    # chosen tokens and the sampling uniforms live on the device: no host round trip per step
+    chosen = torch.empty((rows, new_tokens), dtype=torch.long, device=device)
+    uniforms = None if uniforms is None else uniforms.to(device=device, dtype=torch.float64)
     step_logits = []
     attention_mask = batch.attention_mask
     next_positions = batch.position_ids[:, -1:] + 1
@@ -293,7 +295,7 @@ def generate_continuations(
             last_logits = logits[:, -1, :]
             step_uniforms = None if uniforms is None else uniforms[:, step]
             tokens = sample_next_tokens(last_logits, step_uniforms, sampling)
-            chosen[:, step] = tokens.cpu()
+            chosen[:, step] = tokens
             if return_logits:
                 step_logits.append(last_logits.float().cpu())
             if step == new_tokens - 1:
@@ -308,7 +310,7 @@ def generate_continuations(
                 use_cache=True,
             )
             next_positions = next_positions + 1
-    return Generation(chosen, torch.stack(step_logits, dim=1) if return_logits else None)
+    return Generation(chosen.cpu(), torch.stack(step_logits, dim=1) if return_logits else None)
 
 
 @torch.no_grad()
