@@ -104,7 +104,7 @@ def shard_schema(d_model: int, dtype: str) -> pa.Schema:
 
 
 def write_shard(path: str | os.PathLike, data: ShardData, dtype: str) -> dict:
-    """Write ``data`` to ``path`` atomically; returns ``{"rows", "checksum", "bytes"}`` for the manifest.
+    """Write ``data`` to ``path`` atomically; returns ``{"rows", "checksum"}`` for the manifest.
 
     ``data.activations`` is cast to ``dtype`` (little-endian) before writing.
     """
@@ -126,7 +126,7 @@ def write_shard(path: str | os.PathLike, data: ShardData, dtype: str) -> dict:
     )
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary, compression="none", use_dictionary=False, write_statistics=False, row_group_size=ROW_GROUP_ROWS)
-    return {"rows": rows, "checksum": file_checksum(path), "bytes": os.path.getsize(path)}
+    return {"rows": rows, "checksum": file_checksum(path)}
 
 
 def write_numbered_shard(cache_dir: str | os.PathLike, index: int, data: ShardData, dtype: str) -> dict:

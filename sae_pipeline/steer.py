@@ -692,7 +692,8 @@ def run_steering(
     if mode == "resid_rms":
         from sae_pipeline.subject import bos_token_id
 
-        last = last_prompt_activations(bridge, hook_name, prompt_token_ids(bridge.tokenizer, prompts, bos_token_id(bridge)), bos_token_id(bridge))
+        bos_id = bos_token_id(bridge)
+        last = last_prompt_activations(bridge, hook_name, prompt_token_ids(bridge.tokenizer, prompts, bos_id), bos_id)
         resid_rms = residual_rms(last)
         logger.info("residual RMS at %s over %d prompts: %.4f", hook_name, len(prompts), resid_rms)
     strengths = feature_strengths(mode, directions, encoder_columns, settings, resid_rms)
