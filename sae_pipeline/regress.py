@@ -606,14 +606,15 @@ def plot_steering_success(path: str | Path, success: Mapping[str, pd.DataFrame])
 
 def plot_success_vs_interp(path: str | Path, rows: pd.DataFrame, fitted: Mapping[tuple[str, str, str], Any], judges: Sequence[str], bins: int) -> None:
     """Per judge: binned success rate against interp score (points) and the per-condition logit fit (curves)."""
-    panels = [judge for judge in judges if not judge_frames(rows, judge)[0].empty]
+    row_frames = {judge: judge_frames(rows, judge)[0] for judge in judges}
+    panels = [judge for judge in judges if not row_frames[judge].empty]
     if not panels:
         return _no_data(path, "Steering success vs interp score", "no judged steering rows in this run")
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for axis, judge in zip(axes[0], panels):
-        row_frame, _ = judge_frames(rows, judge)
+        row_frame = row_frames[judge]
         for index, (condition, group) in enumerate(sorted(row_frame.groupby("condition"), key=lambda item: item[0])):
             colour = colours[index % len(colours)]
             edges = np.unique(np.quantile(group["interp_score"], np.linspace(0, 1, bins + 1)))
