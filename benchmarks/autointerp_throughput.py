@@ -30,11 +30,24 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from sae_pipeline.autointerp import ContextSet, FeatureExamples, LLMBackend, MiningSettings, TokenText, interpret_features, mine_examples  # noqa: E402
-from sae_pipeline.checkpoint import load_sae, save_sae  # noqa: E402
-from sae_pipeline.config import resolve_device  # noqa: E402
-from sae_pipeline.judge import JudgeClient, JudgeSettings  # noqa: E402
-from sae_pipeline.shards import ActivationStore, ShardData, write_manifest, write_numbered_shard, write_sequences  # noqa: E402
+from sae_pipeline.data.checkpoint import load_sae, save_sae  # noqa: E402
+from sae_pipeline.data.shards import (  # noqa: E402
+    ActivationStore,
+    ShardData,
+    write_manifest,
+    write_numbered_shard,
+    write_sequences,
+)
+from sae_pipeline.features.contexts import TokenText  # noqa: E402
+from sae_pipeline.features.mining import ContextSet, FeatureExamples, mine_examples  # noqa: E402
+from sae_pipeline.judges.backends import LLMBackend  # noqa: E402
+from sae_pipeline.judges.client import JudgeClient  # noqa: E402
+from sae_pipeline.runtime.devices import resolve_device  # noqa: E402
+from sae_pipeline.settings import (
+    JudgeSettings,  # noqa: E402
+    MiningSettings,  # noqa: E402
+)
+from sae_pipeline.stages.autointerp import interpret_features  # noqa: E402
 from tests.fake_openai_server import FakeOpenAIServer, autointerp_responder  # noqa: E402
 
 AUTOINTERP_SETTINGS = {

@@ -23,11 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_pipeline.cache import HookActivations, cache_activations, tokenize_corpus
-from sae_pipeline.corpus import load_documents
-from sae_pipeline.config import resolve_device
-from sae_pipeline.shards import ShardData, write_shard
-from sae_pipeline.subject import build_gpt_neox, build_tokenizer, load_subject_model
+from sae_pipeline.data.corpus import load_documents
+from sae_pipeline.data.shards import ShardData, write_shard
+from sae_pipeline.runtime.devices import resolve_device
+from sae_pipeline.stages.cache import (
+    HookActivations,
+    cache_activations,
+    tokenize_corpus,
+)
+from sae_pipeline.subject.model import load_subject_model
+from sae_pipeline.subject.tiny import build_gpt_neox, build_tokenizer
 
 
 def repeated_corpus(texts: list[str], target_characters: int, folder: Path) -> Path:

@@ -29,9 +29,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_pipeline.assignment import max_similarity_matching  # noqa: E402
-from sae_pipeline.config import resolve_device  # noqa: E402
-from sae_pipeline.match import absolute_cosine, match_dictionaries, unit_rows  # noqa: E402
+from sae_pipeline.runtime.devices import resolve_device  # noqa: E402
+from sae_pipeline.stability.assignment import max_similarity_matching  # noqa: E402
+from sae_pipeline.stability.matching import (  # noqa: E402
+    absolute_cosine,
+    match_dictionaries,
+    unit_rows,
+)
 
 
 def synthetic_dictionaries(n_latents: int, d: int, n_seeds: int, shared_fraction: float, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

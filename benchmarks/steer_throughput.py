@@ -24,9 +24,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_pipeline.config import resolve_device
-from sae_pipeline.steer import SamplingSettings, generate_continuations, prompt_token_ids, sampling_uniforms, steer_features
-from sae_pipeline.subject import bos_token_id, build_gpt_neox, build_tokenizer, load_subject_model
+from sae_pipeline.runtime.devices import resolve_device
+from sae_pipeline.subject.model import bos_token_id, load_subject_model
+from sae_pipeline.subject.steering import (
+    SamplingSettings,
+    generate_continuations,
+    prompt_token_ids,
+    sampling_uniforms,
+    steer_features,
+)
+from sae_pipeline.subject.tiny import build_gpt_neox, build_tokenizer
 
 PROMPTS = [
     "The most important thing is",

@@ -2,7 +2,7 @@
 
 Writes a Parquet cache of synthetic activations (every row is ``--active`` of ``--features`` random
 unit directions with magnitudes in [1, 3], a constant offset and a little noise), then runs the real
-stage, ``sae_pipeline.train.train_saes`` (loader, logging steps, checkpoints, held-out evaluation),
+stage, ``sae_pipeline.stages.train.train_saes`` (loader, logging steps, checkpoints, held-out evaluation),
 once per decoder mode for ``--seeds`` fused seeds and once for the first seed alone. Prints per run:
 wall time, tokens/s, held-out FVU, L0, dead fraction and the mean over planted features of the best
 cosine with a decoder row (1.0 = every planted feature recovered).
@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sae_pipeline.checkpoint import load_sae_arrays  # noqa: E402
-from sae_pipeline.config import resolve_device  # noqa: E402
-from sae_pipeline.loader import write_synthetic_cache  # noqa: E402
-from sae_pipeline.train import train_saes  # noqa: E402
+from sae_pipeline.data.checkpoint import load_sae_arrays  # noqa: E402
+from sae_pipeline.data.loader import write_synthetic_cache  # noqa: E402
+from sae_pipeline.runtime.devices import resolve_device  # noqa: E402
+from sae_pipeline.stages.train import train_saes  # noqa: E402
 
 FULL = dict(d_in=256, features=4096, active=16, rows=1_048_576, tokens=8_388_608, batch=4096)
 SMALL = dict(d_in=32, features=128, active=4, rows=32_768, tokens=262_144, batch=512)

@@ -2,7 +2,7 @@
 
 Measures, on the same activations (random data with a constant offset, resident on the device):
 
-- our step (sae_pipeline.training_sae.SeedBatchedTrainer) for 1 seed and for ``--seeds`` seeds fused,
+- our step (sae_pipeline.sae.trainer.SeedBatchedTrainer) for 1 seed and for ``--seeds`` seeds fused,
   for each ``--decoders`` mode: ``kernels`` (sparse Triton forward and backward; the default on
   CUDA), ``dense`` (autograd with dense decoder products), ``embedding_bag`` (autograd gathering
   the k selected decoder rows); on CUDA each step is a CUDA-graph replay as in training
@@ -11,7 +11,7 @@ Measures, on the same activations (random data with a constant offset, resident 
   autocast on CUDA, dead-latent bookkeeping, backward, ``clip_grad_norm_(1.0)``, Adam), when
   ``sae_lens`` can be imported;
 - optionally (``--loader``) end to end: Parquet shards written to a temporary folder and streamed
-  by ``sae_pipeline.loader.ActivationLoader`` into the fused trainer, plus the loader alone.
+  by ``sae_pipeline.data.loader.ActivationLoader`` into the fused trainer, plus the loader alone.
 
 Prints tokens/s (activation rows per second; a fused step trains every seed on each row),
 milliseconds per step, the fused/single time ratio, the speed-up over SAELens, and on CUDA the
@@ -43,8 +43,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sae_pipeline.config import resolve_device  # noqa: E402
-from sae_pipeline.training_sae import SeedBatchedSAE, SeedBatchedTrainer, TrainSettings  # noqa: E402
+from sae_pipeline.runtime.devices import resolve_device  # noqa: E402
+from sae_pipeline.sae.trainer import SeedBatchedTrainer  # noqa: E402
+from sae_pipeline.sae.training_model import SeedBatchedSAE  # noqa: E402
+from sae_pipeline.settings import TrainSettings  # noqa: E402
 
 FULL = dict(d_in=512, d_sae=16384, k=40, batch=4096, steps=50, warmup=10)
 SMALL = dict(d_in=128, d_sae=1024, k=16, batch=1024, steps=20, warmup=3)
@@ -206,9 +208,8 @@ def saelens_step(sizes: dict, device: torch.device) -> Callable[[torch.Tensor], 
 
 def loader_benchmark(sizes: dict, seeds: int, device: torch.device, batches: int) -> None:
     """End to end from Parquet shards: the loader alone, then loader + fused trainer."""
-    from sae_pipeline.loader import ActivationLoader
-    from sae_pipeline.loader import write_synthetic_cache
-    from sae_pipeline.shards import ActivationStore
+    from sae_pipeline.data.loader import ActivationLoader, write_synthetic_cache
+    from sae_pipeline.data.shards import ActivationStore
 
     rows = sizes["batch"] * min(batches, 64)
     folder = Path(tempfile.mkdtemp(prefix="train_throughput_"))

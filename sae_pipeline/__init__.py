@@ -1,9 +1,11 @@
 """sae-stability: stability and steerability of sparse-autoencoder features.
 
-One module per pipeline stage (``cache``, ``train``, ``match``, ``autointerp``, ``steer``,
-``evaluate``, ``regress``); shared pieces live in ``atomic`` (crash-safe writes), ``config``
-(settings and the variant grid), ``shards`` (Parquet activation shards), ``checkpoint`` (SAE files in
-SAELens layout), ``subject`` (subject model loading) and ``judge`` (the LLM judge client).
+Sub-packages: ``stages`` (one module per Snakemake rule entry), ``sae`` (models, training, kernels,
+measures), ``data`` (corpus, shards, loader, checkpoints), ``subject`` (the subject model),
+``features`` (mining feature examples), ``judges`` (explainers, scorers, LLM client, embedding judge),
+``stability`` (matching across seeds), ``stats`` (intervals, regressions), ``report`` (tables, plots,
+summary) and ``runtime`` (logs, devices). ``layout`` (names and paths) and ``settings`` (typed
+settings and enumerations) import no torch: the Snakefile builds the DAG from them alone.
 """
 
 __version__ = "0.1.0"

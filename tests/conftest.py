@@ -50,7 +50,7 @@ def tiny_corpus(tmp_path_factory) -> tuple[dict, Path]:
 @pytest.fixture(scope="session")
 def tiny_subject_model(tmp_path_factory) -> Path:
     """A random tiny GPT-NeoX (d_model 32, 2 layers) with a 300-token BPE tokenizer, as a local HF folder."""
-    from sae_pipeline.subject import build_gpt_neox, build_tokenizer
+    from sae_pipeline.subject.tiny import build_gpt_neox, build_tokenizer
 
     folder = tmp_path_factory.mktemp("subject_model")
     tokenizer = build_tokenizer(tiny_documents(), vocab_size=300)
@@ -67,7 +67,7 @@ TINY_HOOK = "blocks.1.hook_resid_post"
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory, tiny_subject_model, tiny_corpus) -> Path:
     """A finished activation cache (4 shards of 512 rows, d_model 32) from the real cache stage; returns the folder."""
-    from sae_pipeline.cache import cache_activations
+    from sae_pipeline.stages.cache import cache_activations
 
     corpus_settings, documents = tiny_corpus
     folder = tmp_path_factory.mktemp("cache")

@@ -196,7 +196,7 @@ class FakeOpenAIServer:
 
 
 def autointerp_responder(request: dict[str, Any]) -> str:
-    """Well-formed answers to :mod:`sae_pipeline.autointerp` prompts: an explanation, or all-ones lists.
+    """Well-formed answers to :mod:`sae_pipeline.stages.autointerp` prompts: an explanation, or all-ones lists.
 
     Answering every excerpt with 1 gives a balanced accuracy of exactly 0.5, a number tests can check.
     """

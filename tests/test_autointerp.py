@@ -11,21 +11,24 @@ import pytest
 import torch
 import yaml
 
-from sae_pipeline.autointerp import (
+from sae_pipeline.data.checkpoint import load_sae, save_sae
+from sae_pipeline.data.shards import (
+    ActivationStore,
+    ShardData,
+    write_manifest,
+    write_numbered_shard,
+    write_sequences,
+)
+from sae_pipeline.features.contexts import TokenText, build_contexts, render_context
+from sae_pipeline.features.mining import mine_examples
+from sae_pipeline.judges.prompts import parse_binary_list, parse_explanation
+from sae_pipeline.judges.scorers import balanced_accuracy
+from sae_pipeline.settings import MiningSettings
+from sae_pipeline.stages.autointerp import (
     SCORE_COLUMNS,
-    MiningSettings,
-    TokenText,
-    balanced_accuracy,
-    build_contexts,
-    mine_examples,
-    parse_binary_list,
-    parse_explanation,
-    render_context,
     run_autointerp,
     select_features,
 )
-from sae_pipeline.checkpoint import load_sae, save_sae
-from sae_pipeline.shards import ActivationStore, ShardData, write_manifest, write_numbered_shard, write_sequences
 from tests.conftest import REPO_ROOT, tiny_documents
 from tests.fake_openai_server import FakeOpenAIServer, Scripted, autointerp_responder
 
@@ -268,8 +271,8 @@ def test_feature_selection():
 def test_llm_backend_fails_before_mining_when_the_endpoint_is_down(planted, tmp_path, monkeypatch):
     import socket
 
-    import sae_pipeline.autointerp as autointerp
-    from sae_pipeline.judge import JudgeUnavailable
+    import sae_pipeline.stages.autointerp as autointerp
+    from sae_pipeline.judges.client import JudgeUnavailable
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -282,7 +285,7 @@ def test_llm_backend_fails_before_mining_when_the_endpoint_is_down(planted, tmp_
 
 
 def test_sharedness_of_another_seed_is_refused(tmp_path):
-    from sae_pipeline.autointerp import read_sharedness
+    from sae_pipeline.stages.autointerp import read_sharedness
 
     path = tmp_path / "features.parquet"
     pd.DataFrame({"seed": [1, 1], "feature": [0, 1], "included": [True, True], "share_count": [3, 0], "category": ["always", "never"]}).to_parquet(path)

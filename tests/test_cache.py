@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-import sae_pipeline.cache as cache_module
-from sae_pipeline.cache import cache_activations
-from sae_pipeline.shards import ActivationStore, read_shard
+import sae_pipeline.stages.cache as cache_module
+from sae_pipeline.data.shards import ActivationStore, read_shard
+from sae_pipeline.stages.cache import cache_activations
 from tests.conftest import TINY_CACHE_SETTINGS, TINY_HOOK
 
 
@@ -119,8 +119,8 @@ def test_changed_settings_discard_old_shards(tmp_path, tiny_subject_model, tiny_
 def test_streamed_packing_equals_reference_packing(tiny_subject_model):
     from transformers import AutoTokenizer
 
-    from sae_pipeline.cache import iter_sequence_blocks
-    from sae_pipeline.corpus import pack_sequences
+    from sae_pipeline.data.corpus import pack_sequences
+    from sae_pipeline.stages.cache import iter_sequence_blocks
     from tests.conftest import tiny_documents
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_subject_model)

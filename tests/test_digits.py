@@ -15,10 +15,12 @@ from sklearn.datasets import load_digits
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from sae_pipeline.config import expand_variants
-from sae_pipeline.digits import cache_digits, cell_of, digits_stability_table, load_digit_images, read_labels
-from sae_pipeline.loader import read_holdout, training_spans
-from sae_pipeline.shards import ActivationStore
+from sae_pipeline.data.digits import load_digit_images, read_labels
+from sae_pipeline.data.holdout import read_holdout, training_spans
+from sae_pipeline.data.shards import ActivationStore
+from sae_pipeline.layout import digits_cell, expand_variants
+from sae_pipeline.stages.digits_cache import cache_digits
+from sae_pipeline.stages.digits_table import digits_stability_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA = {
@@ -110,7 +112,7 @@ def digits_grid() -> dict:
 def test_stability_table_and_claim1_verdict(tmp_path, target_wins):
     variants = expand_variants(digits_grid())
     assert len(variants) == 12
-    cells = {name: cell_of(settings) for name, settings in variants.items()}
+    cells = {name: digits_cell(settings) for name, settings in variants.items()}
     summaries = {}
     for index, (name, cell) in enumerate(cells.items()):
         is_target = cell["weight_penalty"] == "l2" and cell["tied_init"] and cell["unit_norm_decoder"]

@@ -11,19 +11,19 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_pipeline.evaluate import (
+from sae_pipeline.sae.metrics import (
     balanced_sample,
     code_concentration,
     firing_summary,
     fraction_of_variance_unexplained,
     inference_ks,
-    mean_with_interval,
     monosemanticity_proxies,
     rank_latents_by_class_difference,
-    run_evaluation,
     sparse_probe,
     token_property_labels,
 )
+from sae_pipeline.stages.evaluate import run_evaluation
+from sae_pipeline.stats.intervals import mean_with_interval
 
 
 def test_fvu_matches_hand_computation():
@@ -107,7 +107,11 @@ def test_probe_ranks_and_finds_the_informative_latent():
 
 
 def test_ce_loss_with_replacement_identity_zero_and_bos(tiny_subject_model):
-    from sae_pipeline.subject import ce_loss_recovered, ce_loss_with_replacement, load_subject_model
+    from sae_pipeline.subject.model import (
+        ce_loss_recovered,
+        ce_loss_with_replacement,
+        load_subject_model,
+    )
 
     bridge = load_subject_model(str(tiny_subject_model))
     tokens = torch.randint(0, int(bridge.cfg.d_vocab), (5, 12), generator=torch.Generator().manual_seed(0))
@@ -150,8 +154,8 @@ EVALUATE_SETTINGS = {
 @pytest.fixture(scope="module")
 def tiny_topk_sae(tmp_path_factory, tiny_cache):
     """A Top-k SAE (k 4, 64 latents) with tied random unit-norm decoder rows and b_dec at the data mean."""
-    from sae_pipeline.checkpoint import save_sae
-    from sae_pipeline.shards import ActivationStore
+    from sae_pipeline.data.checkpoint import save_sae
+    from sae_pipeline.data.shards import ActivationStore
 
     store = ActivationStore(tiny_cache)
     mean = torch.from_numpy(np.concatenate([s.activations for s in store.iter_shards(drop_bos=True)]).astype(np.float32).mean(axis=0))
@@ -165,10 +169,14 @@ def tiny_topk_sae(tmp_path_factory, tiny_cache):
 
 
 def test_run_evaluation_end_to_end(tmp_path, tiny_cache, tiny_topk_sae):
-    from sae_pipeline.checkpoint import load_sae
-    from sae_pipeline.evaluate import evaluation_set
-    from sae_pipeline.shards import ActivationStore
-    from sae_pipeline.subject import ce_loss_recovered, ce_loss_with_replacement, load_subject_model
+    from sae_pipeline.data.checkpoint import load_sae
+    from sae_pipeline.data.shards import ActivationStore
+    from sae_pipeline.stages.evaluate import evaluation_set
+    from sae_pipeline.subject.model import (
+        ce_loss_recovered,
+        ce_loss_with_replacement,
+        load_subject_model,
+    )
 
     outputs = {name: str(tmp_path / file) for name, file in [
         ("metrics", "metrics.json"), ("k_robustness", "k_robustness.csv"), ("probing", "probing.csv"),
@@ -242,8 +250,9 @@ def test_evaluation_uses_the_training_holdout(tmp_path, tiny_cache, tiny_topk_sa
     """With ``training.settings.holdout_tokens`` in cfg.json, only the last cache rows (never trained on) are used."""
     import shutil
 
-    from sae_pipeline.evaluate import evaluation_set, holdout_rows_of
-    from sae_pipeline.shards import ActivationStore
+    from sae_pipeline.data.checkpoint import holdout_rows_of
+    from sae_pipeline.data.shards import ActivationStore
+    from sae_pipeline.stages.evaluate import evaluation_set
 
     folder = tmp_path / "seed0"
     shutil.copytree(tiny_topk_sae, folder)

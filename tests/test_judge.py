@@ -8,7 +8,15 @@ import threading
 
 import pytest
 
-from sae_pipeline.judge import JudgeClient, JudgeError, JudgeSettings, JudgeUnavailable, ResponseCache, TokenBudgetExceeded, request_hash
+from sae_pipeline.judges.client import (
+    JudgeClient,
+    JudgeError,
+    JudgeUnavailable,
+    ResponseCache,
+    TokenBudgetExceeded,
+    request_hash,
+)
+from sae_pipeline.settings import JudgeSettings
 from tests.fake_openai_server import FakeOpenAIServer, Scripted
 
 

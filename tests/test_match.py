@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_pipeline.checkpoint import save_sae
-from sae_pipeline.match import match_dictionaries, run_match
+from sae_pipeline.data.checkpoint import save_sae
+from sae_pipeline.stability.matching import match_dictionaries
+from sae_pipeline.stages.match import run_match
 
 D = 64
 
@@ -146,7 +147,7 @@ def test_run_match_writes_outputs_from_checkpoints(tmp_path):
     rng = np.random.default_rng(1)
     d_in, d_sae = 16, 12
     base = rng.standard_normal((d_sae, d_in)).astype(np.float32)
-    folders = []
+    folders = {}
     for seed, permutation in zip((0, 1, 2), (np.arange(d_sae), rng.permutation(d_sae), rng.permutation(d_sae))):
         directions = base.copy()
         directions[10:] = rng.standard_normal((2, d_in))  # directions 10 and 11 differ per seed
@@ -160,7 +161,7 @@ def test_run_match_writes_outputs_from_checkpoints(tmp_path):
             "b_dec": torch.zeros(d_in),
         }
         cfg = {"architecture": "topk", "k": 2, "metadata": {"dataset_path": "hand-built"}}
-        folders.append(str(save_sae(tmp_path / "sae" / f"seed{seed}", tensors, cfg, firing_frequency=torch.from_numpy(frequency))))
+        folders[seed] = str(save_sae(tmp_path / "sae" / f"seed{seed}", tensors, cfg, firing_frequency=torch.from_numpy(frequency)))
     settings = {"threshold": 0.7, "exclude_dead": True, "dead_frequency_threshold": 1e-9, "reference_seed": None, "solver": "auto", "candidates": 8, "device": "cpu"}
     output = tmp_path / "match"
     summary = run_match(folders, str(output), settings, title="test/variant")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from sae_pipeline.assignment import max_similarity_matching
+from sae_pipeline.stability.assignment import max_similarity_matching
 
 
 def optimal_value(similarity: np.ndarray) -> float:

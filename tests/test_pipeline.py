@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sae_pipeline.shards import ActivationStore
+from sae_pipeline.data.shards import ActivationStore
 from tests.conftest import REPO_ROOT
 
 E2E_CONFIG = REPO_ROOT / "tests" / "e2e_config.yaml"
@@ -79,6 +79,7 @@ def finished_run(tmp_path_factory) -> Path:
     return results
 
 
+@pytest.mark.slow
 def test_full_run_produces_every_stage_output(finished_run):
     results = finished_run
     model_metrics = json.loads((results / "lm/subject_model/training_metrics.json").read_text())
@@ -109,27 +110,32 @@ def _plan_after(finished_run: Path, tmp_path: Path, change: dict) -> Counter:
     return planned_jobs("--configfile", str(E2E_CONFIG), str(override), "--config", f"results_dir={finished_run}")
 
 
+@pytest.mark.slow
 def test_nothing_to_do_after_a_complete_run(finished_run):
     assert planned_jobs("--configfile", str(E2E_CONFIG), "--config", f"results_dir={finished_run}") == Counter()
 
 
+@pytest.mark.slow
 def test_changed_training_setting_reruns_training_and_downstream_only(finished_run, tmp_path):
     counts = _plan_after(finished_run, tmp_path, {"train": {"options": {"lr": 5.0e-4}}})
     variants = LM_VARIANTS_E2E
     assert counts == Counter(train=variants, match=variants, autointerp=variants, steer=variants, evaluate=variants, regress=1, all=1)
 
 
+@pytest.mark.slow
 def test_changed_cache_setting_reruns_cache_and_the_language_model_branch(finished_run, tmp_path):
     counts = _plan_after(finished_run, tmp_path, {"cache": {"dtype": "float32"}})
     variants = LM_VARIANTS_E2E
     assert counts == Counter(cache=1, train=variants, match=variants, autointerp=variants, steer=variants, evaluate=variants, regress=1, all=1)
 
 
+@pytest.mark.slow
 def test_changed_steering_setting_reruns_steering_and_regression_only(finished_run, tmp_path):
     counts = _plan_after(finished_run, tmp_path, {"steer": {"strength_multiple": 3.0}})
     assert counts == Counter(steer=LM_VARIANTS_E2E, regress=1, all=1)
 
 
+@pytest.mark.slow
 def test_changed_digits_setting_reruns_the_digits_branch_only(finished_run, tmp_path):
     counts = _plan_after(finished_run, tmp_path, {"digits": {"train": {"options": {"lr": 5.0e-4}}}})
     assert counts == Counter(train=DIGITS_VARIANTS_E2E, match=DIGITS_VARIANTS_E2E, digits_table=1, regress=1, all=1)
@@ -140,6 +146,7 @@ def test_lint_is_clean():
     assert "Congratulations, your workflow is in a good condition!" in linted.stdout + linted.stderr
 
 
+@pytest.mark.slow
 def test_report_gathers_plots_and_tables(finished_run):
     report = finished_run / "report.html"
     snakemake("--report", str(report), "--configfile", str(E2E_CONFIG), "--config", f"results_dir={finished_run}")

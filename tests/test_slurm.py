@@ -27,7 +27,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT, tiny_documents
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SLURM_PROGRAMS = ["slurmctld", "slurmd", "sbatch", "srun", "squeue", "sacct", "scontrol", "sinfo", "munged", "mungekey", "munge", "unmunge"]
 MISSING_PROGRAMS = [program for program in SLURM_PROGRAMS if shutil.which(program) is None]

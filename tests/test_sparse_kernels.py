@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_pipeline import sparse_kernels
-from sae_pipeline.training_sae import SeedBatchedSAE, SeedBatchedTrainer, TrainSettings, topk_indices
+from sae_pipeline.sae import kernels as sparse_kernels
+from sae_pipeline.sae.trainer import SeedBatchedTrainer
+from sae_pipeline.sae.training_model import SeedBatchedSAE, topk_indices
+from sae_pipeline.settings import TrainSettings
 
 torch.set_num_threads(1)
 

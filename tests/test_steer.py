@@ -11,18 +11,18 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_pipeline import steer
-from sae_pipeline.steer import (
+from sae_pipeline.judges.prompts import parse_llm_score
+from sae_pipeline.stages import steer
+from sae_pipeline.stages.steer import feature_strengths, sample_features
+from sae_pipeline.subject import steering
+from sae_pipeline.subject.steering import (
     NewestPositionSteering,
     SamplingSettings,
-    feature_strengths,
     generate_continuations,
     last_prompt_activations,
     left_pad,
-    parse_llm_score,
     prompt_token_ids,
     residual_rms,
-    sample_features,
     sample_next_tokens,
     sampling_uniforms,
     steer_features,
@@ -36,7 +36,7 @@ SAMPLED = SamplingSettings(greedy=False, temperature=1.0, top_p=0.95)
 
 @pytest.fixture(scope="module")
 def bridge(tiny_subject_model):
-    from sae_pipeline.subject import load_subject_model
+    from sae_pipeline.subject.model import load_subject_model
 
     return load_subject_model(str(tiny_subject_model), device="cpu")
 
@@ -176,7 +176,7 @@ def reference_nucleus_sample(logits: torch.Tensor, uniforms: torch.Tensor, tempe
 
 @pytest.mark.parametrize("candidates", [1024, 3], ids=["candidates-cover", "some-rows-fully-sorted"])
 def test_nucleus_from_candidates_equals_the_full_sort(monkeypatch, candidates):
-    monkeypatch.setattr(steer, "NUCLEUS_CANDIDATES", candidates)
+    monkeypatch.setattr(steering, "NUCLEUS_CANDIDATES", candidates)
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(400, 50, generator=generator) * torch.linspace(0.2, 4.0, 400).unsqueeze(-1)
     logits[:10, :5] = 2.0  # exact ties, broken by token id
@@ -288,7 +288,7 @@ def test_llm_judge_prompt_names_the_scale_and_the_texts():
 @pytest.fixture(scope="module")
 def steering_inputs(tmp_path_factory, tiny_subject_model, tiny_cache):
     """Manifest, a random SAE over the tiny model's hook, and an autointerp scores table."""
-    from sae_pipeline.checkpoint import save_sae
+    from sae_pipeline.data.checkpoint import save_sae
 
     folder = tmp_path_factory.mktemp("steer_inputs")
     manifest = json.loads((tiny_cache / "manifest.json").read_text())

@@ -7,7 +7,7 @@ import socket
 import numpy as np
 import pytest
 
-from sae_pipeline.embedding_judge import EmbeddingJudge, embedding_model_path
+from sae_pipeline.judges.embedding import EmbeddingJudge, embedding_model_path
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sae_pipeline.loader import ActivationLoader, read_holdout, training_spans, write_synthetic_cache
-from sae_pipeline.shards import ActivationStore
+from sae_pipeline.data.holdout import read_holdout, training_spans
+from sae_pipeline.data.loader import ActivationLoader, write_synthetic_cache
+from sae_pipeline.data.shards import ActivationStore
 
 
 @pytest.fixture()

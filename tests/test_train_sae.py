@@ -7,17 +7,16 @@ import math
 import pytest
 import torch
 
-from sae_pipeline.training_sae import (
+from sae_pipeline.sae.trainer import SeedBatchedTrainer, learning_rate
+from sae_pipeline.sae.training_model import (
     SeedBatchedSAE,
-    SeedBatchedTrainer,
-    TrainSettings,
     geometric_median,
     initial_weights,
-    learning_rate,
     sparsity_regularizer,
     topk_indices,
     weight_penalty,
 )
+from sae_pipeline.settings import TrainSettings
 
 torch.set_num_threads(1)
 

@@ -14,11 +14,20 @@ import torch
 import yaml
 from snakemake.utils import validate
 
-from sae_pipeline.checkpoint import load_firing_frequency, load_sae, load_sae_arrays, load_sae_config
-from sae_pipeline.config import expand_variants, seed_groups
-from sae_pipeline.train import TrainingInterrupted, cross_entropy_losses, group_seeds, train_saes, variant_settings
+from sae_pipeline.data.checkpoint import (
+    load_firing_frequency,
+    load_sae,
+    load_sae_arrays,
+    load_sae_config,
+)
+from sae_pipeline.data.loader import write_synthetic_cache
+from sae_pipeline.layout import Experiment, expand_variants
+from sae_pipeline.stages.train import (
+    TrainingInterrupted,
+    cross_entropy_losses,
+    train_saes,
+)
 from tests.conftest import REPO_ROOT, TINY_HOOK
-from sae_pipeline.loader import write_synthetic_cache
 
 D_IN = 24
 N_FEATURES = 48
@@ -169,8 +178,8 @@ def test_language_model_cache_gets_ce_loss_recovered(tiny_cache, tmp_path):
 
 
 def test_identity_splice_recovers_all_of_the_loss(tiny_cache, tiny_subject_model):
-    from sae_pipeline.shards import ActivationStore
-    from sae_pipeline.subject import load_subject_model
+    from sae_pipeline.data.shards import ActivationStore
+    from sae_pipeline.subject.model import load_subject_model
 
     bridge = load_subject_model(str(tiny_subject_model), "cpu")
     tokens = torch.from_numpy(ActivationStore(tiny_cache).sequences()[:4].astype(np.int64))
@@ -181,16 +190,16 @@ def test_identity_splice_recovers_all_of_the_loss(tiny_cache, tiny_subject_model
 
 
 def test_group_and_variant_lookups_name_what_is_configured():
-    config = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["train"]
-    groups = seed_groups(config["seeds"], config["seeds_per_job"])
-    assert group_seeds(groups, "seeds0-1-2") == [0, 1, 2]
+    experiment = Experiment(yaml.safe_load((REPO_ROOT / "config.yaml").read_text()))
+    config = experiment.train_section("lm")
+    assert experiment.group_seeds("lm", "seeds0-1-2") == [0, 1, 2]
     with pytest.raises(ValueError, match="seeds0-1-2"):
-        group_seeds(groups, "seeds7")
+        experiment.group_seeds("lm", "seeds7")
     all_variants = expand_variants(config)
     name = next(iter(all_variants))
-    assert variant_settings(all_variants, name)["d_sae"] == config["options"]["d_sae"]
+    assert experiment.variant_settings("lm", name)["d_sae"] == config["options"]["d_sae"]
     with pytest.raises(ValueError, match=name):
-        variant_settings(all_variants, "nope")
+        experiment.variant_settings("lm", "nope")
 
 
 def test_schema_accepts_the_default_section_and_a_digits_style_section_and_names_bad_keys():
@@ -205,7 +214,7 @@ def test_schema_accepts_the_default_section_and_a_digits_style_section_and_names
     every_variant = expand_variants(digits_style)
     assert len(every_variant) == 8
     for settings in every_variant.values():
-        from sae_pipeline.training_sae import TrainSettings
+        from sae_pipeline.settings import TrainSettings
 
         TrainSettings.from_mapping(settings)
     for path, value in ((("options", "lr_schedule"), 1), (("grid", "colour"), ["red"]), (("options", "autocast"), "fp8")):

@@ -4,18 +4,18 @@
 rule autointerp:
     """Mine top/quantile/non-activating contexts of SAE features, explain them and score the explanations."""
     input:
-        manifest=f"{RESULTS}/lm/cache/manifest.json",
-        sae_group=lambda wildcards: sae_group_dir("lm", wildcards.variant, wildcards.seed),
-        sharedness=f"{RESULTS}/lm/match/{{variant}}/features.parquet",
+        manifest=LAYOUT.cache_manifest(LANGUAGE_MODEL),
+        sae_group=lambda wildcards: EXPERIMENT.sae_group_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
+        sharedness=LAYOUT.match_file(LANGUAGE_MODEL, "{variant}", "features"),
     output:
-        scores=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/scores.parquet",
-        audit=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/audit.jsonl",
+        scores=LAYOUT.autointerp_file("{variant}", "{seed}", "scores"),
+        audit=LAYOUT.autointerp_file("{variant}", "{seed}", "audit"),
     params:
         settings=autointerp_settings(),
-        sae=lambda wildcards: sae_dir("lm", wildcards.variant, wildcards.seed),
+        sae=lambda wildcards: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
         judge_cache_dir=autointerp_judge_cache_dir() if config["autointerp"]["backend"] == "llm" else None,
     log:
-        f"{RESULTS}/logs/autointerp/{{variant}}/seed{{seed}}.log",
+        LAYOUT.log("autointerp", "{variant}", "seed{seed}"),
     threads: config["autointerp"]["threads"]
     resources:
         gpu=0 if config["autointerp"]["mining"]["device"] == "cpu" else 1,
@@ -27,10 +27,4 @@ rule autointerp:
         "../scripts/autointerp.py"
 
 
-ALL_TARGETS.extend(
-    expand(
-        f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/scores.parquet",
-        variant=list(variants("lm")),
-        seed=config["autointerp"]["seed"],
-    )
-)
+ALL_TARGETS.extend(LAYOUT.autointerp_file(variant, config["autointerp"]["seed"], "scores") for variant in EXPERIMENT.variants(LANGUAGE_MODEL))

@@ -7,14 +7,14 @@ rule cache:
         documents=corpus_documents_input(),
         model=subject_model_input(),
     output:
-        manifest=f"{RESULTS}/lm/cache/manifest.json",
+        manifest=LAYOUT.cache_manifest(LANGUAGE_MODEL),
     params:
         model_ref=lambda wildcards, input: input.model[0] if input.model else subject_model_ref(),
         hook_name=config["subject_model"]["hook_name"],
         corpus=config["corpus"],
         settings=config["cache"],
     log:
-        f"{RESULTS}/logs/cache.log",
+        LAYOUT.log("cache"),
     threads: 2
     resources:
         gpu=1,

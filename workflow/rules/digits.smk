@@ -1,18 +1,18 @@
 # The digits stability experiment (claim 1): images cached as an activation cache; the generic train
 # and match rules train and match the digits grid; this file adds the cache and the final table.
 
-from sae_pipeline.digits import cell_of
+from sae_pipeline.layout import digits_cell
 
 
 rule digits_cache:
     """Cache the digit images (scikit-learn's 8x8 digits offline, MNIST from the Hub if configured)
     in the activation-shard format, with their class labels."""
     output:
-        manifest=f"{RESULTS}/digits/cache/manifest.json",
+        manifest=LAYOUT.cache_manifest(DIGITS),
     params:
         settings=config["digits"]["data"],
     log:
-        f"{RESULTS}/logs/digits_cache.log",
+        LAYOUT.log("digits_cache"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -27,17 +27,18 @@ rule digits_table:
     """Shared fraction, MMCS and training quality per digits grid cell; claim 1's direction."""
     input:
         manifest=rules.digits_cache.output.manifest,
-        summaries=expand(f"{RESULTS}/digits/match/{{variant}}/summary.json", variant=list(variants("digits"))),
-        sae_groups=[folder for variant in variants("digits") for folder in sae_group_dirs("digits", variant)],
+        summaries=[LAYOUT.match_file(DIGITS, variant, "summary") for variant in EXPERIMENT.variants(DIGITS)],
+        sae_groups=[folder for variant in EXPERIMENT.variants(DIGITS) for folder in EXPERIMENT.sae_group_dirs(DIGITS, variant)],
     output:
-        table=f"{RESULTS}/digits/stability_table.csv",
-        plot=report(f"{RESULTS}/digits/stability.png", caption="../report/digits_stability.rst", category="Claim 1: digits stability"),
-        summary=f"{RESULTS}/digits/stability_summary.json",
+        table=LAYOUT.digits_file("table"),
+        plot=report(LAYOUT.digits_file("plot"), caption="../report/digits_stability.rst", category="Claim 1: digits stability"),
+        summary=LAYOUT.digits_file("summary"),
     params:
-        cells={variant: cell_of(settings) for variant, settings in variants("digits").items()},
-        sae_dirs={variant: [sae_dir("digits", variant, seed) for seed in config["digits"]["train"]["seeds"]] for variant in variants("digits")},
+        summaries={variant: LAYOUT.match_file(DIGITS, variant, "summary") for variant in EXPERIMENT.variants(DIGITS)},
+        cells={variant: digits_cell(settings) for variant, settings in EXPERIMENT.variants(DIGITS).items()},
+        metrics_files={variant: EXPERIMENT.metrics_files(DIGITS, variant) for variant in EXPERIMENT.variants(DIGITS)},
     log:
-        f"{RESULTS}/logs/digits_table.log",
+        LAYOUT.log("digits_table"),
     threads: 1
     resources:
         mem_mb=2000,

@@ -1,22 +1,20 @@
 # Evaluate stage (claim 4): one job per variant, on the SAE of seed `evaluate.seed`.
 
-from sae_pipeline.config import condition_label
-
 
 rule evaluate:
     """k-robustness (FVU, CE-loss recovered at k' = multiplier x k), code concentration, latent usage,
     monosemanticity proxies and sparse probing of one trained SAE."""
     input:
-        sae_group=lambda wildcards: sae_group_dir("lm", wildcards.variant, wildcards.seed),
-        cache=f"{RESULTS}/lm/cache/manifest.json",
+        sae_group=lambda wildcards: EXPERIMENT.sae_group_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
+        cache=LAYOUT.cache_manifest(LANGUAGE_MODEL),
         model=subject_model_input(),
     output:
-        metrics=f"{RESULTS}/lm/evaluate/{{variant}}/seed{{seed}}/metrics.json",
-        k_robustness=f"{RESULTS}/lm/evaluate/{{variant}}/seed{{seed}}/k_robustness.csv",
-        probing=f"{RESULTS}/lm/evaluate/{{variant}}/seed{{seed}}/probing.csv",
-        latents=f"{RESULTS}/lm/evaluate/{{variant}}/seed{{seed}}/latents.parquet",
+        metrics=LAYOUT.evaluate_file("{variant}", "{seed}", "metrics"),
+        k_robustness=LAYOUT.evaluate_file("{variant}", "{seed}", "k_robustness"),
+        probing=LAYOUT.evaluate_file("{variant}", "{seed}", "probing"),
+        latents=LAYOUT.evaluate_file("{variant}", "{seed}", "latents"),
         frequency_plot=report(
-            f"{RESULTS}/lm/evaluate/{{variant}}/seed{{seed}}/latent_frequency.png",
+            LAYOUT.evaluate_file("{variant}", "{seed}", "frequency_plot"),
             caption="../report/latent_frequency.rst",
             category="Claim 4: Top-k regularizers",
             subcategory="Latent usage",
@@ -24,10 +22,10 @@ rule evaluate:
         ),
     params:
         settings=config["evaluate"],
-        sae=lambda wildcards: sae_dir("lm", wildcards.variant, wildcards.seed),
-        condition=lambda wildcards: condition_label(variants("lm")[wildcards.variant]),
+        sae=lambda wildcards: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
+        condition=lambda wildcards: EXPERIMENT.condition(wildcards.variant).label,
     log:
-        f"{RESULTS}/logs/evaluate/{{variant}}-seed{{seed}}.log",
+        LAYOUT.log("evaluate", "{variant}-seed{seed}"),
     threads: 2
     resources:
         gpu=1,
@@ -39,4 +37,4 @@ rule evaluate:
         "../scripts/evaluate.py"
 
 
-ALL_TARGETS.extend(expand(rules.evaluate.output.metrics, variant=list(variants("lm")), seed=config["evaluate"]["seed"]))
+ALL_TARGETS.extend(LAYOUT.evaluate_file(variant, config["evaluate"]["seed"], "metrics") for variant in EXPERIMENT.variants(LANGUAGE_MODEL))

@@ -5,26 +5,26 @@ rule match:
     """MMCS, fraction paired and decoder+encoder Hungarian sharing for every seed pair of one variant;
     per-feature share_count and category of the reference seed; histogram of max cosines."""
     input:
-        lambda wildcards: sae_group_dirs(wildcards.experiment, wildcards.variant),
+        lambda wildcards: EXPERIMENT.sae_group_dirs(wildcards.experiment, wildcards.variant),
     output:
-        pairs=f"{RESULTS}/{{experiment}}/match/{{variant}}/pairs.csv",
-        features=f"{RESULTS}/{{experiment}}/match/{{variant}}/features.parquet",
-        summary=f"{RESULTS}/{{experiment}}/match/{{variant}}/summary.json",
+        pairs=LAYOUT.match_file("{experiment}", "{variant}", "pairs"),
+        features=LAYOUT.match_file("{experiment}", "{variant}", "features"),
+        summary=LAYOUT.match_file("{experiment}", "{variant}", "summary"),
         histogram=report(
-            f"{RESULTS}/{{experiment}}/match/{{variant}}/max_cosine_hist.png",
+            LAYOUT.match_file("{experiment}", "{variant}", "histogram"),
             caption="../report/max_cosine_hist.rst",
             category="Feature matching",
             labels={"experiment": "{experiment}", "variant": "{variant}"},
         ),
     params:
-        sae_dirs=lambda wildcards: [sae_dir(wildcards.experiment, wildcards.variant, seed) for seed in train_section(wildcards.experiment)["seeds"]],
+        sae_dirs=lambda wildcards: EXPERIMENT.sae_dirs(wildcards.experiment, wildcards.variant),
         settings=config["match"],
         title=lambda wildcards: f"{wildcards.experiment}/{wildcards.variant}",
     log:
-        f"{RESULTS}/logs/match/{{experiment}}/{{variant}}.log",
+        LAYOUT.log("match", "{experiment}", "{variant}"),
     threads: 2
     resources:
-        gpu=lambda wildcards: 1 if wildcards.experiment == "lm" else 0,
+        gpu=lambda wildcards: 1 if wildcards.experiment == LANGUAGE_MODEL else 0,
         mem_mb=8000,
         runtime=30,
     conda:
@@ -33,4 +33,4 @@ rule match:
         "../scripts/match.py"
 
 
-ALL_TARGETS.extend(expand(rules.match.output.summary, experiment="lm", variant=list(variants("lm"))))
+ALL_TARGETS.extend(LAYOUT.match_file(LANGUAGE_MODEL, variant, "summary") for variant in EXPERIMENT.variants(LANGUAGE_MODEL))

@@ -6,21 +6,21 @@ rule steer:
     """Generate unsteered and steered continuations of the neutral prompts for sampled features and judge them."""
     input:
         model=subject_model_input(),
-        manifest=f"{RESULTS}/lm/cache/manifest.json",
-        sae_group=lambda wildcards: sae_group_dir("lm", wildcards.variant, wildcards.seed),
-        scores=f"{RESULTS}/lm/autointerp/{{variant}}/seed{{seed}}/scores.parquet",
+        manifest=LAYOUT.cache_manifest(LANGUAGE_MODEL),
+        sae_group=lambda wildcards: EXPERIMENT.sae_group_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
+        scores=LAYOUT.autointerp_file("{variant}", "{seed}", "scores"),
     output:
-        rows=f"{RESULTS}/lm/steer/{{variant}}/seed{{seed}}/rows.parquet",
-        features=f"{RESULTS}/lm/steer/{{variant}}/seed{{seed}}/features.csv",
+        rows=LAYOUT.steer_file("{variant}", "{seed}", "rows"),
+        features=LAYOUT.steer_file("{variant}", "{seed}", "features"),
     params:
         settings=config["steer"],
-        sae=lambda wildcards: sae_dir("lm", wildcards.variant, wildcards.seed),
+        sae=lambda wildcards: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
         # the judge endpoint (autointerp.llm) only when the LLM judge is on, so that its settings do not
         # rerun an embedding-only steering job
         llm=config["autointerp"]["llm"] if "llm" in config["steer"]["judges"] else None,
         judge_cache_dir=autointerp_judge_cache_dir() if "llm" in config["steer"]["judges"] else None,
     log:
-        f"{RESULTS}/logs/steer/{{variant}}/seed{{seed}}.log",
+        LAYOUT.log("steer", "{variant}", "seed{seed}"),
     threads: 2
     resources:
         gpu=1,
@@ -32,4 +32,4 @@ rule steer:
         "../scripts/steer.py"
 
 
-ALL_TARGETS.extend(expand(list(rules.steer.output), variant=list(variants("lm")), seed=config["steer"]["seed"]))
+ALL_TARGETS.extend(LAYOUT.steer_file(variant, config["steer"]["seed"], output) for variant in EXPERIMENT.variants(LANGUAGE_MODEL) for output in ("rows", "features"))

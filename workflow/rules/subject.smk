@@ -4,11 +4,11 @@
 rule export_corpus:
     """Write a local corpus (King James Bible from Debian's bible-kjv, or text files) as JSON lines."""
     output:
-        documents=f"{RESULTS}/lm/corpus/documents.jsonl",
+        documents=LAYOUT.corpus_documents(),
     params:
         corpus=config["corpus"],
     log:
-        f"{RESULTS}/logs/export_corpus.log",
+        LAYOUT.log("export_corpus"),
     resources:
         mem_mb=2000,
         runtime=10,
@@ -23,12 +23,12 @@ rule train_subject_model:
     input:
         documents=corpus_documents_input(),
     output:
-        model=directory(f"{RESULTS}/lm/subject_model"),
+        model=directory(LAYOUT.subject_model()),
     params:
         corpus=config["corpus"],
         settings=config["subject_model"].get("train", {}),
     log:
-        f"{RESULTS}/logs/train_subject_model.log",
+        LAYOUT.log("train_subject_model"),
     threads: 2
     resources:
         mem_mb=4000,

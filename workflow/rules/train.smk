@@ -1,23 +1,21 @@
 # SAE training: one job per (experiment, variant, seed group); the seeds of a group train together.
 
-from sae_pipeline.train import group_seeds, variant_settings
-
 
 rule train:
     """Train the SAEs of one variant for one seed group, evaluate them on held-out cache rows
     (plus CE-loss recovered for the language model) and write seed<s>/ folders and curves.parquet."""
     input:
-        manifest=f"{RESULTS}/{{experiment}}/cache/manifest.json",
-        model=lambda wildcards: subject_model_input() if wildcards.experiment == "lm" else [],
+        manifest=LAYOUT.cache_manifest("{experiment}"),
+        model=lambda wildcards: subject_model_input() if wildcards.experiment == LANGUAGE_MODEL else [],
     output:
-        directory(f"{RESULTS}/{{experiment}}/sae/{{variant}}/{{group}}"),
+        directory(LAYOUT.sae_group_dir("{experiment}", "{variant}", "{group}")),
     params:
-        settings=lambda wildcards: variant_settings(variants(wildcards.experiment), wildcards.variant),
-        seeds=lambda wildcards: group_seeds(groups(wildcards.experiment), wildcards.group),
+        settings=lambda wildcards: EXPERIMENT.variant_settings(wildcards.experiment, wildcards.variant),
+        seeds=lambda wildcards: EXPERIMENT.group_seeds(wildcards.experiment, wildcards.group),
         # resumable state; not an output, so Snakemake leaves it alone when a job is killed
-        state_dir=lambda wildcards: f"{RESULTS}/{wildcards.experiment}/.train_state/{wildcards.variant}/{wildcards.group}",
+        state_dir=lambda wildcards: LAYOUT.train_state_dir(wildcards.experiment, wildcards.variant, wildcards.group),
     log:
-        f"{RESULTS}/logs/train/{{experiment}}/{{variant}}/{{group}}.log",
+        LAYOUT.log("train", "{experiment}", "{variant}", "{group}"),
     threads: 2
     resources:
         gpu=1,
@@ -29,4 +27,4 @@ rule train:
         "../scripts/train.py"
 
 
-ALL_TARGETS.extend(folder for variant in variants("lm") for folder in sae_group_dirs("lm", variant))
+ALL_TARGETS.extend(folder for variant in EXPERIMENT.variants(LANGUAGE_MODEL) for folder in EXPERIMENT.sae_group_dirs(LANGUAGE_MODEL, variant))

@@ -1,7 +1,7 @@
 import os
 
-from sae_pipeline.autointerp import run_autointerp
-from sae_pipeline.logs import stage_log
+from sae_pipeline.stages.autointerp import run_autointerp
+from sae_pipeline.runtime.logs import stage_log
 
 with stage_log(snakemake.log[0], "autointerp"):
     run_autointerp(

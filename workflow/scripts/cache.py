@@ -1,5 +1,5 @@
-from sae_pipeline.cache import cache_activations
-from sae_pipeline.logs import stage_log
+from sae_pipeline.stages.cache import cache_activations
+from sae_pipeline.runtime.logs import stage_log
 
 with stage_log(snakemake.log[0], "cache"):
     cache_activations(

@@ -1,5 +1,5 @@
-from sae_pipeline.digits import cache_digits
-from sae_pipeline.logs import stage_log
+from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.digits_cache import cache_digits
 
 with stage_log(snakemake.log[0], "digits_cache"):
     cache_digits(snakemake.params.settings, snakemake.output.manifest)

@@ -1,13 +1,11 @@
-from pathlib import Path
-
-from sae_pipeline.digits import digits_stability_table
-from sae_pipeline.logs import stage_log
+from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.digits_table import digits_stability_table
 
 with stage_log(snakemake.log[0], "digits_table"):
     digits_stability_table(
-        {Path(path).parent.name: path for path in snakemake.input.summaries},
+        snakemake.params.summaries,
         snakemake.params.cells,
-        snakemake.params.sae_dirs,
+        snakemake.params.metrics_files,
         snakemake.input.manifest,
         snakemake.output.table,
         snakemake.output.plot,

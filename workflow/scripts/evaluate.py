@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from sae_pipeline.evaluate import run_evaluation
-from sae_pipeline.logs import stage_log
+from sae_pipeline.stages.evaluate import run_evaluation
+from sae_pipeline.runtime.logs import stage_log
 
 with stage_log(snakemake.log[0], "evaluate"):
     run_evaluation(

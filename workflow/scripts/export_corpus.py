@@ -1,5 +1,5 @@
-from sae_pipeline.corpus import export_documents
-from sae_pipeline.logs import stage_log
+from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.export_corpus import export_documents
 
 with stage_log(snakemake.log[0], "export_corpus"):
     export_documents(snakemake.params.corpus, snakemake.output.documents)

@@ -1,7 +1,7 @@
 from pathlib import Path
 
-from sae_pipeline.logs import stage_log
-from sae_pipeline.match import run_match
+from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.match import run_match
 
 with stage_log(snakemake.log[0], "match"):
     run_match(snakemake.params.sae_dirs, Path(snakemake.output.summary).parent, snakemake.params.settings, title=snakemake.params.title)

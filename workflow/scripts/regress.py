@@ -1,5 +1,5 @@
-from sae_pipeline.logs import stage_log
-from sae_pipeline.regress import run_regression
+from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.regress import run_regression
 
 with stage_log(snakemake.log[0], "regress"):
     run_regression(

@@ -1,5 +1,5 @@
-from sae_pipeline.logs import stage_log
-from sae_pipeline.steer import run_steering
+from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.steer import run_steering
 
 with stage_log(snakemake.log[0], "steer"):
     run_steering(

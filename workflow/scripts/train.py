@@ -4,8 +4,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinn
 
 from pathlib import Path
 
-from sae_pipeline.logs import stage_log
-from sae_pipeline.train import train_saes
+from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.train import train_saes
 
 with stage_log(snakemake.log[0], "train"):
     train_saes(

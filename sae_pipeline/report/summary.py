@@ -1,0 +1,224 @@
+"""The run's results summary: one markdown section per claim of ../shared/SPEC.md, plus an HTML page.
+
+Intervals: Wilson 95% intervals for shared fractions (features as trials); for steering success, a
+cluster bootstrap over features of the pooled success rate and of its ratio to the reference
+condition; normal-approximation 95% intervals for means of per-feature scores and their differences.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from sae_pipeline.data.atomic import write_text
+from sae_pipeline.report.html import markdown_to_html
+from sae_pipeline.report.tables import format_interval, markdown_table
+from sae_pipeline.stats.intervals import difference_of_means, difference_of_proportions
+
+
+def _section_claim1(digits: pd.DataFrame, verdict: Mapping[str, Any] | None) -> list[str]:
+    lines = ["## Claim 1 (digits): L2 weight penalty, tied init and unit-norm decoder raise cross-seed consistency\n"]
+    if digits.empty:
+        return lines + ["Not measured in this run (no digits match outputs were given to the regress stage).\n"]
+    if verdict and verdict.get("dataset"):
+        lines.append(f"Data: {verdict['dataset']}.\n")
+    lines.append("Per grid cell: share of the reference seed's features shared in every seed pair (`always`, Wilson 95% interval over features), the pairwise shared fraction and decoder MMCS averaged over seed pairs:\n")
+    rows = [
+        [row.variant, format_interval(row.always_fraction, row.always_ci_low, row.always_ci_high), format_interval(row.pair_fraction_shared), format_interval(row.mmcs_decoder), row.n_features]
+        for row in digits.itertuples()
+    ]
+    lines.append(markdown_table(["cell", "always shared", "shared per pair (mean)", "decoder MMCS", "features"], rows))
+    if not verdict or verdict.get("holds") is None:
+        lines.append(f"Direction not assessed: {verdict.get('reason', 'no digits stability summary') if verdict else 'no digits stability summary'}.\n")
+        return lines
+    target = verdict["l2_tied_unit"]["variant"]
+    lines.append(
+        f"L2 + tied init + unit-norm decoder cell `{target}`: the claim's direction "
+        f"{'holds' if verdict['holds'] else 'does not hold'} (it must beat each comparison cell on both the pairwise shared fraction and decoder MMCS; "
+        f"3 seeds per cell, a direction, not a significance test). Difference in always-shared fraction against each comparison (normal 95% interval):\n"
+    )
+    by_variant = digits.set_index("variant")
+    for label, comparison in verdict.get("comparisons", {}).items():
+        other = comparison["variant"]
+        difference = "n/a"
+        if target in by_variant.index and other in by_variant.index:
+            a, b = by_variant.loc[target], by_variant.loc[other]
+            difference = format_interval(*difference_of_proportions(a["always_fraction"], int(a["n_features"]), b["always_fraction"], int(b["n_features"])))
+        lines.append(f"- vs {label} (`{other}`): {difference}; higher on both measures: {'yes' if comparison['l2_tied_unit_higher_on_both'] else 'no'}\n")
+    lines.append("")
+    return lines
+
+
+def _section_claim2(shared: pd.DataFrame, success: Mapping[str, pd.DataFrame], autointerp: pd.DataFrame, reference: str | None) -> list[str]:
+    lines = ["## Claim 2: a small L2 weight penalty raises the shared fraction and steering success; autointerp barely moves\n"]
+    lines.append(f"Reference (unregularized) condition: `{reference}`.\n")
+    lines.append("### Shared fraction by condition (match stage; Wilson 95% intervals over features)\n")
+    if shared.empty:
+        lines.append("No match outputs in this run.\n")
+    else:
+        rows = [
+            [row.condition, row.variant, format_interval(row.always_fraction, row.always_ci_low, row.always_ci_high),
+             format_interval(row.sometimes_fraction, row.sometimes_ci_low, row.sometimes_ci_high), format_interval(row.never_fraction, row.never_ci_low, row.never_ci_high),
+             format_interval(row.pair_fraction_shared), format_interval(row.mmcs_decoder), format_interval(row.mmcs_encoder), row.n_features]
+            for row in shared.itertuples()
+        ]
+        lines.append(markdown_table(["condition", "variant", "always", "sometimes", "never", "shared per pair (mean)", "decoder MMCS", "encoder MMCS", "features"], rows))
+        reference_rows = shared[shared["condition"] == reference]
+        if not reference_rows.empty:
+            base = reference_rows.iloc[0]
+            for row in shared[shared["condition"] != reference].itertuples():
+                difference = difference_of_proportions(row.always_fraction, row.n_features, base["always_fraction"], int(base["n_features"]))
+                lines.append(f"- `{row.condition}` minus `{reference}`, always-shared fraction: {format_interval(*difference)}\n")
+        lines.append("")
+    lines.append("### Steering success by condition (cluster bootstrap over features, 95%)\n")
+    if not any(not table.empty for table in success.values()):
+        lines.append("No judged steering rows in this run.\n")
+    for judge, table in success.items():
+        if table.empty:
+            lines.append(f"- {judge} judge: no scored rows (judge not run).\n")
+            continue
+        reference_rate = table.set_index("condition")["success_rate"].get(reference, float("nan"))
+        no_ratio = "n/a (reference rate is 0)" if reference_rate == 0 else "n/a"
+        rows = [
+            [row.condition, format_interval(row.success_rate, row.ci_low, row.ci_high),
+             no_ratio if pd.isna(row.ratio_to_reference) and row.condition != reference else format_interval(row.ratio_to_reference, row.ratio_ci_low, row.ratio_ci_high, 2),
+             row.n_attempts, row.n_features]
+            for row in table.itertuples()
+        ]
+        lines.append(f"**{judge} judge**\n")
+        lines.append(markdown_table(["condition", "success rate", f"ratio to {reference}", "attempts", "features"], rows))
+    lines.append("### Mean autointerp score by condition (detection; normal 95% intervals over features)\n")
+    if autointerp.empty:
+        lines.append("No autointerp outputs in this run.\n")
+    else:
+        rows = [
+            [row.condition, format_interval(row.detection_mean, row.detection_ci_low, row.detection_ci_high), format_interval(row.fuzzing_mean, row.fuzzing_ci_low, row.fuzzing_ci_high), f"{row.n_scored}/{row.n_features}", row.backend]
+            for row in autointerp.itertuples()
+        ]
+        lines.append(markdown_table(["condition", "detection", "fuzzing", "scored/selected", "backend"], rows))
+        base = autointerp[autointerp["condition"] == reference]
+        if not base.empty:
+            base_row = base.iloc[0]
+            for row in autointerp[autointerp["condition"] != reference].itertuples():
+                difference = difference_of_means(
+                    row.detection_mean, row.detection_ci_low, row.detection_ci_high, base_row["detection_mean"], base_row["detection_ci_low"], base_row["detection_ci_high"]
+                )
+                lines.append(f"- `{row.condition}` minus `{reference}`, mean detection score: {format_interval(*difference)}\n")
+        if autointerp["backend"].str.contains("offline").any():
+            lines.append("\nNote: the `offline` autointerp backend is a non-LLM token-frequency baseline, not the paper's LLM judge.\n")
+    return lines
+
+
+def _section_claim3(coefficients: pd.DataFrame, judges: Sequence[str]) -> list[str]:
+    lines = ["## Claim 3: with regularization, steering success is better predicted by the autointerp score\n"]
+    lines.append(
+        "Slope of `interp_score` per condition (logit and binomial GLM: log-odds per unit score; OLS: judge score per unit score), "
+        "and the pooled model's `interp_score:condition[...]` terms (slope difference from the reference). 95% Wald intervals.\n"
+    )
+    for judge in judges:
+        subset = coefficients[coefficients["judge"] == judge]
+        lines.append(f"### {judge} judge\n")
+        if subset.empty:
+            lines.append("No fits.\n")
+            continue
+        rows = []
+        for (model, scope), group in subset.groupby(["outcome_model", "scope"], sort=False):
+            slopes = group[group["term"].str.startswith("interp_score")]
+            if slopes.empty:
+                rows.append([model, scope, "", "n/a", "", group["n"].iloc[0], group["message"].iloc[0]])
+                continue
+            for slope in slopes.itertuples():
+                rows.append([model, scope, slope.term, format_interval(slope.estimate, slope.ci_low, slope.ci_high), f"{slope.p_value:.3g}", slope.n, slope.message or ""])
+        lines.append(markdown_table(["model", "scope", "term", "estimate [95% CI]", "p", "n", "note"], rows))
+    return lines
+
+
+def _section_claim4(claim4: pd.DataFrame, robustness: pd.DataFrame, probing: pd.DataFrame, reference: str | None) -> list[str]:
+    lines = ["## Claim 4: off-support L1 and L1/L2-ratio regularizers: more monosemantic, no reconstruction cost, robust to inference k\n"]
+    if claim4.empty:
+        return lines + ["No evaluate outputs in this run.\n"]
+    lines.append("At the trained k (one seed per variant; monosemanticity proxies: mean over latents with enough firings, normal 95% intervals):\n")
+    rows = [
+        [row.variant, row.condition, f"{row.fvu:.4f}", format_interval(row.ce_loss_recovered, digits=4), f"{row.l0:.1f}", f"{row.effective_latents:.2f}", f"{row.l1_over_l2:.2f}",
+         f"{row.dead_fraction:.3f}", f"{row.dense_fraction:.3f}", format_interval(row.top_token_mass_share, row.top_token_mass_share_ci_low, row.top_token_mass_share_ci_high),
+         format_interval(row.token_entropy_bits, row.token_entropy_ci_low, row.token_entropy_ci_high, 2)]
+        for row in claim4.itertuples()
+    ]
+    lines.append(markdown_table(
+        ["variant", "condition", "FVU", "CE-loss recovered", "L0", "effective latents/token", "l1/l2", "dead", "dense", "top-token mass share (higher = more mono.)", "top-activation token entropy, bits (lower = more mono.)"],
+        rows,
+    ))
+    reference_rows = claim4[claim4["condition"] == reference]
+    if not reference_rows.empty:
+        base = reference_rows.iloc[0]
+        lines.append(f"Against the reference `{base['variant']}` ({reference}); monosemanticity differences with normal 95% intervals:\n")
+        for row in claim4[claim4["condition"] != reference].itertuples():
+            share = difference_of_means(row.top_token_mass_share, row.top_token_mass_share_ci_low, row.top_token_mass_share_ci_high,
+                                         base["top_token_mass_share"], base["top_token_mass_share_ci_low"], base["top_token_mass_share_ci_high"])
+            entropy = difference_of_means(row.token_entropy_bits, row.token_entropy_ci_low, row.token_entropy_ci_high,
+                                           base["token_entropy_bits"], base["token_entropy_ci_low"], base["token_entropy_ci_high"])
+            lines.append(
+                f"- `{row.variant}` ({row.condition}): top-token mass share {format_interval(*share)}; token entropy {format_interval(*entropy, 2)} bits; "
+                f"FVU {row.fvu - base['fvu']:+.4f}; CE-loss recovered {format_interval(row.ce_loss_recovered - base['ce_loss_recovered'] if row.ce_loss_recovered is not None and base['ce_loss_recovered'] is not None else None, digits=4)}; "
+                f"effective latents/token {row.effective_latents - base['effective_latents']:+.2f}\n"
+            )
+        lines.append("")
+    if not robustness.empty and robustness["multiplier"].notna().any():
+        grid = robustness.dropna(subset=["multiplier"])
+        multipliers = sorted(grid["multiplier"].unique())
+        lines.append("k-robustness: FVU / CE-loss recovered at inference k' = multiplier x trained k:\n")
+        rows = []
+        for variant, group in grid.groupby("variant", sort=False):
+            by_multiplier = group.set_index("multiplier")
+            rows.append([variant, group["condition"].iloc[0]] + [
+                f"{by_multiplier.loc[m, 'fvu']:.4f} / {format_interval(by_multiplier.loc[m, 'ce_loss_recovered'], digits=3)}" if m in by_multiplier.index else "n/a" for m in multipliers
+            ])
+        lines.append(markdown_table(["variant", "condition"] + [f"x{m:g} (k'={int(grid[grid['multiplier'] == m]['k_prime'].iloc[0])})" for m in multipliers], rows))
+    if not probing.empty and "m" in probing.columns:
+        fitted = probing[probing["m"].notna()]
+        skipped = probing[probing["m"].isna()] if "m" in probing.columns else pd.DataFrame()
+        if not fitted.empty:
+            budgets = sorted(fitted["m"].astype(int).unique())
+            lines.append("Sparse probing, test balanced accuracy with the top-m latents (token properties from the tokenizer):\n")
+            rows = []
+            for (variant, prop), group in fitted.groupby(["variant", "property"], sort=False):
+                by_budget = group.set_index(group["m"].astype(int))
+                rows.append([variant, prop] + [f"{by_budget.loc[m, 'test_balanced_accuracy']:.3f}" if m in by_budget.index else "n/a" for m in budgets])
+            lines.append(markdown_table(["variant", "property"] + [f"m={m}" for m in budgets], rows))
+        for row in skipped.itertuples():
+            lines.append(f"- {row.variant}, {row.property}: {row.message}\n")
+    return lines
+
+
+def write_summary(
+    path: str | Path,
+    conditions: Mapping[str, str],
+    reference: str | None,
+    digits: pd.DataFrame,
+    shared: pd.DataFrame,
+    success: Mapping[str, pd.DataFrame],
+    autointerp: pd.DataFrame,
+    coefficients: pd.DataFrame,
+    claim4: pd.DataFrame,
+    robustness: pd.DataFrame,
+    probing: pd.DataFrame,
+    judges: Sequence[str],
+    html_path: str | Path | None = None,
+    digits_verdict: Mapping[str, Any] | None = None,
+) -> str:
+    """Write the markdown summary of every claim (and, with ``html_path``, the same as an HTML page); return the markdown."""
+    lines = ["# sae-stability: results summary\n"]
+    lines.append("Variants and their regularization condition (weight penalty + sparsity regularizer):\n")
+    lines.append(markdown_table(["variant", "condition"], [[variant, condition] for variant, condition in conditions.items()]))
+    lines += _section_claim1(digits, digits_verdict)
+    lines += _section_claim2(shared, success, autointerp, reference)
+    lines += _section_claim3(coefficients, judges)
+    lines += _section_claim4(claim4, robustness, probing, reference)
+    text = re.sub(r"(?m)^(- .*)\n\n(?=- )", r"\1\n", "\n".join(lines))  # bullets of one list on consecutive lines
+    write_text(path, text)
+    if html_path is not None:
+        write_text(html_path, markdown_to_html(text, "sae-stability: results summary"))
+    return text

@@ -1,0 +1,1 @@
+"""How a stage runs: its log file, its device."""

@@ -1,0 +1,419 @@
+"""Trainable sparse autoencoders, several seeds stepped together (the trainer is :mod:`sae_pipeline.sae.trainer`).
+
+Every parameter carries a leading seed dimension ``S``: ``W_enc [S, d_in, d_sae]``,
+``W_dec [S, d_sae, d_in]``, ``b_enc [S, d_sae]``, ``b_dec [S, d_in]``. One activation batch
+``x [B, d_in]`` is shared by all seeds; the encoder is one batched matrix product and the loss is
+the sum of the per-seed losses, so one backward pass gives every seed exactly the gradient it would
+get alone (the seeds share no parameter). Adam is elementwise, and gradient clipping here is per
+seed, so training seeds together equals training each alone up to floating-point rounding.
+
+Architectures (pre-activations ``a = (x - b_dec) W_enc + b_enc``, shape ``[S, B, d_sae]``):
+
+- ``topk``: z = ReLU(TopK_k(a)) per token (selection by :func:`topk_indices`). How the k
+  selected codes reach the loss is ``sparse_decoder``:
+
+  - ``kernels``: the encoder product runs without autograd and only the k selected
+    pre-activations carry gradients; decoding and every gradient are the sparse kernels of
+    :mod:`sae_pipeline.sae.kernels` (Triton on CUDA), so the only ``[B, d_sae] x d_in`` product
+    of a step is the encoder's forward. Needs ``regularizer: none`` (the Top-k regularizers put
+    gradient on every batch-active pre-activation); with a regularizer the step falls back to
+    ``dense`` on CUDA and ``embedding_bag`` elsewhere.
+  - ``true``: autograd, decoding from the k selected rows with ``embedding_bag``;
+  - ``false``: autograd with dense ``[B, d_sae] x [d_sae, d_in]`` products;
+  - ``auto`` (default): ``kernels`` on CUDA when Triton is importable, else ``true`` off CUDA and
+    ``false`` on it.
+- ``batchtopk``: keep the k*B largest ReLU(a) over the whole batch; a scalar inference threshold
+  follows an exponential moving average of the smallest kept value (SAELens's rule).
+- ``relu``: z = ReLU(a), loss += l1_coefficient * mean_t sum_i z_ti * ||W_dec[i]||.
+- ``matryoshka_batchtopk``: BatchTopK codes; each nested prefix of latents (``matryoshka_prefixes``
+  plus the full width) reconstructs x on its own and the loss is the sum of the prefix losses.
+
+Loss per seed (``recon`` is the squared error summed over d_in, averaged over tokens, as in
+dictionary_learning and SAELens)::
+
+    recon + aux_k_coefficient * auxk + weight_penalty + regularizer (+ relu sparsity)
+
+- weight penalty: ``w * (||W_enc||_F^2 + ||W_dec||_F^2)`` (l2) or ``w * (|W_enc|_1 + |W_dec|_1)``
+  (l1), on the encoder, the decoder or both (``weight_penalty_on``).
+- regularizers ("Beyond the Hard Budget"), over the batch-active units A (latents in the support
+  of at least one token of the batch), support S_t of token t:
+  ``off_support_l1 = lambda * mean_t sum_{i in A, i not in S_t} |a_ti|``;
+  ``l1_l2_ratio = lambda * mean_t ||a_tA||_1 / ||a_tA||_2``.
+- AuxK (top-k family): the ``aux_k`` largest ReLU pre-activations among dead latents reconstruct
+  the detached residual ``x - x_hat`` (no bias); the loss is that squared error divided by the
+  residual's variance (OpenAI / dictionary_learning normalisation). A latent is dead when it has not
+  fired for ``dead_window_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from sae_pipeline.sae import kernels as sparse_kernels
+from sae_pipeline.sae.kernels import selected_preactivations, sparse_decode
+from sae_pipeline.settings import TOPK_FAMILY, TrainSettings
+
+# topk_indices preselects whole chunks of this many latents when d_sae >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK.
+TOPK_CHUNK = 32
+TOPK_CHUNK_MIN_RATIO = 4
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, iterations: int = 100, tolerance: float = 1e-6) -> torch.Tensor:
+    """Geometric median of ``points [n, d]`` by Weiszfeld's iteration (float64), returned as float32 ``[d]``."""
+    points = points.double()
+    median = points.mean(dim=0)
+    for _ in range(iterations):
+        distances = (points - median).norm(dim=1).clamp_min(1e-12)
+        weights = 1.0 / distances
+        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
+        moved = (updated - median).norm() / median.norm().clamp_min(1e-12)
+        median = updated
+        if moved < tolerance:
+            break
+    return median.float()
+
+
+def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_enc [d_in, d_sae], W_dec [d_sae, d_in])`` for one seed, float32 on the CPU.
+
+    Decoder rows are Gaussian directions of unit norm. With ``tied_init`` the encoder is the
+    decoder's transpose; otherwise its columns are independent unit-norm Gaussian directions.
+    The result depends only on ``seed`` (a private generator), never on the global RNG.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    decoder = torch.randn(d_sae, d_in, generator=generator)
+    decoder = decoder / decoder.norm(dim=1, keepdim=True)
+    if tied_init:
+        encoder = decoder.t().clone()
+    else:
+        encoder = torch.randn(d_in, d_sae, generator=generator)
+        encoder = encoder / encoder.norm(dim=0, keepdim=True)
+    return encoder, decoder
+
+
+def weight_penalty(W_enc: torch.Tensor, W_dec: torch.Tensor, kind: str, coefficient: float, on: str) -> torch.Tensor:
+    """Per-seed weight penalty ``[S]`` for ``W_enc [S, d_in, d_sae]`` and ``W_dec [S, d_sae, d_in]``.
+
+    ``l2``: coefficient * squared Frobenius norm; ``l1``: coefficient * sum of absolute values; summed
+    over the matrices named by ``on`` (both | encoder | decoder).
+    """
+    if kind == "none" or coefficient == 0:
+        return W_enc.new_zeros(W_enc.shape[0])
+    matrices = {"both": (W_enc, W_dec), "encoder": (W_enc,), "decoder": (W_dec,)}[on]
+    if kind == "l2":
+        total = sum(matrix.square().sum(dim=(1, 2)) for matrix in matrices)
+    elif kind == "l1":
+        total = sum(matrix.abs().sum(dim=(1, 2)) for matrix in matrices)
+    else:
+        raise ValueError(f"unknown weight penalty kind {kind!r}")
+    return coefficient * total
+
+
+def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[..., k]`` of the k largest entries in each row of ``pre_activations [S, ..., n]``
+    (plus ``bias [S, n]`` when given), in no particular order, without gradient.
+
+    Selects the same values as ``torch.topk`` (ties may pick other indices of equal value) but,
+    for wide rows, faster on a GPU: the row is cut into ``n / TOPK_CHUNK`` interleaved chunks
+    (chunk c holds entries c, c + n/TOPK_CHUNK, ...), and the k chunks with the largest maxima hold
+    every top-k entry (an entry above the k-th largest chunk maximum lies in a chunk whose maximum
+    beats it, and those k chunks hold at least k entries no smaller than that maximum). So the
+    top k of their ``k * TOPK_CHUNK`` entries are the top k of the row; the chunk maxima are one
+    coalesced reduction and both selections are over short rows. Narrow rows use ``torch.topk``.
+    Where Triton runs (CUDA), wide rows go to :func:`sae_pipeline.sae.kernels.topk_columns`, the
+    same two-stage selection (over contiguous chunks) fused into one pass over the row.
+    """
+    width = pre_activations.shape[-1]
+    with torch.no_grad():
+        wide = width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK
+        if wide and sparse_kernels.triton_usable(pre_activations):
+            return sparse_kernels.topk_columns(pre_activations, k, bias)
+        if bias is not None:
+            pre_activations = pre_activations + bias.view(bias.shape[0], *([1] * (pre_activations.dim() - 2)), width)
+        if not wide:
+            return pre_activations.topk(k, dim=-1, sorted=False).indices
+        n_chunks = width // TOPK_CHUNK
+        chunk_maxima = pre_activations.unflatten(-1, (TOPK_CHUNK, n_chunks)).amax(dim=-2)
+        chunks = chunk_maxima.topk(k, dim=-1, sorted=False).indices
+        members = torch.arange(0, width, n_chunks, device=pre_activations.device)
+        candidates = (chunks.unsqueeze(-1) + members).flatten(-2)
+        best = pre_activations.gather(-1, candidates).topk(k, dim=-1, sorted=False).indices
+        return candidates.gather(-1, best)
+
+
+def sparsity_regularizer(pre_activations: torch.Tensor, active: torch.Tensor, support_l1: torch.Tensor, kind: str, coefficient: float) -> torch.Tensor:
+    """Per-seed Top-k sparsity regularizer ``[S]`` ("Beyond the Hard Budget").
+
+    Args:
+        pre_activations: ``a [S, B, d_sae]`` before any top-k or ReLU.
+        active: bool ``[S, d_sae]``, the batch-active units A (in the support of at least one token).
+        support_l1: ``[S, B]``, sum of |a_ti| over the support S_t of each token (S_t is a subset of A).
+        kind: ``off_support_l1`` (lambda * mean_t sum_{i in A \\ S_t} |a_ti|) or ``l1_l2_ratio``
+            (lambda * mean_t ||a_tA||_1 / ||a_tA||_2).
+
+    The sums over A are batched matrix-vector products with the 0/1 indicator of A, so no dense mask
+    of shape ``[S, B, d_sae]`` is built.
+    """
+    if kind == "none" or coefficient == 0:
+        return pre_activations.new_zeros(pre_activations.shape[0], dtype=torch.float32)
+    indicator = active.to(pre_activations.dtype).unsqueeze(-1)
+    active_l1 = torch.bmm(pre_activations.abs(), indicator).squeeze(-1).float()
+    if kind == "off_support_l1":
+        per_token = active_l1 - support_l1.float()
+    elif kind == "l1_l2_ratio":
+        active_l2 = torch.bmm(pre_activations.square(), indicator).squeeze(-1).float().clamp_min(1e-24).sqrt()
+        per_token = active_l1 / active_l2
+    else:
+        raise ValueError(f"unknown regularizer kind {kind!r}")
+    return coefficient * per_token.mean(dim=-1)
+
+
+class SeedBatchedSAE(nn.Module):
+    """``S`` independent SAEs of one architecture whose parameters are stacked along dim 0.
+
+    Attributes:
+        seeds: the seed of each slice.
+        W_enc ``[S, d_in, d_sae]``, W_dec ``[S, d_sae, d_in]``, b_enc ``[S, d_sae]``, b_dec ``[S, d_in]``.
+        threshold ``[S]`` (buffer): batch-top-k inference threshold.
+        tokens_since_fired ``[S, d_sae]`` int64 (buffer): tokens since each latent last fired.
+    """
+
+    def __init__(self, settings: TrainSettings, d_in: int, seeds: Sequence[int], b_dec: torch.Tensor | None = None):
+        super().__init__()
+        self.settings = settings
+        self.seeds = [int(seed) for seed in seeds]
+        self.d_in = int(d_in)
+        self.d_sae = int(settings.d_sae)
+        encoders, decoders = zip(*(initial_weights(seed, self.d_in, self.d_sae, settings.tied_init) for seed in self.seeds))
+        n_seeds = len(self.seeds)
+        self.W_enc = nn.Parameter(torch.stack(encoders))
+        self.W_dec = nn.Parameter(torch.stack(decoders))
+        self.b_enc = nn.Parameter(torch.zeros(n_seeds, self.d_sae))
+        initial_b_dec = torch.zeros(self.d_in) if b_dec is None else b_dec.detach().float().cpu()
+        self.b_dec = nn.Parameter(initial_b_dec.expand(n_seeds, self.d_in).clone())
+        self.register_buffer("threshold", torch.zeros(n_seeds))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_seeds, self.d_sae, dtype=torch.int64))
+        # Python mirror of "some latent is dead" so the AuxK pass is skipped without a device sync;
+        # refreshed by refresh_dead_flag() at logging steps.
+        self.auxk_active = False
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.seeds)
+
+    def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """``a = (x - b_dec) W_enc + b_enc`` for every seed: ``x [B, d_in]`` -> ``[S, B, d_sae]``.
+
+        The encoder product uses a detached copy of ``b_dec``; a zero-valued term carries b_dec's
+        gradient (``-W_enc @ sum_t dL/da_t``), so autograd never forms the dense ``dL/dx`` product.
+        """
+        centered = x.unsqueeze(0) - self.b_dec.detach().unsqueeze(1)
+        b_dec_gradient_path = torch.bmm((self.b_dec - self.b_dec.detach()).unsqueeze(1), self.W_enc)
+        return torch.baddbmm(self.b_enc.unsqueeze(1) - b_dec_gradient_path, centered, self.W_enc)
+
+    @property
+    def decoder_mode(self) -> str:
+        """How the top-k codes are decoded and differentiated: ``kernels``, ``embedding_bag`` or
+        ``dense`` (``sparse_decoder`` resolved for this device and regularizer; see the module docstring)."""
+        mode = self.settings.sparse_decoder
+        on_cuda = self.W_dec.is_cuda
+        if mode == "auto":
+            mode = "kernels" if on_cuda and sparse_kernels.triton is not None else not on_cuda
+        if mode == "kernels" and self.settings.regularizer["kind"] != "none":
+            mode = not on_cuda
+        if mode == "kernels":
+            return "kernels"
+        return "embedding_bag" if mode else "dense"
+
+    @property
+    def uses_sparse_decoder(self) -> bool:
+        """Whether the autograd top-k reconstruction gathers the selected rows (``embedding_bag``)."""
+        return self.decoder_mode == "embedding_bag"
+
+    def decode_selected(self, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``sum_j values[s,b,j] * W_dec[s, indices[s,b,j]]``: ``[S, B, m]`` -> ``[S, B, d_in]`` (no bias)."""
+        if self.uses_sparse_decoder:
+            return sparse_kernels.embedding_bag_rows(values.to(self.W_dec.dtype), indices, self.W_dec)
+        dense = values.new_zeros(*indices.shape[:2], self.d_sae).scatter(-1, indices, values)
+        return torch.bmm(dense, self.W_dec)
+
+    def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
+        """Dense codes ``[S, B, d_sae]`` keeping the k*B largest ReLU(pre) of each seed's batch."""
+        n_seeds, batch, width = pre.shape
+        flat = pre.relu().reshape(n_seeds, batch * width)
+        values, indices = flat.topk(min(self.settings.k * batch, batch * width), dim=-1, sorted=False)
+        with torch.no_grad():
+            smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).amin(dim=-1).float()
+            rate = self.settings.threshold_lr
+            updated = (1 - rate) * self.threshold + rate * smallest
+            self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
+        return torch.zeros_like(flat).scatter(-1, indices, values).view(n_seeds, batch, width)
+
+    def forward(self, x: torch.Tensor, statistics: bool = True) -> dict[str, torch.Tensor]:
+        """Losses and statistics on one batch ``x [B, d_in]``; also updates the dead-latent counters
+        and (batch-top-k) the inference threshold.
+
+        Returns a dict of per-seed ``[S]`` tensors: ``loss`` (what is minimised), ``recon``,
+        ``aux_loss``, ``penalty``, ``regularizer``, ``sparsity_loss``, ``squared_error`` (summed over
+        batch and d_in), ``l0`` (mean nonzero codes per token); plus ``total_variance`` (scalar) and
+        ``firing_counts [S, d_sae]`` (tokens of this batch on which each latent fired). With
+        ``statistics=False`` the three monitoring-only entries (``squared_error``, ``total_variance``,
+        ``l0``) are neither computed nor returned; the losses and updates are the same.
+        """
+        settings = self.settings
+        architecture = settings.architecture
+        x = x.float()
+        sparse_gradients = architecture == "topk" and self.decoder_mode == "kernels"
+        centered = None
+        if sparse_gradients:
+            with torch.no_grad():
+                centered = x.unsqueeze(0) - self.b_dec.unsqueeze(1)
+                # The encoder bias is added where pre is read (top-k, selected values), never as a [S, B, d_sae] pass.
+                pre = torch.bmm(centered, self.W_enc)
+        else:
+            pre = self.pre_activations(x)
+        sparsity_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        if architecture == "topk":
+            indices = topk_indices(pre, settings.k, bias=self.b_enc.detach() if sparse_gradients else None)
+            if sparse_gradients:
+                values = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices, bias_separate=True)
+                codes = values.relu()
+                x_hat = sparse_decode(codes, self.W_dec, indices) + self.b_dec.unsqueeze(1)
+            else:
+                values = pre.gather(-1, indices)
+                codes = values.relu()
+                x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
+            recon = (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+            firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
+                1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
+            )
+            if statistics:
+                l0 = (codes > 0).float().sum(dim=-1).mean(dim=-1)
+            if settings.regularizer["kind"] != "none":
+                active = torch.zeros(self.n_seeds, self.d_sae, dtype=torch.bool, device=x.device).scatter_(1, indices.reshape(self.n_seeds, -1), True)
+                support_l1 = values.abs().sum(dim=-1)
+        else:
+            dense_codes = pre.relu() if architecture == "relu" else self._batch_topk(pre)
+            bounds = list(settings.matryoshka_prefixes) + [self.d_sae] if architecture == "matryoshka_batchtopk" else [self.d_sae]
+            x_hat = self.b_dec.unsqueeze(1).expand(self.n_seeds, x.shape[0], self.d_in)
+            recon = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+            start = 0
+            for end in bounds:
+                x_hat = x_hat + torch.bmm(dense_codes[:, :, start:end], self.W_dec[:, start:end])
+                recon = recon + (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+                start = end
+            fired = dense_codes > 0
+            firing_counts = fired.float().sum(dim=1)
+            if statistics:
+                l0 = fired.float().sum(dim=-1).mean(dim=-1)
+            if settings.regularizer["kind"] != "none":
+                active = firing_counts > 0
+                support_l1 = (pre.abs() * fired).sum(dim=-1)
+            if architecture == "relu":
+                decoder_norms = self.W_dec.norm(dim=-1).unsqueeze(1)
+                sparsity_loss = settings.l1_coefficient * (dense_codes * decoder_norms).sum(dim=-1).mean(dim=-1)
+        aux_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        if architecture in TOPK_FAMILY and self.auxk_active and settings.aux_k_coefficient > 0:
+            aux_loss = self._auxk_loss(pre, (x - x_hat).detach(), centered)
+        penalty = weight_penalty(self.W_enc, self.W_dec, settings.weight_penalty["kind"], float(settings.weight_penalty["coefficient"]), settings.weight_penalty_on)
+        regularizer = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        if settings.regularizer["kind"] != "none":
+            regularizer = sparsity_regularizer(pre, active, support_l1, settings.regularizer["kind"], float(settings.regularizer["coefficient"]))
+        loss = recon + settings.aux_k_coefficient * aux_loss + penalty + regularizer + sparsity_loss
+        with torch.no_grad():
+            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(firing_counts > 0, 0)
+        out = {
+            "loss": loss,
+            "recon": recon,
+            "aux_loss": aux_loss,
+            "penalty": penalty,
+            "regularizer": regularizer,
+            "sparsity_loss": sparsity_loss,
+            "firing_counts": firing_counts,
+        }
+        if statistics:
+            with torch.no_grad():
+                out["squared_error"] = (x_hat.detach().float() - x).square().sum(dim=(1, 2))
+                out["total_variance"] = (x - x.mean(dim=0)).square().sum()
+                out["l0"] = l0
+        return out
+
+    def dead_mask(self) -> torch.Tensor:
+        """bool ``[S, d_sae]``: latents that have not fired for ``dead_window_tokens`` tokens."""
+        return self.tokens_since_fired >= self.settings.dead_window_tokens
+
+    def refresh_dead_flag(self) -> None:
+        """Read (one device sync) whether any latent is dead, to switch the AuxK pass on or off."""
+        self.auxk_active = bool(self.dead_mask().any().item())
+
+    def _auxk_loss(self, pre: torch.Tensor, residual: torch.Tensor, centered: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised AuxK loss ``[S]``; zero for a seed without dead latents.
+
+        ``pre [S, B, d_sae]`` carries gradients itself, or (``centered = x - b_dec`` given) was
+        computed without autograd and the selected entries get theirs through the sparse kernels.
+        """
+        dead = self.dead_mask()
+        if centered is not None:  # the kernels path leaves the encoder bias out of pre
+            pre = pre + self.b_enc.detach().unsqueeze(1).to(pre.dtype)
+        masked = torch.where(dead.unsqueeze(1), pre, torch.full_like(pre, float("-inf")))
+        values, indices = masked.topk(min(self.settings.aux_k, self.d_sae), dim=-1, sorted=False)
+        if centered is None:
+            reconstruction = self.decode_selected(values.relu(), indices)
+        else:
+            selected = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices)
+            # Seeds with fewer than aux_k dead latents also select live ones (value -inf above): they add nothing.
+            codes = selected.relu() * dead.gather(1, indices.reshape(self.n_seeds, -1)).view_as(indices)
+            reconstruction = sparse_decode(codes, self.W_dec, indices)
+        error = (residual - reconstruction.float()).square().sum(dim=-1).mean(dim=-1)
+        variance = (residual - residual.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=-1)
+        return (error / variance).nan_to_num(0.0) * dead.any(dim=-1)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_gradient(self) -> None:
+        """Project out of each decoder row's gradient its component along that (unit-norm) row."""
+        gradient = self.W_dec.grad
+        if gradient is None:
+            return
+        directions = self.W_dec / torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min(1e-12)
+        parallel = torch.linalg.vecdot(gradient, directions, dim=-1).unsqueeze(-1)
+        gradient.addcmul_(parallel, directions, value=-1.0)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit L2 norm."""
+        self.W_dec.div_(torch.linalg.vector_norm(self.W_dec, dim=-1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def clip_gradients_per_seed(self, max_norm: float) -> torch.Tensor:
+        """Scale each seed's gradients so their joint L2 norm is at most ``max_norm`` (as
+        ``torch.nn.utils.clip_grad_norm_`` does for one model); returns the norms before clipping ``[S]``."""
+        grads = [parameter.grad for parameter in self.parameters() if parameter.grad is not None]
+        squared = [torch.linalg.vector_norm(grad, dim=tuple(range(1, grad.dim())), dtype=torch.float32).square() for grad in grads]
+        norms = torch.stack(squared).sum(dim=0).sqrt()
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for grad in grads:
+            grad.mul_(scale.view(-1, *([1] * (grad.dim() - 1))).to(grad.dtype))
+        return norms
+
+    @torch.no_grad()
+    def inference_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """The SAELens-layout tensors of seed slice ``index`` (float32, CPU).
+
+        Batch-top-k variants also get ``threshold [d_sae]`` (the learned scalar threshold repeated),
+        which is what SAELens's JumpReLU inference SAE expects.
+        """
+        tensors = {
+            "W_enc": self.W_enc[index].detach().float().cpu().contiguous(),
+            "W_dec": self.W_dec[index].detach().float().cpu().contiguous(),
+            "b_enc": self.b_enc[index].detach().float().cpu().contiguous(),
+            "b_dec": self.b_dec[index].detach().float().cpu().contiguous(),
+        }
+        if self.settings.architecture in ("batchtopk", "matryoshka_batchtopk"):
+            tensors["threshold"] = self.threshold[index].detach().float().cpu().expand(self.d_sae).contiguous()
+        return tensors
+
+

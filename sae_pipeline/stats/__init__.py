@@ -1,0 +1,1 @@
+"""Statistics shared by the stages: intervals and the regressions of steering success."""
