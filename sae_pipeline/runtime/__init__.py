@@ -1,1 +1,1 @@
-"""How a stage runs: its log file, its device."""
+"""How a stage runs: its log file, its device, and its own GPU on a box with several (gpu_slots)."""

@@ -1,9 +1,10 @@
 import os
 
 from sae_pipeline.stages.autointerp import run_autointerp
+from sae_pipeline.runtime.gpu_slots import gpu_slot_for
 from sae_pipeline.runtime.logs import stage_log
 
-with stage_log(snakemake.log[0], "autointerp"):
+with stage_log(snakemake.log[0], "autointerp"), gpu_slot_for(snakemake):
     run_autointerp(
         os.path.dirname(snakemake.input.manifest),
         snakemake.params.sae,

@@ -1,7 +1,8 @@
+from sae_pipeline.runtime.gpu_slots import gpu_slot_for
 from sae_pipeline.runtime.logs import stage_log
 from sae_pipeline.stages.steer import run_steering
 
-with stage_log(snakemake.log[0], "steer"):
+with stage_log(snakemake.log[0], "steer"), gpu_slot_for(snakemake):
     run_steering(
         snakemake.input.manifest,
         snakemake.params.sae,
