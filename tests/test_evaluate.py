@@ -158,7 +158,7 @@ def tiny_topk_sae(tmp_path_factory, tiny_cache):
     from sae_pipeline.data.shards import ActivationStore
 
     store = ActivationStore(tiny_cache)
-    mean = torch.from_numpy(np.concatenate([s.activations for s in store.iter_shards(drop_bos=True)]).astype(np.float32).mean(axis=0))
+    mean = torch.from_numpy(np.concatenate([s.activations for s in store.iter_shards(drop_excluded=True)]).astype(np.float32).mean(axis=0))
     generator = torch.Generator().manual_seed(0)
     decoder = torch.randn(64, store.d_model, generator=generator)
     decoder = decoder / decoder.norm(dim=1, keepdim=True)

@@ -1,10 +1,18 @@
 """Text corpora, read through the Hugging Face ``datasets`` library.
 
-Offline default: the King James Bible (1611; public domain) as printed by Debian's ``bible-kjv``
-program (package ``bible-kjv``, text in ``bible-kjv-text``), one document per chapter (1,189
-documents, about 4.3 MB, 0.8 M words). :func:`sae_pipeline.stages.export_corpus.export_documents` writes such local documents to a
-JSON-lines file that :func:`load_documents` then streams through ``datasets``; ``hf_dataset`` streams a
-Hub dataset such as ``monology/pile-uncopyrighted`` (the paper's text) through the same function.
+Local sources, written to a JSON-lines file by :func:`sae_pipeline.stages.export_corpus.export_documents`
+and streamed by :func:`load_documents`:
+
+- ``wordnet_fortunes`` (the default experiment's modern English): the glosses and example sentences
+  of WordNet 3.0 (Debian ``wordnet-base``; Princeton's licence allows use, copying and distribution
+  for any purpose with its notice) and the fortune-cookie files of Debian ``fortunes`` (BSD-licensed
+  compilation; the quote files of copyrighted works are left out by default), interleaved.
+- ``kjv``: the King James Bible (1611; public domain) as printed by Debian's ``bible-kjv`` program,
+  one document per chapter (1,189 documents, about 4.3 MB, 0.8 M words); the tiny test experiment's text.
+- ``text_files``: any plain-text files, one document per blank-line separated block.
+
+``hf_dataset`` streams a Hub dataset such as ``monology/pile-uncopyrighted`` (the paper's text)
+through the same function.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
 
 from sae_pipeline.settings import CorpusSettings
 
@@ -48,6 +58,78 @@ def kjv_chapters(command: str = "bible") -> list[str]:
             chapters.append("")
         chapters[-1] = (chapters[-1] + " " + verses).strip()
     return [chapter for chapter in chapters if chapter]
+
+
+# WordNet 3.0 lexicographer files, by lex_filenum (wninput(5WN)).
+WORDNET_LEXICOGRAPHER_FILES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
+    "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
+    "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession",
+    "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
+    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption",
+    "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession",
+    "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+)
+# Fortune files that are pictures rather than prose.
+FORTUNE_PICTURES = ("art", "ascii-art", "translate-me")
+# Fortune files made mostly of quotations from copyrighted works: left out unless asked for.
+FORTUNE_THIRD_PARTY_QUOTES = ("pratchett", "songs-poems", "startrek", "literature", "humorists", "zippy")
+
+
+def wordnet_documents(wordnet_dir: str | os.PathLike, synsets_per_document: int) -> list[str]:
+    """WordNet glosses as documents: one line ``lemma, lemma: definition; "example"`` per synset, synsets
+    grouped by lexicographer file (animals, food, motion verbs...), ``synsets_per_document`` to a document.
+
+    Raises:
+        FileNotFoundError: when Debian's ``wordnet-base`` data files are missing.
+    """
+    root = Path(wordnet_dir)
+    groups: dict[str, list[str]] = {}
+    for part_of_speech in ("noun", "verb", "adj", "adv"):
+        path = root / f"data.{part_of_speech}"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: install Debian's wordnet-base (`apt-get install -y wordnet-base`) or set corpus.source")
+        for line in path.read_text(encoding="latin-1").splitlines():
+            if line.startswith("  ") or "|" not in line:  # the licence header's lines start with two spaces
+                continue
+            fields, gloss = line.split("|", 1)
+            parts = fields.split()
+            lemmas = [re.sub(r"\(.*\)$", "", parts[4 + 2 * index]).replace("_", " ") for index in range(int(parts[3], 16))]
+            groups.setdefault(WORDNET_LEXICOGRAPHER_FILES[int(parts[1])], []).append(f"{', '.join(dict.fromkeys(lemmas))}: {gloss.strip()}")
+    return ["\n".join(entries[start : start + synsets_per_document]) for entries in groups.values() for start in range(0, len(entries), synsets_per_document)]
+
+
+def fortune_documents(fortunes_dir: str | os.PathLike, document_chars: int, include_third_party_quotes: bool) -> list[str]:
+    """Fortune cookies as documents: each cookie file cut into runs of whole cookies of about ``document_chars`` characters.
+
+    Raises:
+        FileNotFoundError: when Debian's ``fortunes`` files are missing.
+    """
+    root = Path(fortunes_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} is missing: install Debian's fortunes (`apt-get install -y fortunes`) or set corpus.source")
+    left_out = set(FORTUNE_PICTURES) | (set() if include_third_party_quotes else set(FORTUNE_THIRD_PARTY_QUOTES))
+    documents = []
+    for path in sorted(root.iterdir()):
+        if path.suffix or not path.is_file() or path.name in left_out:
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        cookies = [re.sub(r"\n\s*\n", "\n", cookie.strip("\n")).strip() for cookie in re.split(r"^%$", text, flags=re.M)]
+        current: list[str] = []
+        for cookie in filter(None, cookies):
+            current.append(cookie)
+            if sum(len(piece) for piece in current) >= document_chars:
+                documents.append("\n".join(current))
+                current = []
+        if current:
+            documents.append("\n".join(current))
+    return documents
+
+
+def interleaved(documents: list[str], seed: int) -> list[str]:
+    """``documents`` in a fixed pseudo-random order (so any prefix of the corpus mixes every source)."""
+    order = np.random.default_rng(seed).permutation(len(documents))
+    return [documents[index] for index in order]
 
 
 def text_file_documents(paths: Iterable[str]) -> list[str]:

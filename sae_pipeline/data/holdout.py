@@ -52,11 +52,11 @@ def read_holdout(store: ActivationStore, holdout_rows: int) -> ShardData:
         if offset + rows > start:
             data = store.read_shard(index)
             skip = max(0, start - offset)
-            parts.append(ShardData(data.activations[skip:], data.doc_id[skip:], data.position[skip:], data.token_id[skip:], data.is_bos[skip:]))
+            parts.append(data.select(slice(skip, None)))
         offset += rows
     if not parts:
         raise ValueError("no hold-out rows: train.holdout_tokens must be at least 1")
-    return ShardData(*(np.concatenate([getattr(part, name) for part in parts]) for name in ("activations", "doc_id", "position", "token_id", "is_bos")))
+    return ShardData(*(np.concatenate([getattr(part, name) for part in parts]) for name in ("activations", "doc_id", "position", "token_id", "is_bos", "is_outlier")))
 
 
 def complete_holdout_documents(holdout: ShardData) -> np.ndarray:

@@ -104,10 +104,10 @@ class ActivationLoader:
             raise ValueError(f"the cache has {self.rows_per_epoch} training rows, fewer than train.batch_size={self.batch_size}")
 
     def usable_rows(self, span: ShardSpan) -> int:
-        """Training rows of a shard once BOS rows are dropped (reads only the ``is_bos`` column)."""
+        """Training rows of a shard once BOS and outlier rows are dropped (reads only those columns)."""
         if span.index not in self._usable_rows:
-            is_bos = self.store.read_shard(span.index, columns=["is_bos"]).is_bos[: span.kept_rows]
-            self._usable_rows[span.index] = int(span.kept_rows - is_bos.sum())
+            excluded = self.store.read_exclusions(span.index)[: span.kept_rows]
+            self._usable_rows[span.index] = int(span.kept_rows - excluded.sum())
         return self._usable_rows[span.index]
 
     @property
@@ -140,18 +140,18 @@ class ActivationLoader:
     def _window_block(self, epoch: int, window_index: int, window: list[ShardSpan]) -> tuple[list[np.ndarray], np.ndarray]:
         """One window as ``(parts, order)``: ``parts`` are the shards' training rows in the cache dtype
         (BOS rows included; one array per row group, not copied) and ``order`` indexes their
-        concatenation: the non-BOS rows, shuffled."""
+        concatenation: the rows that are neither BOS nor outliers, shuffled."""
         parts, keeps = [], []
         with ThreadPoolExecutor(max_workers=min(len(window), READ_THREADS)) as pool:  # Parquet decoding releases the GIL
             shards = list(pool.map(lambda span: self.store.read_activation_parts(span.index), window))
-        for span, (groups, is_bos) in zip(window, shards):
+        for span, (groups, excluded) in zip(window, shards):
             remaining = span.kept_rows
             for group in groups:
                 if remaining <= 0:
                     break
                 parts.append(group[:remaining])
                 remaining -= len(group)
-            keeps.append(~is_bos[: span.kept_rows])
+            keeps.append(~excluded[: span.kept_rows])
         usable = np.flatnonzero(np.concatenate(keeps))
         permutation = np.random.default_rng([self.seed, epoch, window_index]).permutation(len(usable))
         return parts, usable[permutation]

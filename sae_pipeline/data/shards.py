@@ -13,6 +13,8 @@ A shard has one row per token position:
     position    int32     position in the sequence (0 is the BOS position)
     token_id    int32     the token at that position
     is_bos      bool      True for BOS positions (training drops them)
+    is_outlier  bool      True for other positions whose norm is an outlier (training drops them too;
+                          absent in caches written before it existed, read as False)
 
 Activations are stored as ``fixed_size_binary`` rather than a list of floats because that is the
 fastest Parquet layout by far (../shared/MEASUREMENTS.md: 0.69 M rows/s write and 3.4 M rows/s read
@@ -69,7 +71,8 @@ class ShardData:
 
     Attributes:
         activations: [rows, d_model] float16 or float32.
-        doc_id: [rows] int64, position: [rows] int32, token_id: [rows] int32, is_bos: [rows] bool.
+        doc_id: [rows] int64, position: [rows] int32, token_id: [rows] int32, is_bos: [rows] bool,
+        is_outlier: [rows] bool (all False when not given).
     """
 
     activations: np.ndarray
@@ -77,14 +80,27 @@ class ShardData:
     position: np.ndarray
     token_id: np.ndarray
     is_bos: np.ndarray
+    is_outlier: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.is_outlier is None:
+            self.is_outlier = np.zeros(len(self.is_bos), dtype=bool)
 
     def __len__(self) -> int:
         return int(self.activations.shape[0])
 
-    def without_bos(self) -> "ShardData":
-        """The same rows with BOS positions removed."""
-        keep = ~self.is_bos
-        return ShardData(self.activations[keep], self.doc_id[keep], self.position[keep], self.token_id[keep], self.is_bos[keep])
+    @property
+    def excluded(self) -> np.ndarray:
+        """[rows] bool: rows SAEs neither train nor are evaluated on (BOS and outlier-norm positions)."""
+        return self.is_bos | self.is_outlier
+
+    def select(self, keep: np.ndarray) -> "ShardData":
+        """The rows where ``keep`` is True (or the rows a slice or index array names)."""
+        return ShardData(self.activations[keep], self.doc_id[keep], self.position[keep], self.token_id[keep], self.is_bos[keep], self.is_outlier[keep])
+
+    def training_rows(self) -> "ShardData":
+        """The same rows with BOS and outlier positions removed."""
+        return self.select(~self.excluded)
 
 
 def shard_schema(d_model: int, dtype: str) -> pa.Schema:
@@ -99,6 +115,7 @@ def shard_schema(d_model: int, dtype: str) -> pa.Schema:
             pa.field("position", pa.int32()),
             pa.field("token_id", pa.int32()),
             pa.field("is_bos", pa.bool_()),
+            pa.field("is_outlier", pa.bool_()),
         ],
         metadata={"dtype": dtype, "d_model": str(d_model), "format": FORMAT_VERSION},
     )
@@ -122,6 +139,7 @@ def write_shard(path: str | os.PathLike, data: ShardData, dtype: str) -> dict:
             pa.array(np.asarray(data.position, dtype=np.int32)),
             pa.array(np.asarray(data.token_id, dtype=np.int32)),
             pa.array(np.asarray(data.is_bos, dtype=bool)),
+            pa.array(np.asarray(data.is_outlier, dtype=bool)),
         ],
         schema=schema,
     )
@@ -197,7 +215,11 @@ def _activation_format(table: pa.Table) -> tuple[str, int]:
 
 
 def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) -> ShardData:
-    """Read one shard. ``columns`` may omit ``activation`` (then ``activations`` is an empty [rows, 0] array)."""
+    """Read one shard. ``columns`` may omit ``activation`` (then ``activations`` is an empty [rows, 0] array);
+    a requested column the shard lacks (``is_outlier`` in older caches) reads as zeros."""
+    if columns is not None:
+        present = set(pq.read_schema(path).names)
+        columns = [name for name in columns if name in present]
     table = pq.read_table(path, columns=list(columns) if columns is not None else None, use_threads=True)
     dtype, d_model = _activation_format(table)
     rows = table.num_rows
@@ -211,17 +233,34 @@ def read_shard(path: str | os.PathLike, columns: Sequence[str] | None = None) ->
     def column(name: str, dtype_: type) -> np.ndarray:
         return table.column(name).to_numpy() if name in names else np.zeros(rows, dtype=dtype_)
 
-    return ShardData(activations, column("doc_id", np.int64), column("position", np.int32), column("token_id", np.int32), column("is_bos", bool))
+    return ShardData(
+        activations, column("doc_id", np.int64), column("position", np.int32), column("token_id", np.int32), column("is_bos", bool), column("is_outlier", bool)
+    )
+
+
+def _excluded_rows(table: pa.Table) -> np.ndarray:
+    """``is_bos | is_outlier`` of a table read with those columns (``is_outlier`` may be absent)."""
+    excluded = table.column("is_bos").to_numpy()
+    if "is_outlier" in table.column_names:
+        excluded = excluded | table.column("is_outlier").to_numpy()
+    return excluded
+
+
+def read_exclusions(path: str | os.PathLike) -> np.ndarray:
+    """A shard's ``[rows]`` bool mask of rows left out of training (BOS and outlier positions)."""
+    schema_names = set(pq.read_schema(path).names)
+    return _excluded_rows(pq.read_table(path, columns=[name for name in ("is_bos", "is_outlier") if name in schema_names]))
 
 
 def read_activation_parts(path: str | os.PathLike) -> tuple[list[np.ndarray], np.ndarray]:
     """A shard's activations as zero-copy arrays ``[rows_g, d_model]``, one per Parquet row group (in
-    order), and its ``is_bos [rows]`` column: what a reader that copies the rows anyway needs, without
-    first joining the row groups into one array."""
-    table = pq.read_table(path, columns=["activation", "is_bos"], use_threads=True)
+    order), and its ``[rows]`` mask of excluded rows (BOS and outliers): what a reader that copies the
+    rows anyway needs, without first joining the row groups into one array."""
+    schema_names = set(pq.read_schema(path).names)
+    table = pq.read_table(path, columns=[name for name in ("activation", "is_bos", "is_outlier") if name in schema_names], use_threads=True)
     dtype, d_model = _activation_format(table)
     parts = [decode_activation_column(chunk, d_model, dtype) for chunk in table.column("activation").chunks]
-    return parts, table.column("is_bos").to_numpy()
+    return parts, _excluded_rows(table)
 
 
 class ActivationStore:
@@ -230,7 +269,7 @@ class ActivationStore:
     Example::
 
         store = ActivationStore("results/lm/cache")
-        for shard in store.iter_shards(drop_bos=True):
+        for shard in store.iter_shards(drop_excluded=True):
             x = shard.activations            # [rows, d_model]
     """
 
@@ -265,11 +304,16 @@ class ActivationStore:
     def read_activation_parts(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
         return read_activation_parts(self.shard_paths[index])
 
-    def iter_shards(self, columns: Sequence[str] | None = None, drop_bos: bool = False, order: Sequence[int] | None = None) -> Iterator[ShardData]:
-        """Yield shards in ``order`` (default: stored order), optionally without BOS rows."""
+    def read_exclusions(self, index: int) -> np.ndarray:
+        return read_exclusions(self.shard_paths[index])
+
+    def iter_shards(self, columns: Sequence[str] | None = None, drop_excluded: bool = False, order: Sequence[int] | None = None) -> Iterator[ShardData]:
+        """Yield shards in ``order`` (default: stored order), optionally without BOS and outlier rows."""
+        if drop_excluded and columns is not None:
+            columns = list(dict.fromkeys([*columns, "is_bos", "is_outlier"]))
         for index in order if order is not None else range(len(self.shard_paths)):
             shard = self.read_shard(index, columns)
-            yield shard.without_bos() if drop_bos else shard
+            yield shard.training_rows() if drop_excluded else shard
 
     def sequences(self) -> np.ndarray:
         """Token ids of every cached sequence, ``[n_sequences, context_size]`` int32 (row i is doc_id i)."""

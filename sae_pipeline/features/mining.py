@@ -106,7 +106,7 @@ def _row_chunks(store: ActivationStore, batch_rows: int) -> Iterator[tuple[np.nd
             return pending[0]  # slices of one shard stay views: no copy
         return tuple(np.concatenate([part[index] for part in pending]) for index in range(3))  # type: ignore[return-value]
 
-    for shard in store.iter_shards(columns=["activation", "doc_id", "position", "is_bos"], drop_bos=True):
+    for shard in store.iter_shards(columns=["activation", "doc_id", "position"], drop_excluded=True):
         if len(shard) == 0:
             continue
         doc_id = shard.doc_id

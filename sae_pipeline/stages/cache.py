@@ -38,6 +38,7 @@ from sae_pipeline.data.shards import (
     TOKENS_NAME,
     ShardData,
     existing_shard_record,
+    read_exclusions,
     shard_name,
     write_manifest,
     write_numbered_shard,
@@ -145,11 +146,26 @@ def prefetch(iterator: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         yield value
 
 
-def settings_fingerprint(model_ref: str, hook_name: str, settings: CacheSettings, corpus_settings: CorpusSettings) -> str:
+def settings_fingerprint(model_ref: str, hook_name: str, settings: CacheSettings, corpus_settings: CorpusSettings, model_dtype: str) -> str:
     """Hash of everything that determines the shard contents."""
-    relevant = {key: value for key, value in settings.as_dict().items() if key in ("context_size", "max_tokens", "dtype", "rows_per_shard")}
-    payload = json.dumps({"model": model_ref, "hook": hook_name, "cache": relevant, "corpus": corpus_settings.as_dict()}, sort_keys=True)
+    relevant = {key: value for key, value in settings.as_dict().items() if key in ("context_size", "max_tokens", "dtype", "rows_per_shard", "outlier_norm_factor")}
+    payload = json.dumps({"model": model_ref, "hook": hook_name, "cache": relevant, "corpus": corpus_settings.as_dict(), "model_dtype": model_dtype}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def outlier_rows(activations: np.ndarray, is_bos: np.ndarray, factor: float | None) -> np.ndarray:
+    """``[rows]`` bool: non-BOS rows whose L2 norm exceeds ``factor`` times the median non-BOS norm of
+    ``activations [rows, d_model]`` (one shard); all False when ``factor`` is None.
+
+    Raises:
+        ValueError: when a non-BOS activation is not finite (e.g. overflowed float16).
+    """
+    norms = np.linalg.norm(activations.astype(np.float32), axis=1)
+    if not np.isfinite(norms[~is_bos]).all():
+        raise ValueError("non-finite activations at non-BOS positions: cache.dtype float16 overflows at this hook; use float32")
+    if factor is None or (~is_bos).sum() == 0:
+        return np.zeros(len(activations), dtype=bool)
+    return ~is_bos & (norms > float(factor) * float(np.median(norms[~is_bos])))
 
 
 class HookActivations:
@@ -176,6 +192,7 @@ def cache_activations(
     documents_path: str | None,
     manifest_path: str,
     settings: CacheSettings | Mapping[str, Any],
+    model_dtype: str = "auto",
 ) -> dict:
     """Cache activations of ``hook_name`` over the corpus into the folder of ``manifest_path``.
 
@@ -186,7 +203,9 @@ def cache_activations(
             (None for a Hub dataset).
         manifest_path: where the manifest goes; shards and tokens go beside it.
         settings: the config's ``cache`` section (context_size, max_tokens, batch_size, dtype,
-            rows_per_shard, device).
+            rows_per_shard, outlier_norm_factor, device).
+        model_dtype: ``subject_model.dtype``: what the model computes in (``auto``: float16 on CUDA
+            when the cache stores float16, else float32); recorded in the manifest for later stages.
 
     Returns the manifest dictionary.
     """
@@ -201,7 +220,9 @@ def cache_activations(
     batch_size = settings.batch_size
     device = resolve_device(settings.device)
 
-    fingerprint = settings_fingerprint(model_ref, hook_name, settings, corpus_settings)
+    if model_dtype == "auto":
+        model_dtype = "float16" if (dtype == "float16" and device.startswith("cuda")) else "float32"
+    fingerprint = settings_fingerprint(model_ref, hook_name, settings, corpus_settings, model_dtype)
     fingerprint_path = root / FINGERPRINT_NAME
     if fingerprint_path.exists() and json.loads(fingerprint_path.read_text()).get("fingerprint") != fingerprint:
         logger.info("settings changed since the shards in %s were written: discarding them", shard_folder)
@@ -209,7 +230,6 @@ def cache_activations(
     shard_folder.mkdir(parents=True, exist_ok=True)
     write_json(fingerprint_path, {"fingerprint": fingerprint})
 
-    model_dtype = torch.float16 if (dtype == "float16" and device.startswith("cuda")) else torch.float32
     bridge = load_subject_model(model_ref, device=device, dtype=model_dtype)
     bos = bos_token_id(bridge)
     max_sequences = max(1, settings.max_tokens // context_size)
@@ -233,7 +253,8 @@ def cache_activations(
             first_doc = shard_index * sequences_per_shard
             doc_ids = np.repeat(np.arange(first_doc, first_doc + len(shard_sequences)), context_size)
             positions = np.tile(np.arange(context_size, dtype=np.int32), len(shard_sequences))
-            data = ShardData(activations.numpy(), doc_ids, positions, shard_sequences.reshape(-1), positions == 0)
+            rows = activations.numpy()
+            data = ShardData(rows, doc_ids, positions, shard_sequences.reshape(-1), positions == 0, outlier_rows(rows, positions == 0, settings.outlier_norm_factor))
             future = writers.submit(write_numbered_shard, root, shard_index, data, dtype)
             future.add_done_callback(lambda _, buffer=activations: pool.give_back(buffer))
             record_futures.append(future)
@@ -257,14 +278,18 @@ def cache_activations(
         shards=shard_records,
         n_sequences=int(len(sequences)),
         n_bos_rows=int(len(sequences)),
+        n_outlier_rows=int(sum(read_exclusions(root / record["path"]).sum() for record in shard_records) - len(sequences)),
         bos_token_id=bos,
         prepend_bos=True,
+        model_dtype=model_dtype,
+        outlier_norm_factor=settings.outlier_norm_factor,
         dataset=corpus_settings.hf_dataset.path if corpus_settings.source == "hf_dataset" else corpus_settings.source,
         tokens=TOKENS_NAME,
         fingerprint=fingerprint,
         wall_time_s=elapsed,
     )
-    logger.info("cached %d tokens in %d shards in %.1f s (%.0f tokens/s)", sequences.size, n_shards, elapsed, sequences.size / elapsed)
+    logger.info("cached %d tokens in %d shards in %.1f s (%.0f tokens/s); %d BOS and %d outlier-norm rows left out of training",
+                sequences.size, n_shards, elapsed, sequences.size / elapsed, manifest["n_bos_rows"], manifest["n_outlier_rows"])
     return manifest
 
 

@@ -72,13 +72,13 @@ def evaluation_set(store: ActivationStore, holdout_rows: int, max_tokens: int, c
     if holdout_rows > 0:
 
         holdout = read_holdout(store, holdout_rows)
-        rows = holdout.without_bos()
+        rows = holdout.training_rows()
         documents = complete_holdout_documents(holdout)[:ce_sequences]
         source = f"training hold-out (last {holdout_rows} cache rows, never trained on)"
         activations, token_ids = rows.activations[:max_tokens], rows.token_id[:max_tokens]
     else:
         activations, token_ids, remaining = [], [], int(max_tokens)
-        for shard in store.iter_shards(columns=["activation", "token_id", "is_bos"], drop_bos=True):
+        for shard in store.iter_shards(columns=["activation", "token_id"], drop_excluded=True):
             take = min(remaining, len(shard))
             activations.append(shard.activations[:take])
             token_ids.append(shard.token_id[:take])

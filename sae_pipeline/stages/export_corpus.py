@@ -7,15 +7,22 @@ import os
 from typing import Any, Mapping
 
 from sae_pipeline.data.atomic import atomic_path
-from sae_pipeline.data.corpus import kjv_chapters, text_file_documents
+from sae_pipeline.data.corpus import fortune_documents, interleaved, kjv_chapters, text_file_documents, wordnet_documents
 from sae_pipeline.settings import CorpusSettings
 
 
 def export_documents(settings: CorpusSettings | Mapping[str, Any], output_path: str | os.PathLike) -> int:
-    """Write a local corpus (``kjv`` or ``text_files``) as JSON lines ``{"text": ...}``; returns the count."""
+    """Write a local corpus (``wordnet_fortunes``, ``kjv`` or ``text_files``) as JSON lines ``{"text": ...}``; returns the count."""
     settings = CorpusSettings.from_mapping(settings)
     source = settings.source
-    if source == "kjv":
+    if source == "wordnet_fortunes":
+        english = settings.wordnet_fortunes
+        documents = interleaved(
+            wordnet_documents(english.wordnet_dir, english.synsets_per_document)
+            + fortune_documents(english.fortunes_dir, english.fortune_document_chars, english.include_third_party_quotes),
+            english.shuffle_seed,
+        )
+    elif source == "kjv":
         documents = kjv_chapters(settings.kjv_command)
     elif source == "text_files":
         documents = text_file_documents(settings.text_files)

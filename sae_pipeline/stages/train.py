@@ -228,7 +228,7 @@ def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: 
                        curves: list[dict[str, Any]], train_wall: float, epochs: float) -> dict[int, dict[str, Any]]:
     """Held-out metrics, CE-loss recovered (language model only), then the group folder."""
     holdout = read_holdout(store, config.holdout_tokens)
-    eval_rows = holdout.without_bos().activations
+    eval_rows = holdout.training_rows().activations
     all_tensors = [model.inference_tensors(index) for index in range(len(seeds))]
     saes = [inference_sae(config, tensors, device) for tensors in all_tensors]
     mean = torch.from_numpy(eval_rows.astype(np.float64).mean(axis=0))

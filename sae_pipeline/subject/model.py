@@ -22,19 +22,55 @@ def hook_layer(hook_name: str) -> int:
     return int(match.group(1))
 
 
-def load_subject_model(model_ref: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
-    """Boot a ``TransformerBridge`` from a Hub id or a local Hugging Face folder, in eval mode on ``device``."""
+def load_subject_model(model_ref: str, device: str = "cpu", dtype: torch.dtype | str = torch.float32) -> Any:
+    """Boot a ``TransformerBridge`` from a Hub id or a local Hugging Face folder, in eval mode on ``device``.
+
+    ``dtype`` is a torch dtype or its name (``float32``, ``bfloat16``, ``float16``). The bridge's
+    attention is made to read the key/value cache transformers passes (:func:`pass_cache_to_attention`).
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     try:
         bridge = TransformerBridge.boot_transformers(model_ref, device=device, dtype=dtype)
     except OSError as error:
         raise OSError(
             f"could not load subject model {model_ref!r}: {error}. A Hub id needs network access to the "
-            "Hugging Face Hub (or a warm HF cache); offline, use subject_model.source: train_local."
+            "Hugging Face Hub (or a warm HF cache); offline, use subject_model.source: gguf or train_local."
         ) from error
     bridge.eval()
+    pass_cache_to_attention(bridge)
     return bridge
+
+
+def pass_cache_to_attention(bridge: Any) -> int:
+    """Make every block's attention read the key/value cache under the name transformers passes it.
+
+    transformers 5.24 decoder layers (Gemma, Llama, Qwen...; not GPT-NeoX) call their attention with
+    ``cache=``; TransformerLens 4.3's ``AttentionBridge._update_kv_cache`` reads only
+    ``past_key_values`` / ``layer_past``, so the cache stays empty and every generation step attends
+    to itself alone (Gemma's output degenerates). This wraps each attention bridge's ``forward``
+    (per instance, no library edit) to hand ``cache`` over as ``past_key_values`` as well. Harmless
+    where the name is already right; idempotent. Returns how many modules it wrapped.
+    """
+    wrapped = 0
+    for block in bridge.blocks:
+        attention = block.attn
+        if getattr(attention, "_reads_cache_argument", False):
+            continue
+        original_forward = attention.forward
+
+        def forward(*args: Any, _original: Any = original_forward, **kwargs: Any) -> Any:
+            if kwargs.get("past_key_values") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _original(*args, **kwargs)
+
+        # nn.Module.__setattr__ would refuse a plain function: set it on the instance directly
+        object.__setattr__(attention, "forward", forward)
+        object.__setattr__(attention, "_reads_cache_argument", True)
+        wrapped += 1
+    return wrapped
 
 
 def bos_token_id(bridge: Any) -> int:

@@ -222,6 +222,12 @@ def generate_continuations(
             position_ids=batch.position_ids,
             use_cache=True,
         )
+        cached = None if cache is None else cache.get_seq_length()
+        if cached != batch.input_ids.shape[1]:
+            raise RuntimeError(
+                f"the key/value cache holds {cached} positions after a {batch.input_ids.shape[1]}-token prompt: the subject "
+                "model's attention does not update it (see sae_pipeline.subject.model.pass_cache_to_attention)"
+            )
         for step in range(new_tokens):
             last_logits = logits[:, -1, :]
             step_uniforms = None if uniforms is None else uniforms[:, step]

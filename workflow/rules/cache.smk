@@ -11,6 +11,7 @@ rule cache:
     params:
         model_ref=lambda wildcards, input: input.model[0] if input.model else subject_model_ref(),
         hook_name=config["subject_model"]["hook_name"],
+        model_dtype=config["subject_model"].get("dtype", "auto"),
         corpus=config["corpus"],
         settings=config["cache"],
     log:

@@ -15,16 +15,20 @@ RESULTS = LAYOUT.root
 ALL_TARGETS = []
 
 
+# Subject-model sources that write a local folder (prepared from a GGUF, or trained here).
+LOCAL_SUBJECT_MODEL = ("gguf", "train_local")
+
+
 def subject_model_ref():
-    """What `load_subject_model` is given: the locally trained folder, or the configured Hub id/folder."""
-    if config["subject_model"]["source"] == "train_local":
+    """What `load_subject_model` is given: the local folder, or the configured Hub id/folder."""
+    if config["subject_model"]["source"] in LOCAL_SUBJECT_MODEL:
         return LAYOUT.subject_model()
     return config["subject_model"]["pretrained_name"]
 
 
 def subject_model_input():
-    """Rule input that makes a stage wait for the locally trained subject model (nothing for a Hub model)."""
-    if config["subject_model"]["source"] == "train_local":
+    """Rule input that makes a stage wait for the local subject-model folder (nothing for a Hub model)."""
+    if config["subject_model"]["source"] in LOCAL_SUBJECT_MODEL:
         return [LAYOUT.subject_model()]
     return []
 

@@ -10,4 +10,5 @@ with stage_log(snakemake.log[0], "cache"), gpu_slot_for(snakemake):
         snakemake.input.documents[0] if snakemake.input.documents else None,
         snakemake.output.manifest,
         snakemake.params.settings,
+        model_dtype=snakemake.params.model_dtype,
     )
