@@ -127,6 +127,8 @@ def test_training_with_kernels_equals_dense_autograd_training(backend, aux):
                 model.refresh_dead_flag()
             trainer.step(pool[step % 3])
         assert model.decoder_mode == ("dense" if mode is False else "kernels")
+        # The kernels path on Triton defers the weight gradients to the fused sparse optimizer step.
+        assert model.sparse_update is (mode == "kernels" and backend == "triton-interpreter")
         assert model.auxk_active is aux
         weights[mode] = [parameter.detach().clone() for parameter in model.parameters()]
     for dense, sparse in zip(weights[False], weights["kernels"]):
@@ -142,3 +144,90 @@ def test_decoder_mode_resolution():
     assert mode(sparse_decoder="kernels") == "kernels"
     assert mode(sparse_decoder=False) == "dense"
     assert mode(sparse_decoder="kernels", regularizer={"kind": "off_support_l1", "coefficient": 0.1}) == "embedding_bag"
+
+
+def _distinct_indices(generator, n_seeds, batch, k, d_sae, heavy=3):
+    """Top-k-like indices: k distinct latents per token, latent ``heavy`` chosen by every token (more
+    entries than one block of the gradient program holds)."""
+    rest = [i for i in range(d_sae) if i != heavy]
+    rows = [[torch.tensor([heavy] + [rest[j] for j in torch.randperm(len(rest), generator=generator)[:k - 1].tolist()])
+             for _ in range(batch)] for _ in range(n_seeds)]
+    return torch.stack([torch.stack(row) for row in rows])
+
+
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_latent_gradients_equal_dense_products(backend, low_precision):
+    """Both weight gradients and the per-latent statistics from entries sorted by latent, for two sets of
+    entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low)."""
+    generator = torch.Generator().manual_seed(4)
+    n_seeds, batch, d_sae, width = 2, 40, 100, 70  # partial latent and column blocks
+    sets = [_distinct_indices(generator, n_seeds, batch, 6, d_sae), _distinct_indices(generator, n_seeds, batch, 9, d_sae, heavy=50)]
+    entries = sparse_kernels.sort_entries_by_latent(sets, d_sae)
+    assert (entries["keys"].diff() >= 0).all() and entries["segments"][-1] == n_seeds * batch * 15
+    a = [torch.randn(n_seeds, batch, s.shape[2], generator=generator) for s in sets]
+    c = [torch.randn(n_seeds, batch, s.shape[2], generator=generator) for s in sets]
+    dec_dense = [torch.randn(n_seeds, batch, width, generator=generator) for _ in sets]
+    enc_dense = [torch.randn(n_seeds, batch, width, generator=generator) for _ in sets]
+    W_dec = torch.randn(n_seeds, d_sae, width, generator=generator)
+    order = entries["order"]
+    grad_dec, grad_enc, statistics = sparse_kernels.latent_gradients(
+        entries, torch.cat([t.reshape(n_seeds, -1) for t in a], 1).reshape(-1)[order], torch.cat([t.reshape(n_seeds, -1) for t in c], 1).reshape(-1)[order],
+        torch.cat(dec_dense, 1), torch.cat(enc_dense, 1), W_dec, low_precision)
+    rounded = (lambda t: t.bfloat16().float()) if low_precision else (lambda t: t)
+    ref_dec = sum(torch.bmm(rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w)).transpose(1, 2), rounded(d)) for s, w, d in zip(sets, a, dec_dense))
+    ref_enc = sum(torch.bmm(rounded(e).transpose(1, 2), rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w))) for s, w, e in zip(sets, c, enc_dense))
+    tolerance = 1e-2 if low_precision and backend == "triton-interpreter" else 1e-5  # the interpreter rounds to bf16 by truncation
+    for name, got, want in (("W_dec", grad_dec, ref_dec), ("W_enc", grad_enc, ref_enc)):
+        assert got.shape == want.shape and torch.isfinite(got).all(), name
+        assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item()), name
+    want = torch.stack([ref_dec.square().sum(-1), (ref_dec * W_dec).sum(-1), W_dec.square().sum(-1), ref_enc.square().sum(1)], dim=-1)
+    assert torch.allclose(statistics, want, rtol=2 * tolerance, atol=2 * tolerance * want.abs().max().item())
+
+
+@pytest.mark.parametrize("unit_norm,clip", [(True, 1.0), (True, 0.01), (False, None)])
+def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(unit_norm, clip):
+    """Three fused steps on given entries land where the unfused sequence (dense gradients, projection,
+    per-seed clipping, torch.optim.Adam, renormalisation) lands; the bf16 copies follow the weights."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    sparse_kernels.INTERPRET_ON_CPU = True
+    try:
+        generator = torch.Generator().manual_seed(5)
+        n_seeds, batch, d_sae, width, k = 2, 24, 80, 40, 5
+        settings = TrainSettings.from_mapping(dict(architecture="topk", k=k, d_sae=d_sae, unit_norm_decoder=unit_norm, grad_clip_norm=clip))
+        models = [SeedBatchedSAE(settings, width, seeds=[0, 1]) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        optimizers = [torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.999)) for model in models]
+        for step in range(3):
+            indices = _distinct_indices(generator, n_seeds, batch, k, d_sae)
+            codes, grad_values = torch.randn(n_seeds, batch, k, generator=generator), torch.randn(n_seeds, batch, k, generator=generator)
+            grad_out, centered = torch.randn(n_seeds, batch, width, generator=generator), torch.randn(n_seeds, batch, width, generator=generator)
+            grad_b_enc, grad_b_dec = torch.randn(n_seeds, d_sae, generator=generator), torch.randn(n_seeds, width, generator=generator)
+            reference, fused = models
+            reference.W_dec.grad = torch.bmm(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, indices, codes).transpose(1, 2), grad_out)
+            reference.W_enc.grad = torch.bmm(centered.transpose(1, 2), torch.zeros(n_seeds, batch, d_sae).scatter_(-1, indices, grad_values))
+            reference.b_enc.grad, reference.b_dec.grad = grad_b_enc.clone(), grad_b_dec.clone()
+            if unit_norm:
+                reference.remove_parallel_decoder_gradient()
+            if clip is not None:
+                reference.clip_gradients_per_seed(clip)
+            optimizers[0].step()
+            if unit_norm:
+                reference.normalize_decoder()
+            deferred = sparse_kernels.DeferredWeightGradients(low_precision=False)
+            record = deferred.record(indices)
+            record.update(decoder_weights=codes, decoder_dense=grad_out, encoder_weights=grad_values, encoder_dense=centered)
+            fused.b_enc.grad, fused.b_dec.grad = grad_b_enc.clone(), grad_b_dec.clone()
+            low = fused.low_precision_weights()
+            sparse_kernels.sparse_adam_step(optimizers[1], deferred, fused.W_enc, fused.W_dec, fused.b_enc, fused.b_dec, low, clip, unit_norm)
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                want, got = getattr(reference, name).detach(), getattr(fused, name).detach()
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (step, name)
+                state_want, state_got = optimizers[0].state[getattr(reference, name)], optimizers[1].state[getattr(fused, name)]
+                assert float(state_got["step"]) == step + 1
+                assert torch.allclose(state_got["exp_avg_sq"], state_want["exp_avg_sq"], rtol=1e-4, atol=1e-12), (step, name)
+            for copy, weight in zip(low, (fused.W_enc, fused.W_dec)):
+                assert copy.dtype == torch.bfloat16 and torch.allclose(copy.float(), weight.detach(), rtol=2 ** -7, atol=0)
+            assert fused.low_precision_weights()[0] is low[0]  # the step kept the copies current: nothing is cast again
+    finally:
+        sparse_kernels.INTERPRET_ON_CPU = False
