@@ -223,20 +223,21 @@ def geometric_median(points: torch.Tensor, iterations: int = 100, tolerance: flo
     return median.float()
 
 
-def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_enc [d_in, d_sae], W_dec [d_sae, d_in])`` for one seed, float32 on the CPU.
+def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_enc [d_in, d_sae], W_dec [d_sae, d_in])`` for one seed, float32 on ``device`` (the CPU by default).
 
     Decoder rows are Gaussian directions of unit norm. With ``tied_init`` the encoder is the
     decoder's transpose; otherwise its columns are independent unit-norm Gaussian directions.
-    The result depends only on ``seed`` (a private generator), never on the global RNG.
+    The result depends only on ``seed`` (a private generator), never on the global RNG; drawn on
+    another device (fast for wide dictionaries) it depends on that device's generator too.
     """
-    generator = torch.Generator().manual_seed(int(seed))
-    decoder = torch.randn(d_sae, d_in, generator=generator)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    decoder = torch.randn(d_sae, d_in, generator=generator, device=device)
     decoder = decoder / decoder.norm(dim=1, keepdim=True)
     if tied_init:
         encoder = decoder.t().clone()
     else:
-        encoder = torch.randn(d_in, d_sae, generator=generator)
+        encoder = torch.randn(d_in, d_sae, generator=generator, device=device)
         encoder = encoder / encoder.norm(dim=0, keepdim=True)
     return encoder, decoder
 
@@ -328,21 +329,23 @@ class SeedBatchedSAE(nn.Module):
         tokens_since_fired ``[S, d_sae]`` int64 (buffer): tokens since each latent last fired.
     """
 
-    def __init__(self, settings: TrainSettings, d_in: int, seeds: Sequence[int], b_dec: torch.Tensor | None = None):
+    def __init__(self, settings: TrainSettings, d_in: int, seeds: Sequence[int], b_dec: torch.Tensor | None = None,
+                 init_device: str | torch.device = "cpu"):
+        """``init_device``: where the initial weights are drawn and the module is built (see :func:`initial_weights`)."""
         super().__init__()
         self.settings = settings
         self.seeds = [int(seed) for seed in seeds]
         self.d_in = int(d_in)
         self.d_sae = int(settings.d_sae)
-        encoders, decoders = zip(*(initial_weights(seed, self.d_in, self.d_sae, settings.tied_init) for seed in self.seeds))
+        encoders, decoders = zip(*(initial_weights(seed, self.d_in, self.d_sae, settings.tied_init, init_device) for seed in self.seeds))
         n_seeds = len(self.seeds)
-        self.W_enc = nn.Parameter(torch.stack(encoders))
+        self.W_enc = nn.Parameter(torch.stack(encoders).contiguous())
         self.W_dec = nn.Parameter(torch.stack(decoders))
-        self.b_enc = nn.Parameter(torch.zeros(n_seeds, self.d_sae))
-        initial_b_dec = torch.zeros(self.d_in) if b_dec is None else b_dec.detach().float().cpu()
-        self.b_dec = nn.Parameter(initial_b_dec.expand(n_seeds, self.d_in).clone())
-        self.register_buffer("threshold", torch.zeros(n_seeds))
-        self.register_buffer("tokens_since_fired", torch.zeros(n_seeds, self.d_sae, dtype=torch.int64))
+        self.b_enc = nn.Parameter(torch.zeros(n_seeds, self.d_sae, device=init_device))
+        initial_b_dec = torch.zeros(self.d_in) if b_dec is None else b_dec.detach().float()
+        self.b_dec = nn.Parameter(initial_b_dec.to(init_device).expand(n_seeds, self.d_in).clone())
+        self.register_buffer("threshold", torch.zeros(n_seeds, device=init_device))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_seeds, self.d_sae, dtype=torch.int64, device=init_device))
         # Python mirror of "some latent is dead" so the AuxK pass is skipped without a device sync;
         # refreshed by refresh_dead_flag() at logging steps.
         self.auxk_active = False
