@@ -519,22 +519,27 @@ def table_main(args: argparse.Namespace, device: torch.device) -> None:
     for sizes in configs:
         key = (sizes["d_in"], sizes["d_sae"], sizes["k"])
         started = time.perf_counter()
-        ours = our_measurement(sizes, device, args, profile=args.profile)
+        profile_widths = {int(width) for width in args.profile_d_sae.split(",")} if args.profile_d_sae else None
+        ours = our_measurement(sizes, device, args, profile=args.profile and (profile_widths is None or sizes["d_sae"] in profile_widths))
         gemm, adam = floor_seconds(sizes, device, args)
         rows[key] = {"ours": ours, "floor_gemm": gemm, "floor_adam": adam}
         print(f"  d_in {key[0]:5d} d_sae {key[1]:8d} k {key[2]:3d}: ours {1000 * ours['seconds_per_step']:8.3f} ms ({ours['path']}), "
               f"floor {1000 * (gemm + adam):7.3f} ms (GEMM {1000 * gemm:.3f} + Adam {1000 * adam:.3f}), "
               f"peak {ours.get('peak_bytes', 0) / 2**30:6.2f} GiB  [{time.perf_counter() - started:.0f} s]", flush=True)
-        if args.profile:
+        if "profile" in ours:
             print(ours["profile"], flush=True)
     for architecture in [name.strip() for name in (args.architectures or "").split(",") if name.strip()]:
         for sizes in configs:
             if sizes["d_in"] != d_ins[0] or sizes["k"] != ks[0] or sizes["d_sae"] > args.architectures_max_d_sae:
                 continue
-            measured = our_measurement(sizes, device, args, architecture=architecture, min_steps=5)
+            profile_widths = {int(width) for width in args.profile_d_sae.split(",")} if args.profile_d_sae else None
+            measured = our_measurement(sizes, device, args, architecture=architecture, min_steps=5,
+                                       profile=args.profile and (profile_widths is None or sizes["d_sae"] in profile_widths))
             rows[(sizes["d_in"], sizes["d_sae"], sizes["k"])][architecture] = measured
             print(f"  {architecture} d_in {sizes['d_in']} d_sae {sizes['d_sae']} k {sizes['k']}: {1000 * measured['seconds_per_step']:.3f} ms/step "
                   f"({measured['path']}), peak {measured.get('peak_bytes', 0) / 2**30:.2f} GiB", flush=True)
+            if "profile" in measured:
+                print(measured["profile"], flush=True)
     others = {}
     for kind, path in (("sparsify", args.sparsify_path), ("saelens", args.saelens_path)):
         if getattr(args, f"no_{kind}"):
@@ -631,6 +636,7 @@ def main() -> None:
     parser.add_argument("--saelens-path", help="table mode: folder put first on the SAELens worker's PYTHONPATH (sae-lens + transformer-lens 3.x)")
     parser.add_argument("--no-sparsify", action="store_true")
     parser.add_argument("--profile", action="store_true", help="table mode: per-kernel time table of our step at every size")
+    parser.add_argument("--profile-d-sae", help="table mode: profile only at these widths (comma-separated)")
     parser.add_argument("--check", action="store_true", help="table mode: first compare one sparse-update step with the dense path at the first size")
     parser.add_argument("--architectures", help="table mode: also time these architectures (dense autograd paths), at the first d_in and k")
     parser.add_argument("--architectures-max-d-sae", type=int, default=65536)

@@ -47,12 +47,17 @@ except ImportError:  # the PyTorch path serves; the programs below are then neve
 COLUMN_BLOCK = 128
 # Selected rows the decode and dot programs load at once (all K up to this many).
 MAX_ROW_BLOCK = 64
+# Column blocks one decode program covers (wider rows: more programs per token; 0.43 ms for d_in 2304 in one).
+DECODE_COLUMN_BLOCKS = 4
 # Key below that of -inf (see _sortable_keys): marks candidate slots past the row's end.
 BELOW_ALL_KEYS = tl.constexpr(-2139095042)
 # Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
 TOPK_CHUNK = 16
 TOPK_CHUNK_BLOCK = 128
 TOPK_WARPS = 1
+# Wide rows: at most this many chunks (wider chunks beyond), and keys per thread (more warps beyond).
+TOPK_MAX_CHUNKS = 16384
+TOPK_KEYS_PER_THREAD = 32
 
 
 # Run the Triton programs on CPU tensors too (tests only; needs TRITON_INTERPRET=1 set before Triton is imported).
@@ -72,13 +77,15 @@ def triton_usable(tensor: torch.Tensor) -> bool:
 
 def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
                     ROWS: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
-    """One program per (seed, token): ``out[t] = sum_j values[t, j] * table[seed, indices[t, j]]``,
-    ``ROWS`` selected rows at a time, every column block of them together (unrolled)."""
+    """One program per (seed, token) and group of ``COLUMN_BLOCKS`` column blocks (grid axis 1):
+    ``out[t] = sum_j values[t, j] * table[seed, indices[t, j]]``, ``ROWS`` selected rows at a time, the
+    group's column blocks together (unrolled)."""
     token = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
     seed = token // n_tokens
     table_seed = table + seed * table_rows * D
     for column_block in tl.static_range(COLUMN_BLOCKS):
-        columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+        columns = (group * COLUMN_BLOCKS + column_block) * COLUMNS + tl.arange(0, COLUMNS)
         column_mask = columns < D
         total = tl.zeros([COLUMNS], dtype=tl.float32)
         for row_start in range(0, K, ROWS):
@@ -186,39 +193,17 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
     tl.store(out + row * K + rank, columns, mask=chosen)
 
 
-def _latent_gradients_program(segments, keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, W_dec,
-                              grad_dec, grad_enc, row_statistics, d_sae, D, n_rows, total_latents,
-                              LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr,
-                              LOW_PRECISION: tl.constexpr, WITH_W_DEC: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """One program per (seed, block of ``LATENTS`` latents, block of ``COLUMNS`` columns of d): both weight
-    gradients of those latents from their entries (sorted by latent, ``segments`` marking each latent's range):
-
-    - ``grad_dec[s, i] = sum_e decoder_weights[e] * decoder_dense[s, rows[e]]`` (layout ``[S, d_sae, D]``),
-    - ``grad_enc[s, :, i] = sum_e encoder_weights[e] * encoder_dense[s, rows[e]]`` (layout ``[S, D, d_sae]``),
-
-    as products of the entries' one-hot latent matrix with their gathered rows, ``ENTRIES`` entries at a time
-    (tensor cores; bf16 operands with ``LOW_PRECISION`` as autocast gives the dense product, float32 ``ieee`` else).
-    Every output element is written (a latent without entries gets zeros), so nothing is zero-filled first.
-    Per latent and column block it writes ``row_statistics[block, s * d_sae + i] = (|g_dec|^2, <g_dec, W_dec>,
-    |W_dec|^2, |g_enc|^2)`` over its columns (the W_dec terms only ``WITH_W_DEC``), for the clipping norm."""
-    block = tl.program_id(0).to(tl.int64)
-    column_block = tl.program_id(1).to(tl.int64)
-    n_blocks = tl.cdiv(d_sae, LATENTS)
-    seed = block // n_blocks
-    first = (block % n_blocks) * LATENTS
-    latents = first + tl.arange(0, LATENTS)
-    latent_mask = latents < d_sae
-    global_latents = seed * d_sae + latents
-    columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
-    column_mask = columns < D
-    start = tl.load(segments + seed * d_sae + first)
-    end = tl.load(segments + seed * d_sae + tl.minimum(first + LATENTS, d_sae))
-    dense_offset = seed * n_rows * D
+def _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi, global_latents,
+                    columns, column_mask, dense_offset, D, LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr,
+                    LOW_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """``[LATENTS, COLUMNS]`` tiles of both weight gradients from the sorted entries ``lo .. hi``: products of the
+    entries' one-hot latent matrix (weighted) with their gathered dense rows, ``ENTRIES`` at a time (tensor cores;
+    bf16 operands with ``LOW_PRECISION`` as autocast gives the dense product, float32 ``ieee`` else)."""
     acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
     acc_enc = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
-    for entry_start in range(start, end, ENTRIES):
+    for entry_start in range(lo, hi, ENTRIES):
         entries = entry_start + tl.arange(0, ENTRIES)
-        entry_mask = entries < end
+        entry_mask = entries < hi
         key = tl.load(keys + entries, mask=entry_mask, other=-1).to(tl.int64)
         row = tl.load(rows + entries, mask=entry_mask, other=0).to(tl.int64)
         a = tl.load(decoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
@@ -239,6 +224,15 @@ def _latent_gradients_program(segments, keys, rows, decoder_weights, encoder_wei
         else:
             acc_dec = tl.dot(tl.trans(a_hot), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
             acc_enc = tl.dot(tl.trans(c_hot), enc_rows.to(tl.float32), acc_enc, input_precision="ieee")
+    return acc_dec, acc_enc
+
+
+def _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
+                          W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents,
+                          LATENTS: tl.constexpr, WITH_W_DEC: tl.constexpr):
+    """Store finished tiles (``grad_dec [S, d_sae, D]``, ``grad_enc [S, D, d_sae]``) and their per-latent
+    statistics ``row_statistics[column_block, s * d_sae + i] = (|g_dec|^2, <g_dec, W_dec>, |W_dec|^2, |g_enc|^2)``
+    over these columns (the W_dec terms 0 and 1 without ``WITH_W_DEC``)."""
     out_mask = latent_mask[:, None] & column_mask[None, :]
     tl.store(grad_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], acc_dec, mask=out_mask)
     tl.store(grad_enc + seed * D * d_sae + columns[None, :] * d_sae + latents[:, None], acc_enc, mask=out_mask)
@@ -252,6 +246,78 @@ def _latent_gradients_program(segments, keys, rows, decoder_weights, encoder_wei
         tl.store(statistics + 1, tl.zeros([LATENTS], dtype=tl.float32), mask=latent_mask)
         tl.store(statistics + 2, tl.full([LATENTS], 1.0, dtype=tl.float32), mask=latent_mask)
     tl.store(statistics + 3, tl.sum(acc_enc * acc_enc, axis=1), mask=latent_mask)
+
+
+def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, segments, keys, rows, decoder_weights, encoder_weights,
+                              decoder_dense, encoder_dense, W_dec, grad_dec, grad_enc, row_statistics, partial_dec, partial_enc,
+                              d_sae, D, n_rows, total_latents, total_blocks,
+                              LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr, CHUNK: tl.constexpr,
+                              LOW_PRECISION: tl.constexpr, WITH_W_DEC: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """One program per (work item, block of ``COLUMNS`` columns of d): both weight gradients of a block of
+    ``LATENTS`` latents from up to ``CHUNK`` of its entries (sorted by latent; ``segments`` marks each
+    latent's range), so a block whose latents fired on thousands of tokens is shared by several items:
+
+    - ``grad_dec[s, i] = sum_e decoder_weights[e] * decoder_dense[s, rows[e]]`` (layout ``[S, d_sae, D]``),
+    - ``grad_enc[s, :, i] = sum_e encoder_weights[e] * encoder_dense[s, rows[e]]`` (layout ``[S, D, d_sae]``).
+
+    A block of one item stores its tiles (every element, so nothing is zero-filled first) and statistics;
+    the items of a shared block store partial tiles in ``partial_*[block_slot[block] + chunk]``, which
+    :func:`_combine_gradients_program` adds in order (deterministic: no atomics)."""
+    item = tl.program_id(0)
+    column_block = tl.program_id(1).to(tl.int64)
+    block = tl.load(item_block + item).to(tl.int64)
+    if block < total_blocks:
+        chunk = tl.load(item_chunk + item)
+        n_blocks = tl.cdiv(d_sae, LATENTS)
+        seed = block // n_blocks
+        first = (block % n_blocks) * LATENTS
+        latents = first + tl.arange(0, LATENTS)
+        latent_mask = latents < d_sae
+        global_latents = seed * d_sae + latents
+        columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+        column_mask = columns < D
+        start = tl.load(segments + seed * d_sae + first)
+        end = tl.load(segments + seed * d_sae + tl.minimum(first + LATENTS, d_sae))
+        lo = start + chunk * CHUNK
+        hi = tl.minimum(end, lo + CHUNK)
+        acc_dec, acc_enc = _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi,
+                                           global_latents, columns, column_mask, seed * n_rows * D, D,
+                                           LATENTS, ENTRIES, COLUMNS, LOW_PRECISION, EMULATE_BF16)
+        if tl.load(block_items + block) == 1:
+            _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
+                                  W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
+        else:
+            slot = (tl.load(block_slot + block) + chunk).to(tl.int64)
+            tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+            tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
+            tl.store(partial_enc + tile, acc_enc, mask=column_mask[None, :])
+
+
+def _combine_gradients_program(item_block, item_chunk, block_items, block_slot, W_dec, grad_dec, grad_enc, row_statistics,
+                               partial_dec, partial_enc, d_sae, D, total_latents, total_blocks,
+                               LATENTS: tl.constexpr, COLUMNS: tl.constexpr, WITH_W_DEC: tl.constexpr):
+    """For each block shared by several work items (its first item's program): the sum of their partial
+    tiles, in item order, stored with its statistics as :func:`_latent_gradients_program` stores a whole block."""
+    item = tl.program_id(0)
+    column_block = tl.program_id(1).to(tl.int64)
+    block = tl.load(item_block + item).to(tl.int64)
+    if block < total_blocks:
+        n_items = tl.load(block_items + block)
+        if (tl.load(item_chunk + item) == 0) & (n_items > 1):
+            n_blocks = tl.cdiv(d_sae, LATENTS)
+            seed = block // n_blocks
+            latents = (block % n_blocks) * LATENTS + tl.arange(0, LATENTS)
+            columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+            column_mask = columns < D
+            first_slot = tl.load(block_slot + block).to(tl.int64)
+            acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
+            acc_enc = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
+            for part in range(0, n_items):
+                tile = (first_slot + part) * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+                acc_dec += tl.load(partial_dec + tile, mask=column_mask[None, :], other=0.0)
+                acc_enc += tl.load(partial_enc + tile, mask=column_mask[None, :], other=0.0)
+            _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latents < d_sae, seed * d_sae + latents, columns, column_mask,
+                                  column_block, W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
 
 
 def _adam_moments(w, g, m, v, step_size, bias_correction2_sqrt, beta1, beta2, eps):
@@ -332,10 +398,12 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     """The helpers and programs compiled by ``triton.jit`` (separately for the CPU interpreter)."""
     # The interpreter runs helpers as plain Python (with triton.language patched); compiled programs need them jitted.
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
-               for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars")}
+               for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
+                            "_gradient_tiles", "_store_gradient_tiles")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program),
-                 ("latent_gradients", _latent_gradients_program), ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
+                 ("latent_gradients", _latent_gradients_program), ("combine_gradients", _combine_gradients_program),
+                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
     return helpers, programs
 
 
@@ -345,22 +413,26 @@ def _launch(name: str, grid: tuple[int, ...], *args, **meta) -> None:
     programs[name][grid](*args, **meta)
 
 
-def _per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, out_width: int) -> torch.Tensor:
+def _per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, out_width: int,
+                       max_column_blocks: int | None = None) -> torch.Tensor:
     """Launch a one-program-per-(seed, token) program (``decode`` or ``selected_dot``) over
-    ``indices [S,B,K]`` into table ``[S,n,d]``; returns its float32 output ``[S,B,out_width]``."""
+    ``indices [S,B,K]`` into table ``[S,n,d]``; returns its float32 output ``[S,B,out_width]``. With
+    ``max_column_blocks`` (decode) a program covers at most that many column blocks (grid axis 1 over the groups)."""
     n_seeds, batch, k = indices.shape
     n_rows, width = table.shape[1:]
     columns = min(COLUMN_BLOCK, triton.next_power_of_2(width))
+    blocks = triton.cdiv(width, columns)
+    groups = 1 if max_column_blocks is None else triton.cdiv(blocks, max_column_blocks)
     out = torch.empty(n_seeds, batch, out_width, dtype=torch.float32, device=table.device)
-    _launch(name, (n_seeds * batch,), operand.contiguous(), indices.contiguous(), table.contiguous(), out, batch, k, n_rows, width,
-            ROWS=min(MAX_ROW_BLOCK, triton.next_power_of_2(k)), COLUMNS=columns, COLUMN_BLOCKS=triton.cdiv(width, columns))
+    _launch(name, (n_seeds * batch, groups), operand.contiguous(), indices.contiguous(), table.contiguous(), out, batch, k, n_rows, width,
+            ROWS=min(MAX_ROW_BLOCK, triton.next_power_of_2(k)), COLUMNS=columns, COLUMN_BLOCKS=triton.cdiv(blocks, groups))
     return out
 
 
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``."""
     if triton_usable(table):
-        return _per_token_program("decode", values, indices, table, table.shape[2])
+        return _per_token_program("decode", values, indices, table, table.shape[2], max_column_blocks=DECODE_COLUMN_BLOCKS)
     return embedding_bag_rows(values.float(), indices, table.float())
 
 
@@ -417,18 +489,25 @@ def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) ->
     (CUDA or interpreter). Needs ``ceil(n / TOPK_CHUNK) >= k``."""
     width = pre.shape[-1]
     rows = pre.reshape(-1, width).contiguous()
-    n_chunks = triton.next_power_of_2(triton.cdiv(width, TOPK_CHUNK))
-    if triton.cdiv(width, TOPK_CHUNK) < k:
-        raise ValueError(f"topk_columns needs at least k={k} chunks of {TOPK_CHUNK} columns, got width {width}")
+    # Wide rows: wider chunks past TOPK_MAX_CHUNKS chunks, and more warps so no thread holds more than
+    # TOPK_KEYS_PER_THREAD keys of either selection (one warp over 8,192 chunk maxima spilled: 3.3 ms at 131k latents).
+    chunk = TOPK_CHUNK
+    while triton.cdiv(width, chunk) > TOPK_MAX_CHUNKS:
+        chunk *= 2
+    n_chunks = triton.next_power_of_2(triton.cdiv(width, chunk))
+    if triton.cdiv(width, chunk) < k:
+        raise ValueError(f"topk_columns needs at least k={k} chunks of {chunk} columns, got width {width}")
     k_pad = triton.next_power_of_2(k)
+    keys = max(n_chunks, k_pad * chunk)
+    warps = TOPK_WARPS if keys <= 32 * TOPK_KEYS_PER_THREAD * TOPK_WARPS else min(16, triton.next_power_of_2(triton.cdiv(keys, 32 * TOPK_KEYS_PER_THREAD)))
     chunk_maxima = torch.empty(rows.shape[0], n_chunks, dtype=torch.float32, device=pre.device)
     chosen_chunks = torch.empty(rows.shape[0], k_pad, dtype=torch.int32, device=pre.device)
     out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=pre.device)
     rows_per_bias = rows.shape[0] // bias.shape[0] if bias is not None else rows.shape[0]
     bias_rows = bias.contiguous() if bias is not None else rows
     _launch("topk", (rows.shape[0],), rows, bias_rows, chunk_maxima, chosen_chunks, out, width, k, rows_per_bias,
-            N_CHUNKS=n_chunks, CHUNK=TOPK_CHUNK, CHUNK_BLOCK=min(TOPK_CHUNK_BLOCK, n_chunks), K_PAD=k_pad,
-            HAS_BIAS=bias is not None, num_warps=TOPK_WARPS)
+            N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(TOPK_CHUNK_BLOCK * warps, n_chunks), K_PAD=k_pad,
+            HAS_BIAS=bias is not None, num_warps=warps)
     return out.view(*pre.shape[:-1], k)
 
 
@@ -477,7 +556,10 @@ class _SparseDecode(torch.autograd.Function):
         grad_codes = selected_dots(grad_out, indices, table) if ctx.needs_input_grad[0] else None
         grad_W_dec = None
         if ctx.record is not None:
-            ctx.record["decoder_weights"], ctx.record["decoder_dense"] = codes, grad_out
+            # Detached, and the ctx lets go of the record: a record referring back to the graph would keep the
+            # step's autograd graph (its AccumulateGrad nodes) alive into the next step and break CUDA-graph capture.
+            record, ctx.record = ctx.record, None
+            record["decoder_weights"], record["decoder_dense"] = codes.detach(), grad_out.detach()
         elif ctx.needs_input_grad[1]:
             grad_W_dec = scatter_rows(codes, indices, ctx.d_sae, grad_out, low_precision=ctx.low_precision).to(ctx.weight_dtype)
         return grad_codes, grad_W_dec, None, None, None
@@ -500,7 +582,8 @@ class _SelectedPreactivations(torch.autograd.Function):
         n_seeds, d_sae = W_enc.shape[0], W_enc.shape[2]
         grad_W_enc = None
         if ctx.record is not None:
-            ctx.record["encoder_weights"], ctx.record["encoder_dense"] = grad_values, centered
+            record, ctx.record = ctx.record, None
+            record["encoder_weights"], record["encoder_dense"] = grad_values.detach(), centered.detach()
         elif ctx.needs_input_grad[2]:
             grad_W_enc = scatter_rows(grad_values, indices, d_sae, centered, transposed=True, low_precision=ctx.low_precision).to(W_enc.dtype)
         per_latent = grad_values.new_zeros(n_seeds, d_sae, dtype=torch.float32).scatter_add_(
@@ -535,10 +618,15 @@ def selected_preactivations(pre: torch.Tensor, centered: torch.Tensor, W_enc: to
     return _SelectedPreactivations.apply(pre, centered, W_enc, b_enc, b_dec, indices, bias_separate, encoder_table, record)
 
 
-# Latent-sorted weight gradients: latents and entries per block, columns of d per block.
+# Latent-sorted weight gradients: latents per block, entries per product, columns of d per program (wider
+# from GRAD_WIDE_D on), entries per work item (at least; more when there are many entries, so that the
+# partial tiles of shared blocks need at most GRAD_MAX_SLOTS slots).
 GRAD_LATENTS = 32
-GRAD_ENTRIES = 32
+GRAD_ENTRIES = 64
 GRAD_COLUMNS = 64
+GRAD_WIDE_D = 1024
+GRAD_CHUNK = 256
+GRAD_MAX_SLOTS = 1024
 # Adam over decoder rows: at most this many elements (rows x next_power_of_2(d)) per program.
 ADAM_ROW_ELEMENTS = 4096
 ADAM_BLOCK = 2048
@@ -555,16 +643,53 @@ def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int) -> dict[str,
     device = indices[0].device
     if n_seeds * d_sae >= 2**31:
         raise ValueError("sort_entries_by_latent: seeds x d_sae must stay below 2**31")
-    offsets = (torch.arange(n_seeds, device=device, dtype=torch.int64) * d_sae).view(n_seeds, 1)
-    keys = torch.cat([chosen.reshape(n_seeds, -1) for chosen in indices], dim=1).add(offsets).to(torch.int32).reshape(-1)
-    tokens = torch.arange(batch, device=device, dtype=torch.int32)
-    rows = torch.cat([(tokens + part * batch).repeat_interleave(chosen.shape[2]) for part, chosen in enumerate(indices)])
+    offsets, rows, queries = _entry_constants(n_seeds, batch, tuple(chosen.shape[2] for chosen in indices), d_sae, device)
+    flat = indices[0].reshape(n_seeds, -1) if len(indices) == 1 else torch.cat([chosen.reshape(n_seeds, -1) for chosen in indices], dim=1)
+    keys = (flat.to(torch.int32) + offsets).reshape(-1)
     sorted_keys, order = torch.sort(keys, stable=True)
-    per_seed = rows.numel()
-    sorted_rows = rows[order % per_seed]
-    queries = torch.arange(n_seeds * d_sae + 1, device=device, dtype=torch.int32)
+    sorted_rows = rows.reshape(-1)[order]
     segments = torch.searchsorted(sorted_keys, queries, out_int32=True)
     return {"keys": sorted_keys, "order": order, "rows": sorted_rows, "segments": segments}
+
+
+@functools.lru_cache(maxsize=16)
+def _entry_constants(n_seeds: int, batch: int, ks: tuple[int, ...], d_sae: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For :func:`sort_entries_by_latent`: per-seed key offsets ``[S, 1]``, each entry's dense row ``[S, N]``
+    (``p * B + token`` for set p) and the segment queries ``0 .. S * d_sae`` (int32; made once per layout)."""
+    offsets = (torch.arange(n_seeds, device=device, dtype=torch.int32) * d_sae).view(n_seeds, 1)
+    tokens = torch.arange(batch, device=device, dtype=torch.int32).view(batch, 1)
+    rows = torch.cat([(tokens + part * batch).expand(batch, k).reshape(-1) for part, k in enumerate(ks)])
+    queries = torch.arange(n_seeds * d_sae + 1, device=device, dtype=torch.int32)
+    return offsets, rows.expand(n_seeds, -1).contiguous(), queries
+
+
+@functools.lru_cache(maxsize=16)
+def _block_bounds(n_seeds: int, d_sae: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the segments of each latent block's first latent and of the latent after its last."""
+    blocks = torch.arange(n_seeds * triton.cdiv(d_sae, GRAD_LATENTS), device=device)
+    per_seed = triton.cdiv(d_sae, GRAD_LATENTS)
+    seed, first = blocks // per_seed, (blocks % per_seed) * GRAD_LATENTS
+    return seed * d_sae + first, seed * d_sae + (first + GRAD_LATENTS).clamp(max=d_sae)
+
+
+def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_entries: int) -> dict:
+    """Work items of :func:`_latent_gradients_program`: each latent block is cut into items of at most
+    ``chunk`` entries (one item for an empty block). Static sizes (for CUDA graphs): ``capacity`` items,
+    those past the real count marked by block ``total_blocks``; ``slots`` partial tiles for shared blocks."""
+    chunk = max(GRAD_CHUNK, triton.next_power_of_2(triton.cdiv(n_entries, GRAD_MAX_SLOTS // 2)))
+    first, after = _block_bounds(n_seeds, d_sae, segments.device)
+    total_blocks = first.numel()
+    counts = (segments[after] - segments[first]).long()
+    n_items = ((counts + chunk - 1) // chunk).clamp_min(1)
+    inclusive = n_items.cumsum(0)
+    capacity = total_blocks + triton.cdiv(n_entries, chunk)  # sum of max(1, ceil(count / chunk)) over blocks
+    items = torch.arange(capacity, device=segments.device)
+    item_block = torch.searchsorted(inclusive, items, right=True)
+    item_chunk = items - (inclusive - n_items)[item_block.clamp(max=total_blocks - 1)]
+    shared = torch.where(n_items > 1, n_items, 0)
+    return {"item_block": item_block.to(torch.int32), "item_chunk": item_chunk.to(torch.int32), "block_items": n_items.to(torch.int32),
+            "block_slot": (shared.cumsum(0) - shared).to(torch.int32), "capacity": capacity, "total_blocks": total_blocks,
+            "chunk": chunk, "slots": max(1, 2 * triton.cdiv(n_entries, chunk))}  # a shared block has > chunk entries
 
 
 def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Tensor, encoder_weights: torch.Tensor,
@@ -599,17 +724,24 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
             grad_enc_rows.view(n_seeds, d_sae, width).square().sum(-1),
         ], dim=-1)
         return grad_dec, grad_enc, statistics
-    columns = min(GRAD_COLUMNS, max(16, triton.next_power_of_2(width)))
+    columns = min(GRAD_COLUMNS * (2 if width >= GRAD_WIDE_D else 1), max(16, triton.next_power_of_2(width)))
     column_blocks = triton.cdiv(width, columns)
+    items = _gradient_work_items(entries["segments"], n_seeds, d_sae, entries["keys"].numel())
     grad_dec = torch.empty(n_seeds, d_sae, width, dtype=torch.float32, device=W_dec.device)
     grad_enc = torch.empty(n_seeds, width, d_sae, dtype=torch.float32, device=W_dec.device)
     statistics = torch.empty(column_blocks, n_seeds * d_sae, 4, dtype=torch.float32, device=W_dec.device)
-    grid = (n_seeds * triton.cdiv(d_sae, GRAD_LATENTS), column_blocks)
-    _launch("latent_gradients", grid, entries["segments"], entries["keys"], entries["rows"], decoder_weights.float().contiguous(),
+    partial_dec = torch.empty(items["slots"], GRAD_LATENTS, width, dtype=torch.float32, device=W_dec.device)
+    partial_enc = torch.empty_like(partial_dec)
+    grid = (items["capacity"], column_blocks)
+    work = (items["item_block"], items["item_chunk"], items["block_items"], items["block_slot"])
+    warps = 8 if columns >= 128 else 4
+    _launch("latent_gradients", grid, *work, entries["segments"], entries["keys"], entries["rows"], decoder_weights.float().contiguous(),
             encoder_weights.float().contiguous(), decoder_dense, encoder_dense, W_dec.contiguous(), grad_dec, grad_enc, statistics,
-            d_sae, width, decoder_dense.shape[1], n_seeds * d_sae,
-            LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ENTRIES, COLUMNS=columns, LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec,
-            EMULATE_BF16=triton_interpreting())
+            partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1], n_seeds * d_sae, items["total_blocks"],
+            LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"], LOW_PRECISION=low_precision,
+            WITH_W_DEC=with_W_dec, EMULATE_BF16=triton_interpreting(), num_warps=warps)
+    _launch("combine_gradients", grid, *work, W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc,
+            d_sae, width, n_seeds * d_sae, items["total_blocks"], LATENTS=GRAD_LATENTS, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
     return grad_dec, grad_enc, statistics.sum(dim=0).view(n_seeds, d_sae, 4)
 
 
@@ -706,3 +838,4 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
         numel = parameter.numel()
         _adam_launch("adam_flat", optimizer, parameter, gradient.float(), low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
                      numel, numel // n_seeds, BLOCK=ADAM_BLOCK)
+    records.clear()

@@ -51,8 +51,11 @@ def sparse_topk_sae(x, W_enc, b_enc, W_dec, b_dec, indices):
     return sparse_kernels.sparse_decode(values.relu(), W_dec, indices) + b_dec.unsqueeze(1)
 
 
-@pytest.mark.parametrize("k", [5, 70])  # 70: more selected rows than one block of the Triton programs
-def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k):
+@pytest.mark.parametrize("k,column_block", [(5, 128), (70, 128), (5, 8)])  # 70: more selected rows than one block of the Triton programs
+def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k, column_block, monkeypatch):
+    # column_block 8: d_in 20 in three column blocks, decoded by two programs per token (the second's last block empty)
+    monkeypatch.setattr(sparse_kernels, "COLUMN_BLOCK", column_block)
+    monkeypatch.setattr(sparse_kernels, "DECODE_COLUMN_BLOCKS", 2)
     generator = torch.Generator().manual_seed(0)
     n_seeds, batch, d_sae, d_in = 2, 24, 160, 20
     x = torch.randn(batch, d_in, generator=generator)
@@ -112,8 +115,9 @@ def test_topk_indices_adds_the_bias_on_the_torch_path():
 
 
 @pytest.mark.parametrize("aux", [False, True])
-def test_training_with_kernels_equals_dense_autograd_training(backend, aux):
+def test_training_with_kernels_equals_dense_autograd_training(backend, aux, monkeypatch):
     """Six Adam steps (AuxK on from the third when ``aux``): the kernels path lands on the dense path's weights."""
+    monkeypatch.setattr(sparse_kernels, "GRAD_CHUNK", 16)  # latent blocks shared by several gradient work items
     generator = torch.Generator().manual_seed(1)
     pool = [torch.randn(32, 16, generator=generator) + 0.5 for _ in range(3)]
     weights = {}
@@ -155,10 +159,13 @@ def _distinct_indices(generator, n_seeds, batch, k, d_sae, heavy=3):
     return torch.stack([torch.stack(row) for row in rows])
 
 
-@pytest.mark.parametrize("low_precision", [False, True])
-def test_latent_gradients_equal_dense_products(backend, low_precision):
+@pytest.mark.parametrize("low_precision,chunk", [(False, 256), (True, 256), (False, 24), (True, 7)])
+def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, monkeypatch):
     """Both weight gradients and the per-latent statistics from entries sorted by latent, for two sets of
-    entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low)."""
+    entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low).
+    Small ``chunk``s split most latent blocks over several work items (partial tiles added in order)."""
+    monkeypatch.setattr(sparse_kernels, "GRAD_CHUNK", chunk)
+    monkeypatch.setattr(sparse_kernels, "GRAD_MAX_SLOTS", 4096)
     generator = torch.Generator().manual_seed(4)
     n_seeds, batch, d_sae, width = 2, 40, 100, 70  # partial latent and column blocks
     sets = [_distinct_indices(generator, n_seeds, batch, 6, d_sae), _distinct_indices(generator, n_seeds, batch, 9, d_sae, heavy=50)]
@@ -231,3 +238,44 @@ def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(un
             assert fused.low_precision_weights()[0] is low[0]  # the step kept the copies current: nothing is cast again
     finally:
         sparse_kernels.INTERPRET_ON_CPU = False
+
+
+def test_sparse_update_leaves_no_gradient_record_alive(monkeypatch):
+    """A step's gradient records (and so its autograd graph) are freed with the step: a record kept alive
+    by a reference cycle with the graph kept its AccumulateGrad nodes into the next step, which broke CUDA-graph capture."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    import weakref
+
+    monkeypatch.setattr(sparse_kernels, "INTERPRET_ON_CPU", True)
+
+    class Record(dict):  # weak-referenceable
+        pass
+
+    references = []
+
+    def record(self, indices):
+        entry = Record(indices=indices)
+        self.records.append(entry)
+        references.append(weakref.ref(entry))
+        return entry
+
+    monkeypatch.setattr(sparse_kernels.DeferredWeightGradients, "record", record)
+    settings = TrainSettings.from_mapping(dict(architecture="topk", k=3, d_sae=64, batch_size=32, total_tokens=3200, warmup_steps=0, sparse_decoder="kernels"))
+    trainer = SeedBatchedTrainer(SeedBatchedSAE(settings, 16, seeds=[0]), "cpu")
+    for _ in range(3):
+        trainer.step(torch.randn(32, 16), statistics=False)
+    assert len(references) == 3 and all(reference() is None for reference in references)
+
+
+def test_topk_columns_on_wide_rows_uses_wider_chunks_and_more_warps(monkeypatch):
+    """Past TOPK_MAX_CHUNKS chunks the chunks widen (and warps are added): the same k largest are selected."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    monkeypatch.setattr(sparse_kernels, "TOPK_MAX_CHUNKS", 16)
+    monkeypatch.setattr(sparse_kernels, "TOPK_KEYS_PER_THREAD", 4)
+    generator = torch.Generator().manual_seed(6)
+    pre, bias = torch.randn(2, 3, 2000, generator=generator), torch.randn(2, 2000, generator=generator)
+    columns = sparse_kernels.topk_columns(pre, 9, bias)
+    biased = pre + bias.unsqueeze(1)
+    assert torch.equal(biased.gather(-1, columns).sort(dim=-1).values, biased.topk(9, dim=-1).values.sort(dim=-1).values)
