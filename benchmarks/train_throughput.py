@@ -459,13 +459,14 @@ def our_measurement(sizes: dict, device: torch.device, args: argparse.Namespace,
         torch.cuda.empty_cache()
     pool = input_pool(sizes, device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     settings = TrainSettings.from_mapping(dict(
         architecture=architecture, k=sizes["k"], d_sae=sizes["d_sae"], batch_size=sizes["batch"], total_tokens=sizes["batch"] * 1_000_000,
         lr=2e-4, warmup_steps=0, sparse_decoder="auto", device=str(device)))
     model = SeedBatchedSAE(settings, sizes["d_in"], seeds=[0], b_dec=torch.zeros(sizes["d_in"]), init_device=device)
     trainer = SeedBatchedTrainer(model, device)
+    if device.type == "cuda":  # the peak of training (weights, optimizer state, step buffers), not of drawing the initial weights
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     result["path"] = "sparse update" if model.sparse_update else model.decoder_mode if architecture == "topk" else "dense autograd"
 
     def step(x: torch.Tensor) -> None:
