@@ -13,6 +13,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for step in $STEPS; do
   echo "=== $step ($(date +%T))"
   case $step in
+    check1) timeout 60 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 --steps 30 2>&1 | tee $OUT/check.log ;;
     check) timeout 240 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 2>&1 | tee $OUT/check.log
            timeout 240 python3 benchmarks/sparse_update_check.py --d-in 2304 --d-sae 65536 --k 64 --steps 30 2>&1 | tee -a $OUT/check.log ;;
     table1) timeout 420 python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,131072 --k 40 --profile \
