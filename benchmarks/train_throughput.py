@@ -473,6 +473,7 @@ def our_measurement(sizes: dict, device: torch.device, args: argparse.Namespace,
         trainer.step(x, statistics=False)
 
     result["seconds_per_step"] = measure(step, pool, device, args.table_warmup, args.table_steps if min_steps is None else min_steps, args.min_seconds)
+    result["cuda_graph"] = device.type == "cuda" and not trainer._uncapturable
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
     if profile:
@@ -599,17 +600,24 @@ def memory_check(args: argparse.Namespace, device: torch.device, d_in: int, k: i
     estimate = int((total - fixed - pool_bytes - 2 * 2**30) / per_latent) // 65536 * 65536
     summary = [f"memory: d_in {d_in}, k {k}: {big['d_sae']:,} latents train at {1000 * result['seconds_per_step']:.1f} ms/step with peak "
                f"{result['peak_bytes'] / 2**30:.1f} GiB of {total / 2**30:.1f} GiB; {per_latent / 1024:.1f} KiB per latent "
-               f"(from {low:,} and {high:,}); estimated widest that fits (2 GiB spare): {estimate:,}"]
-    tried = None
-    if args.memory_try_largest and estimate > big["d_sae"]:
+               f"(from {low:,} and {high:,}); linear estimate of the widest that fits (2 GiB spare): {estimate:,}"]
+    tried = []
+    width = estimate
+    while args.memory_try_largest and width > big["d_sae"] and len(tried) < 3:
         try:
-            attempt = our_measurement(dict(big, d_sae=estimate), device, args, min_steps=3)
-            tried = {"d_sae": estimate, "ok": True, "seconds_per_step": attempt["seconds_per_step"], "peak_bytes": attempt["peak_bytes"]}
-            summary.append(f"  tried {estimate:,} latents: trains, {1000 * attempt['seconds_per_step']:.1f} ms/step, peak {attempt['peak_bytes'] / 2**30:.1f} GiB")
+            attempt = our_measurement(dict(big, d_sae=width), device, args, min_steps=3)
+            tried.append({"d_sae": width, "ok": True, "seconds_per_step": attempt["seconds_per_step"], "peak_bytes": attempt["peak_bytes"]})
+            summary.append(f"  tried {width:,} latents: trains, {1000 * attempt['seconds_per_step']:.1f} ms/step, peak {attempt['peak_bytes'] / 2**30:.1f} GiB"
+                           f"{'' if attempt['cuda_graph'] else ' (CUDA-graph capture ran out of memory: eager steps)'}")
+            break
         except torch.cuda.OutOfMemoryError as error:
-            tried = {"d_sae": estimate, "ok": False, "error": str(error).splitlines()[0][:200]}
-            summary.append(f"  tried {estimate:,} latents: out of memory")
-            torch.cuda.empty_cache()
+            tried.append({"d_sae": width, "ok": False, "error": str(error).splitlines()[0][:200]})
+            summary.append(f"  tried {width:,} latents: out of memory")
+        import gc
+
+        gc.collect()  # the failed attempt's tensors (held by the traceback until here)
+        torch.cuda.empty_cache()
+        width = int(width * 0.9) // 65536 * 65536
     return {"d_in": d_in, "k": k, "d_sae": big["d_sae"], "result": result, "per_latent_bytes": per_latent, "estimate": estimate, "tried": tried,
             "summary": "\n".join(summary)}
 

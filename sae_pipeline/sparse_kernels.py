@@ -56,7 +56,7 @@ TOPK_CHUNK = 16
 TOPK_CHUNK_BLOCK = 128
 TOPK_WARPS = 1
 # Wide rows: at most this many chunks (wider chunks beyond), and keys per thread (more warps beyond).
-TOPK_MAX_CHUNKS = 16384
+TOPK_MAX_CHUNKS = 4096
 TOPK_KEYS_PER_THREAD = 32
 
 
@@ -196,11 +196,12 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
 def _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi, global_latents,
                     columns, column_mask, dense_offset, D, LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr,
                     LOW_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """``[LATENTS, COLUMNS]`` tiles of both weight gradients from the sorted entries ``lo .. hi``: products of the
-    entries' one-hot latent matrix (weighted) with their gathered dense rows, ``ENTRIES`` at a time (tensor cores;
-    bf16 operands with ``LOW_PRECISION`` as autocast gives the dense product, float32 ``ieee`` else)."""
+    """Tiles of both weight gradients from the sorted entries ``lo .. hi``: the decoder's ``[LATENTS, COLUMNS]``
+    and the encoder's ``[COLUMNS, LATENTS]`` (its layout in memory, latents contiguous: stored as is, coalesced),
+    products of the entries' one-hot latent matrix (weighted) with their gathered dense rows, ``ENTRIES`` at a
+    time (tensor cores; bf16 operands with ``LOW_PRECISION`` as autocast gives the dense product, float32 ``ieee`` else)."""
     acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
-    acc_enc = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
+    acc_enc = tl.zeros([COLUMNS, LATENTS], dtype=tl.float32)
     for entry_start in range(lo, hi, ENTRIES):
         entries = entry_start + tl.arange(0, ENTRIES)
         entry_mask = entries < hi
@@ -217,13 +218,13 @@ def _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense,
         c_hot = tl.where(hit, c[:, None], 0.0)
         if LOW_PRECISION and not EMULATE_BF16:
             acc_dec = tl.dot(tl.trans(a_hot.to(tl.bfloat16)), dec_rows.to(tl.bfloat16), acc_dec)
-            acc_enc = tl.dot(tl.trans(c_hot.to(tl.bfloat16)), enc_rows.to(tl.bfloat16), acc_enc)
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.bfloat16)), c_hot.to(tl.bfloat16), acc_enc)
         elif LOW_PRECISION:  # the same products (bf16 x bf16 is exact in float32); Triton's interpreter mis-computes bf16 dots
             acc_dec = tl.dot(tl.trans(a_hot.to(tl.bfloat16).to(tl.float32)), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
-            acc_enc = tl.dot(tl.trans(c_hot.to(tl.bfloat16).to(tl.float32)), enc_rows.to(tl.float32), acc_enc, input_precision="ieee")
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_hot.to(tl.bfloat16).to(tl.float32), acc_enc, input_precision="ieee")
         else:
             acc_dec = tl.dot(tl.trans(a_hot), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
-            acc_enc = tl.dot(tl.trans(c_hot), enc_rows.to(tl.float32), acc_enc, input_precision="ieee")
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_hot, acc_enc, input_precision="ieee")
     return acc_dec, acc_enc
 
 
@@ -235,7 +236,7 @@ def _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_l
     over these columns (the W_dec terms 0 and 1 without ``WITH_W_DEC``)."""
     out_mask = latent_mask[:, None] & column_mask[None, :]
     tl.store(grad_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], acc_dec, mask=out_mask)
-    tl.store(grad_enc + seed * D * d_sae + columns[None, :] * d_sae + latents[:, None], acc_enc, mask=out_mask)
+    tl.store(grad_enc + seed * D * d_sae + columns[:, None] * d_sae + latents[None, :], acc_enc, mask=column_mask[:, None] & latent_mask[None, :])
     statistics = row_statistics + (column_block * total_latents + global_latents) * 4
     tl.store(statistics, tl.sum(acc_dec * acc_dec, axis=1), mask=latent_mask)
     if WITH_W_DEC:
@@ -245,7 +246,7 @@ def _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_l
     else:
         tl.store(statistics + 1, tl.zeros([LATENTS], dtype=tl.float32), mask=latent_mask)
         tl.store(statistics + 2, tl.full([LATENTS], 1.0, dtype=tl.float32), mask=latent_mask)
-    tl.store(statistics + 3, tl.sum(acc_enc * acc_enc, axis=1), mask=latent_mask)
+    tl.store(statistics + 3, tl.sum(acc_enc * acc_enc, axis=0), mask=latent_mask)
 
 
 def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, segments, keys, rows, decoder_weights, encoder_weights,
@@ -261,7 +262,8 @@ def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, s
     - ``grad_enc[s, :, i] = sum_e encoder_weights[e] * encoder_dense[s, rows[e]]`` (layout ``[S, D, d_sae]``).
 
     A block of one item stores its tiles (every element, so nothing is zero-filled first) and statistics;
-    the items of a shared block store partial tiles in ``partial_*[block_slot[block] + chunk]``, which
+    the items of a shared block store partial tiles in ``partial_*[block_slot[block] + chunk]`` (``[LATENTS, D]``
+    for the decoder, ``[D, LATENTS]`` for the encoder), which
     :func:`_combine_gradients_program` adds in order (deterministic: no atomics)."""
     item = tl.program_id(0)
     column_block = tl.program_id(1).to(tl.int64)
@@ -290,7 +292,8 @@ def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, s
             slot = (tl.load(block_slot + block) + chunk).to(tl.int64)
             tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
             tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
-            tl.store(partial_enc + tile, acc_enc, mask=column_mask[None, :])
+            tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+            tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
 
 
 def _combine_gradients_program(item_block, item_chunk, block_items, block_slot, W_dec, grad_dec, grad_enc, row_statistics,
@@ -311,11 +314,12 @@ def _combine_gradients_program(item_block, item_chunk, block_items, block_slot, 
             column_mask = columns < D
             first_slot = tl.load(block_slot + block).to(tl.int64)
             acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
-            acc_enc = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
+            acc_enc = tl.zeros([COLUMNS, LATENTS], dtype=tl.float32)
             for part in range(0, n_items):
                 tile = (first_slot + part) * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
                 acc_dec += tl.load(partial_dec + tile, mask=column_mask[None, :], other=0.0)
-                acc_enc += tl.load(partial_enc + tile, mask=column_mask[None, :], other=0.0)
+                tile_t = (first_slot + part) * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+                acc_enc += tl.load(partial_enc + tile_t, mask=column_mask[:, None], other=0.0)
             _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latents < d_sae, seed * d_sae + latents, columns, column_mask,
                                   column_block, W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
 
@@ -490,14 +494,15 @@ def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) ->
     width = pre.shape[-1]
     rows = pre.reshape(-1, width).contiguous()
     # Wide rows: wider chunks past TOPK_MAX_CHUNKS chunks, and more warps so no thread holds more than
-    # TOPK_KEYS_PER_THREAD keys of either selection (one warp over 8,192 chunk maxima spilled: 3.3 ms at 131k latents).
+    # TOPK_KEYS_PER_THREAD keys of either selection (one warp over 8,192 chunk maxima spilled: 3.3 ms at 131k
+    # latents; 16 warps over 16,384 took 1.86 ms at 262k, the bisection's block-wide sums).
+    k_pad = triton.next_power_of_2(k)
     chunk = TOPK_CHUNK
-    while triton.cdiv(width, chunk) > TOPK_MAX_CHUNKS:
-        chunk *= 2
+    while triton.cdiv(width, chunk) > TOPK_MAX_CHUNKS and k_pad * chunk * 2 <= triton.cdiv(width, chunk):
+        chunk *= 2  # both selections over at most max(TOPK_MAX_CHUNKS, ~sqrt(width * k)) keys
     n_chunks = triton.next_power_of_2(triton.cdiv(width, chunk))
     if triton.cdiv(width, chunk) < k:
         raise ValueError(f"topk_columns needs at least k={k} chunks of {chunk} columns, got width {width}")
-    k_pad = triton.next_power_of_2(k)
     keys = max(n_chunks, k_pad * chunk)
     warps = TOPK_WARPS if keys <= 32 * TOPK_KEYS_PER_THREAD * TOPK_WARPS else min(16, triton.next_power_of_2(triton.cdiv(keys, 32 * TOPK_KEYS_PER_THREAD)))
     chunk_maxima = torch.empty(rows.shape[0], n_chunks, dtype=torch.float32, device=pre.device)
