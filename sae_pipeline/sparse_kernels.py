@@ -629,7 +629,7 @@ def selected_preactivations(pre: torch.Tensor, centered: torch.Tensor, W_enc: to
 GRAD_LATENTS = 32
 GRAD_ENTRIES = 64
 GRAD_COLUMNS = 64
-GRAD_WIDE_D = 1024
+GRAD_WIDE_D = 512
 GRAD_CHUNK = 256
 GRAD_MAX_SLOTS = 1024
 # Adam over decoder rows: at most this many elements (rows x next_power_of_2(d)) per program.
