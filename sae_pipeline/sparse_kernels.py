@@ -15,10 +15,17 @@ passes over ``[B, d_sae]`` matrices on codes that are zero but for K entries a r
   computed without autograd; the backward gives W_enc ``(x - b_dec)^T g``, b_enc the per-latent sum
   of g and b_dec ``-W_enc`` times that sum, from the K selected entries.
 
-The two transposed products (``codes^T g`` and ``(x - b_dec)^T g``) run as one batched matrix
-product each on a dense code matrix (:func:`scatter_rows`): on an H100 that took 0.19 ms where sparse
-Triton reductions over latent-sorted entries took 0.35-0.63 ms (tile-wise 0/1 matrix products, with
-atomics or with one program per block of latents), so the tensor cores win at these sizes.
+In training (:func:`sparse_adam_step`, used by ``SeedBatchedTrainer`` for top-k with these kernels) the
+two weight gradients are not returned by autograd: the Functions leave the selected entries
+(:class:`DeferredWeightGradients`), which are sorted by latent, and :func:`latent_gradients` forms both
+gradients from them (one-hot tensor-core products over latent blocks; blocks of latents that fired on
+thousands of tokens are split into work items whose partial tiles are added in order), writing every
+element, so no dense ``[B, d_sae]`` code matrix is zero-filled or multiplied, with per-latent statistics
+that give the clipping norm. Two optimizer programs then do the decoder-gradient projection, per-seed
+clipping, Adam, decoder renormalisation and the bf16 weight copies the next forward reads, one pass
+over each weight. (Before this, the transposed products ran as batched matrix products on dense code
+matrices, :func:`scatter_rows`, which costs ``O(B * d_sae * d)``; on the H200, sparse wins from ~12
+entries per latent down, see ``GRAD_DENSE_ENTRIES_PER_LATENT``.)
 
 Off CUDA the same arithmetic runs as PyTorch operations (``embedding_bag``, ``index_add_``). With
 ``TRITON_INTERPRET=1`` set before Triton is imported and ``INTERPRET_ON_CPU`` on, the Triton programs
@@ -632,6 +639,11 @@ GRAD_COLUMNS = 64
 GRAD_WIDE_D = 512
 GRAD_CHUNK = 256
 GRAD_MAX_SLOTS = 1024
+# Past this many entries per latent (per seed) the weight gradients are two dense products instead: on the
+# H200 the sparse program costs ~2e-12 s per entry and column of d, the bf16 products ~5.7e-15 s per
+# B * d_sae * d (cuBLAS at ~700 TFLOP/s), equal at ~12 entries per latent for B = 4096 (top-k k=40 at 16k
+# latents: 0.19 ms sparse vs 0.25 dense; an AuxK step's 512 extra entries per token favour the products below ~190k latents).
+GRAD_DENSE_ENTRIES_PER_LATENT = 12
 # Adam over decoder rows: at most this many elements (rows x next_power_of_2(d)) per program.
 ADAM_ROW_ELEMENTS = 4096
 ADAM_BLOCK = 2048
@@ -666,6 +678,30 @@ def _entry_constants(n_seeds: int, batch: int, ks: tuple[int, ...], d_sae: int, 
     rows = torch.cat([(tokens + part * batch).expand(batch, k).reshape(-1) for part, k in enumerate(ks)])
     queries = torch.arange(n_seeds * d_sae + 1, device=device, dtype=torch.int32)
     return offsets, rows.expand(n_seeds, -1).contiguous(), queries
+
+
+def _dense_latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Tensor, encoder_weights: torch.Tensor,
+                            decoder_dense: torch.Tensor, encoder_dense: torch.Tensor, W_dec: torch.Tensor, operand_dtype: torch.dtype,
+                            with_W_dec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`latent_gradients` as two batched products on the entries scattered into a dense ``[S, R, d_sae]``
+    code matrix (in ``operand_dtype``, as autocast gives the dense path), for steps with many entries per latent."""
+    n_seeds, d_sae, width = W_dec.shape
+    keys = entries["keys"].long()
+    seeds, rows = keys // d_sae, entries["rows"].long()
+    latents = keys - seeds * d_sae
+    codes = torch.zeros(n_seeds, decoder_dense.shape[1], d_sae, dtype=operand_dtype, device=W_dec.device)
+    codes[seeds, rows, latents] = decoder_weights.to(operand_dtype)
+    grad_dec = torch.bmm(codes.transpose(1, 2), decoder_dense).float()
+    codes[seeds, rows, latents] = encoder_weights.to(operand_dtype)  # the same positions: every entry is overwritten
+    grad_enc = torch.bmm(encoder_dense.transpose(1, 2), codes).float()
+    weights = W_dec.float()
+    statistics = torch.stack([
+        grad_dec.square().sum(-1),
+        (grad_dec * weights).sum(-1) if with_W_dec else torch.zeros(n_seeds, d_sae, device=W_dec.device),
+        weights.square().sum(-1) if with_W_dec else torch.ones(n_seeds, d_sae, device=W_dec.device),
+        grad_enc.square().sum(1),
+    ], dim=-1)
+    return grad_dec, grad_enc, statistics
 
 
 @functools.lru_cache(maxsize=16)
@@ -708,11 +744,15 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     ``[S, d_sae, 4]``: ``|grad_dec row|^2``, ``<grad_dec row, W_dec row>``, ``|W_dec row|^2`` (the last two
     0 and 1 without ``with_W_dec``) and ``|grad_enc column|^2``.
 
-    On CUDA (or Triton's interpreter) one program per block of latents and of columns; elsewhere ``index_add_``."""
+    On CUDA (or Triton's interpreter) one program per work item (a block of latents, or part of one) and block
+    of columns, or, past ``GRAD_DENSE_ENTRIES_PER_LATENT`` entries per latent (an AuxK step at moderate widths),
+    two dense products on the scattered entries; elsewhere ``index_add_``."""
     n_seeds, d_sae, width = W_dec.shape
     operand_dtype = torch.bfloat16 if low_precision else torch.float32
     decoder_dense = decoder_dense.to(operand_dtype).contiguous()
     encoder_dense = encoder_dense.to(operand_dtype).contiguous()
+    if triton_usable(W_dec) and entries["keys"].numel() > GRAD_DENSE_ENTRIES_PER_LATENT * n_seeds * d_sae:
+        return _dense_latent_gradients(entries, decoder_weights, encoder_weights, decoder_dense, encoder_dense, W_dec, operand_dtype, with_W_dec)
     if not triton_usable(W_dec):
         seeds = entries["keys"].long() // d_sae
         gathered = (seeds * decoder_dense.shape[1] + entries["rows"].long())

@@ -15,7 +15,10 @@ Architectures (pre-activations ``a = (x - b_dec) W_enc + b_enc``, shape ``[S, B,
   - ``kernels``: the encoder product runs without autograd and only the k selected
     pre-activations carry gradients; decoding and every gradient are the sparse kernels of
     :mod:`sae_pipeline.sparse_kernels` (Triton on CUDA), so the only ``[B, d_sae] x d_in`` product
-    of a step is the encoder's forward. Needs ``regularizer: none`` (the Top-k regularizers put
+    of a step is the encoder's forward. Where Triton runs (and no weight penalty is set) the weight
+    gradients come from the selected entries and the optimizer step is fused
+    (:attr:`SeedBatchedSAE.sparse_update`, :func:`sparse_kernels.sparse_adam_step`), reading bf16
+    weight copies it keeps current. Needs ``regularizer: none`` (the Top-k regularizers put
     gradient on every batch-active pre-activation); with a regularizer the step falls back to
     ``dense`` on CUDA and ``embedding_bag`` elsewhere.
   - ``true``: autograd, decoding from the k selected rows with ``embedding_bag``;

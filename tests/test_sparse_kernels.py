@@ -114,10 +114,12 @@ def test_topk_indices_adds_the_bias_on_the_torch_path():
     assert torch.equal(chosen.sort(dim=-1).values, (pre + bias.unsqueeze(1)).topk(4, dim=-1).indices.sort(dim=-1).values)
 
 
-@pytest.mark.parametrize("aux", [False, True])
-def test_training_with_kernels_equals_dense_autograd_training(backend, aux, monkeypatch):
-    """Six Adam steps (AuxK on from the third when ``aux``): the kernels path lands on the dense path's weights."""
+@pytest.mark.parametrize("aux,crossover", [(False, 12), (True, 12), (True, 2)])
+def test_training_with_kernels_equals_dense_autograd_training(backend, aux, crossover, monkeypatch):
+    """Six Adam steps (AuxK on from the third when ``aux``): the kernels path lands on the dense path's weights.
+    ``crossover`` 2: the AuxK steps' weight gradients come from dense products (many entries per latent)."""
     monkeypatch.setattr(sparse_kernels, "GRAD_CHUNK", 16)  # latent blocks shared by several gradient work items
+    monkeypatch.setattr(sparse_kernels, "GRAD_DENSE_ENTRIES_PER_LATENT", crossover)
     generator = torch.Generator().manual_seed(1)
     pool = [torch.randn(32, 16, generator=generator) + 0.5 for _ in range(3)]
     weights = {}
@@ -159,12 +161,15 @@ def _distinct_indices(generator, n_seeds, batch, k, d_sae, heavy=3):
     return torch.stack([torch.stack(row) for row in rows])
 
 
-@pytest.mark.parametrize("low_precision,chunk", [(False, 256), (True, 256), (False, 24), (True, 7)])
-def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, monkeypatch):
+@pytest.mark.parametrize("low_precision,chunk,dense", [(False, 256, False), (True, 256, False), (False, 24, False), (True, 7, False),
+                                                       (False, 256, True), (True, 256, True)])
+def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, dense, monkeypatch):
     """Both weight gradients and the per-latent statistics from entries sorted by latent, for two sets of
     entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low).
-    Small ``chunk``s split most latent blocks over several work items (partial tiles added in order)."""
+    Small ``chunk``s split most latent blocks over several work items (partial tiles added in order);
+    ``dense``: past the entries-per-latent crossover the Triton path forms them by products instead."""
     monkeypatch.setattr(sparse_kernels, "GRAD_CHUNK", chunk)
+    monkeypatch.setattr(sparse_kernels, "GRAD_DENSE_ENTRIES_PER_LATENT", 0 if dense else 12)
     monkeypatch.setattr(sparse_kernels, "GRAD_MAX_SLOTS", 4096)
     generator = torch.Generator().manual_seed(4)
     n_seeds, batch, d_sae, width = 2, 40, 100, 70  # partial latent and column blocks
@@ -183,7 +188,8 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, mo
     rounded = (lambda t: t.bfloat16().float()) if low_precision else (lambda t: t)
     ref_dec = sum(torch.bmm(rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w)).transpose(1, 2), rounded(d)) for s, w, d in zip(sets, a, dec_dense))
     ref_enc = sum(torch.bmm(rounded(e).transpose(1, 2), rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w))) for s, w, e in zip(sets, c, enc_dense))
-    tolerance = 1e-2 if low_precision and backend == "triton-interpreter" else 1e-5  # the interpreter rounds to bf16 by truncation
+    # the interpreter rounds to bf16 by truncation; bf16 products round their outputs to bf16
+    tolerance = 1e-2 if low_precision and (backend == "triton-interpreter" or dense) else 1e-5
     for name, got, want in (("W_dec", grad_dec, ref_dec), ("W_enc", grad_enc, ref_enc)):
         assert got.shape == want.shape and torch.isfinite(got).all(), name
         assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item()), name
