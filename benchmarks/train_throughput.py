@@ -412,7 +412,7 @@ def floor_seconds(sizes: dict, device: torch.device, args: argparse.Namespace) -
     x = torch.randn(sizes["batch"], d_in, generator=generator, device=device).to(dtype)
     weight = torch.randn(d_in, d_sae, generator=generator, device=device).to(dtype)
     gemm = measure(lambda _: torch.mm(x, weight), x.unsqueeze(0), device, args.table_warmup, args.table_steps, args.min_seconds / 2)
-    del x, weight
+    x = weight = None  # freed before the optimizer's tensors are made
     parameters = [torch.randn(shape, generator=generator, device=device) for shape in ((d_in, d_sae), (d_sae, d_in), (d_sae,), (d_in,))]
     for parameter in parameters:
         parameter.grad = torch.randn(parameter.shape, generator=generator, device=device)
@@ -479,7 +479,7 @@ def our_measurement(sizes: dict, device: torch.device, args: argparse.Namespace,
     if profile:
         eager = SeedBatchedTrainer(model, device, cuda_graphs=False)
         result["profile"] = profile_table(lambda x: eager.step(x, statistics=False), pool, device)
-    del trainer, model, pool
+    trainer = model = pool = None  # freed before the next measurement
     return result
 
 
