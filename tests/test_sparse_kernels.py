@@ -7,6 +7,8 @@ run on CUDA.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -285,3 +287,25 @@ def test_topk_columns_on_wide_rows_uses_wider_chunks_and_more_warps(monkeypatch)
     columns = sparse_kernels.topk_columns(pre, 9, bias)
     biased = pre + bias.unsqueeze(1)
     assert torch.equal(biased.gather(-1, columns).sort(dim=-1).values, biased.topk(9, dim=-1).values.sort(dim=-1).values)
+
+
+def test_sparse_update_state_round_trip_continues_identically(monkeypatch):
+    """A trainer restored from another's state_dict (optimizer state kept in torch.optim.Adam's layout) continues
+    the sparse update exactly as the original does."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    monkeypatch.setattr(sparse_kernels, "INTERPRET_ON_CPU", True)
+    generator = torch.Generator().manual_seed(7)
+    batches = [torch.randn(32, 16, generator=generator) for _ in range(5)]
+    settings = TrainSettings.from_mapping(dict(architecture="topk", k=3, d_sae=64, batch_size=32, total_tokens=3200, warmup_steps=2, sparse_decoder="kernels"))
+    original = SeedBatchedTrainer(SeedBatchedSAE(settings, 16, seeds=[0, 1]), "cpu")
+    for x in batches[:2]:
+        original.step(x)
+    restored = SeedBatchedTrainer(SeedBatchedSAE(settings, 16, seeds=[5, 6]), "cpu")
+    restored.load_state_dict(copy.deepcopy(original.state_dict()))  # as a checkpoint gives it (torch's load shares tensors)
+    assert restored.model.sparse_update
+    for x in batches[2:]:
+        original.step(x)
+        restored.step(x)
+    for mine, theirs in zip(original.model.parameters(), restored.model.parameters()):
+        assert torch.equal(mine, theirs)
