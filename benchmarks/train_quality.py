@@ -9,6 +9,10 @@ cosine with a decoder row (1.0 = every planted feature recovered).
 
     python benchmarks/train_quality.py                      # GPU size: d=256, 4096 features, k=16, 8 M tokens
     python benchmarks/train_quality.py --small              # CPU size
+    python benchmarks/train_quality.py --widths 4096,16384 --seeds 1   # SAEs of two widths on the same planted features
+
+The kernels mode on CUDA is the sparse update (weight gradients from the selected entries, fused
+projection / clipping / Adam / renormalisation); dense is autograd with dense products and torch's Adam.
 """
 
 from __future__ import annotations
@@ -65,9 +69,14 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="CPU-sized problem")
     parser.add_argument("--modes", default="kernels,dense", help=f"comma-separated decoder modes: {', '.join(MODES)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds fused in one run (plus a run of the first seed alone)")
+    parser.add_argument("--widths", help="comma-separated SAE widths (d_sae) to train; default: as many latents as planted features")
+    parser.add_argument("--tokens", type=int, help="training tokens per run")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     sizes = dict(SMALL if args.small else FULL)
+    if args.tokens:
+        sizes["tokens"] = args.tokens
+    widths = [int(width) for width in args.widths.split(",")] if args.widths else [sizes["features"]]
     device = torch.device(resolve_device(args.device))
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = sorted(set(modes) - set(MODES))
@@ -81,22 +90,28 @@ def main() -> None:
         x, dictionary = planted_activations(sizes, device)
         cache = write_synthetic_cache(folder / "cache", x, context_size=128, rows_per_shard=131072, dtype="float16")
         print(f"wrote {len(x)} rows of planted activations in {time.perf_counter() - start:.1f} s")
-        settings = dict(architecture="topk", k=sizes["active"], d_sae=sizes["features"], batch_size=sizes["batch"],
+        settings = dict(architecture="topk", k=sizes["active"], batch_size=sizes["batch"],
                         total_tokens=sizes["tokens"], lr=4e-3, lr_scale_with_width=False, warmup_steps=100, decay_fraction=0.2,
                         holdout_tokens=min(65536, sizes["rows"] // 8), shuffle_buffer_rows=262144, dead_window_tokens=1_000_000, log_every=200,
                         checkpoint_every=1000, device=str(device))
-        for mode in modes:
-            for seeds in (list(range(args.seeds)), [0]):
-                run = folder / f"{mode}-{len(seeds)}"
+        summary = []
+        for width, mode in ((width, mode) for width in widths for mode in modes):
+            for seeds in ([list(range(args.seeds)), [0]] if args.seeds > 1 else [[0]]):
+                run = folder / f"{width}-{mode}-{len(seeds)}"
                 start = time.perf_counter()
-                metrics = train_saes(cache, run / "out", {**settings, "sparse_decoder": MODES[mode]}, seeds, run / "state", progress=False)
+                metrics = train_saes(cache, run / "out", {**settings, "d_sae": width, "sparse_decoder": MODES[mode]}, seeds, run / "state", progress=False)
                 elapsed = time.perf_counter() - start
                 for seed in seeds:
                     found = recovery(dictionary, load_sae_arrays(run / "out" / f"seed{seed}")["W_dec"])
-                    print(f"{mode:<13} {len(seeds)} seed(s) in one job: {elapsed:6.1f} s for the stage, "
+                    summary.append((width, mode, len(seeds), seed, metrics[seed]["fvu"], found, metrics[seed]["l0"], metrics[seed]["dead_fraction"]))
+                    print(f"d_sae {width:6d} {mode:<13} {len(seeds)} seed(s) in one job: {elapsed:6.1f} s for the stage, "
                           f"training loop (with checkpoints) {metrics[seed]['tokens_seen'] / metrics[seed]['wall_time_s'] / 1e6:5.2f} M tokens/s; "
                           f"seed {seed}: FVU {metrics[seed]['fvu']:.4f}, L0 {metrics[seed]['l0']:.2f}, "
                           f"dead {metrics[seed]['dead_fraction']:.4f}, planted features recovered (mean max cos) {found:.3f}")
+        print("| d_sae | mode | seeds in job | seed | held-out FVU | planted recovered (mean max cos) | L0 | dead |")
+        print("|---|---|---|---|---|---|---|---|")
+        for width, mode, n_seeds, seed, fvu, found, l0, dead in summary:
+            print(f"| {width} | {mode} | {n_seeds} | {seed} | {fvu:.4f} | {found:.3f} | {l0:.2f} | {dead:.4f} |")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

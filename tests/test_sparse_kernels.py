@@ -7,6 +7,8 @@ run on CUDA.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -53,8 +55,11 @@ def sparse_topk_sae(x, W_enc, b_enc, W_dec, b_dec, indices):
     return sparse_kernels.sparse_decode(values.relu(), W_dec, indices) + b_dec.unsqueeze(1)
 
 
-@pytest.mark.parametrize("k", [5, 70])  # 70: more selected rows than one block of the Triton programs
-def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k):
+@pytest.mark.parametrize("k,column_block", [(5, 128), (70, 128), (5, 8)])  # 70: more selected rows than one block of the Triton programs
+def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k, column_block, monkeypatch):
+    # column_block 8: d_in 20 in three column blocks, decoded by two programs per token (the second's last block empty)
+    monkeypatch.setattr(sparse_kernels, "COLUMN_BLOCK", column_block)
+    monkeypatch.setattr(sparse_kernels, "DECODE_COLUMN_BLOCKS", 2)
     generator = torch.Generator().manual_seed(0)
     n_seeds, batch, d_sae, d_in = 2, 24, 160, 20
     x = torch.randn(batch, d_in, generator=generator)
@@ -113,9 +118,12 @@ def test_topk_indices_adds_the_bias_on_the_torch_path():
     assert torch.equal(chosen.sort(dim=-1).values, (pre + bias.unsqueeze(1)).topk(4, dim=-1).indices.sort(dim=-1).values)
 
 
-@pytest.mark.parametrize("aux", [False, True])
-def test_training_with_kernels_equals_dense_autograd_training(backend, aux):
-    """Six Adam steps (AuxK on from the third when ``aux``): the kernels path lands on the dense path's weights."""
+@pytest.mark.parametrize("aux,crossover", [(False, 12), (True, 12), (True, 2)])
+def test_training_with_kernels_equals_dense_autograd_training(backend, aux, crossover, monkeypatch):
+    """Six Adam steps (AuxK on from the third when ``aux``): the kernels path lands on the dense path's weights.
+    ``crossover`` 2: the AuxK steps' weight gradients come from dense products (many entries per latent)."""
+    monkeypatch.setattr(sparse_kernels, "GRAD_CHUNK", 16)  # latent blocks shared by several gradient work items
+    monkeypatch.setattr(sparse_kernels, "GRAD_DENSE_ENTRIES_PER_LATENT", crossover)
     generator = torch.Generator().manual_seed(1)
     pool = [torch.randn(32, 16, generator=generator) + 0.5 for _ in range(3)]
     weights = {}
@@ -129,6 +137,8 @@ def test_training_with_kernels_equals_dense_autograd_training(backend, aux):
                 model.refresh_dead_flag()
             trainer.step(pool[step % 3])
         assert model.decoder_mode == ("dense" if mode is False else "kernels")
+        # The kernels path on Triton defers the weight gradients to the fused sparse optimizer step.
+        assert model.sparse_update is (mode == "kernels" and backend == "triton-interpreter")
         assert model.auxk_active is aux
         weights[mode] = [parameter.detach().clone() for parameter in model.parameters()]
     for dense, sparse in zip(weights[False], weights["kernels"]):
@@ -144,3 +154,160 @@ def test_decoder_mode_resolution():
     assert mode(sparse_decoder="kernels") == "kernels"
     assert mode(sparse_decoder=False) == "dense"
     assert mode(sparse_decoder="kernels", regularizer={"kind": "off_support_l1", "coefficient": 0.1}) == "embedding_bag"
+
+
+def _distinct_indices(generator, n_seeds, batch, k, d_sae, heavy=3):
+    """Top-k-like indices: k distinct latents per token, latent ``heavy`` chosen by every token (more
+    entries than one block of the gradient program holds)."""
+    rest = [i for i in range(d_sae) if i != heavy]
+    rows = [[torch.tensor([heavy] + [rest[j] for j in torch.randperm(len(rest), generator=generator)[:k - 1].tolist()])
+             for _ in range(batch)] for _ in range(n_seeds)]
+    return torch.stack([torch.stack(row) for row in rows])
+
+
+@pytest.mark.parametrize("low_precision,chunk,dense", [(False, 256, False), (True, 256, False), (False, 24, False), (True, 7, False),
+                                                       (False, 256, True), (True, 256, True)])
+def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, dense, monkeypatch):
+    """Both weight gradients and the per-latent statistics from entries sorted by latent, for two sets of
+    entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low).
+    Small ``chunk``s split most latent blocks over several work items (partial tiles added in order);
+    ``dense``: past the entries-per-latent crossover the Triton path forms them by products instead."""
+    monkeypatch.setattr(sparse_kernels, "GRAD_CHUNK", chunk)
+    monkeypatch.setattr(sparse_kernels, "GRAD_DENSE_ENTRIES_PER_LATENT", 0 if dense else 12)
+    monkeypatch.setattr(sparse_kernels, "GRAD_MAX_SLOTS", 4096)
+    generator = torch.Generator().manual_seed(4)
+    n_seeds, batch, d_sae, width = 2, 40, 100, 70  # partial latent and column blocks
+    sets = [_distinct_indices(generator, n_seeds, batch, 6, d_sae), _distinct_indices(generator, n_seeds, batch, 9, d_sae, heavy=50)]
+    entries = sparse_kernels.sort_entries_by_latent(sets, d_sae)
+    assert (entries["keys"].diff() >= 0).all() and entries["segments"][-1] == n_seeds * batch * 15
+    a = [torch.randn(n_seeds, batch, s.shape[2], generator=generator) for s in sets]
+    c = [torch.randn(n_seeds, batch, s.shape[2], generator=generator) for s in sets]
+    dec_dense = [torch.randn(n_seeds, batch, width, generator=generator) for _ in sets]
+    enc_dense = [torch.randn(n_seeds, batch, width, generator=generator) for _ in sets]
+    W_dec = torch.randn(n_seeds, d_sae, width, generator=generator)
+    order = entries["order"]
+    grad_dec, grad_enc, statistics = sparse_kernels.latent_gradients(
+        entries, torch.cat([t.reshape(n_seeds, -1) for t in a], 1).reshape(-1)[order], torch.cat([t.reshape(n_seeds, -1) for t in c], 1).reshape(-1)[order],
+        torch.cat(dec_dense, 1), torch.cat(enc_dense, 1), W_dec, low_precision)
+    rounded = (lambda t: t.bfloat16().float()) if low_precision else (lambda t: t)
+    ref_dec = sum(torch.bmm(rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w)).transpose(1, 2), rounded(d)) for s, w, d in zip(sets, a, dec_dense))
+    ref_enc = sum(torch.bmm(rounded(e).transpose(1, 2), rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w))) for s, w, e in zip(sets, c, enc_dense))
+    # the interpreter rounds to bf16 by truncation; bf16 products round their outputs to bf16
+    tolerance = 1e-2 if low_precision and (backend == "triton-interpreter" or dense) else 1e-5
+    for name, got, want in (("W_dec", grad_dec, ref_dec), ("W_enc", grad_enc, ref_enc)):
+        assert got.shape == want.shape and torch.isfinite(got).all(), name
+        assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item()), name
+    want = torch.stack([ref_dec.square().sum(-1), (ref_dec * W_dec).sum(-1), W_dec.square().sum(-1), ref_enc.square().sum(1)], dim=-1)
+    assert torch.allclose(statistics, want, rtol=2 * tolerance, atol=2 * tolerance * want.abs().max().item())
+
+
+@pytest.mark.parametrize("unit_norm,clip", [(True, 1.0), (True, 0.01), (False, None)])
+def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(unit_norm, clip):
+    """Three fused steps on given entries land where the unfused sequence (dense gradients, projection,
+    per-seed clipping, torch.optim.Adam, renormalisation) lands; the bf16 copies follow the weights."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    sparse_kernels.INTERPRET_ON_CPU = True
+    try:
+        generator = torch.Generator().manual_seed(5)
+        n_seeds, batch, d_sae, width, k = 2, 24, 80, 40, 5
+        settings = TrainSettings.from_mapping(dict(architecture="topk", k=k, d_sae=d_sae, unit_norm_decoder=unit_norm, grad_clip_norm=clip))
+        models = [SeedBatchedSAE(settings, width, seeds=[0, 1]) for _ in range(2)]
+        models[1].load_state_dict(models[0].state_dict())
+        optimizers = [torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.999)) for model in models]
+        for step in range(3):
+            indices = _distinct_indices(generator, n_seeds, batch, k, d_sae)
+            codes, grad_values = torch.randn(n_seeds, batch, k, generator=generator), torch.randn(n_seeds, batch, k, generator=generator)
+            grad_out, centered = torch.randn(n_seeds, batch, width, generator=generator), torch.randn(n_seeds, batch, width, generator=generator)
+            grad_b_enc, grad_b_dec = torch.randn(n_seeds, d_sae, generator=generator), torch.randn(n_seeds, width, generator=generator)
+            reference, fused = models
+            reference.W_dec.grad = torch.bmm(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, indices, codes).transpose(1, 2), grad_out)
+            reference.W_enc.grad = torch.bmm(centered.transpose(1, 2), torch.zeros(n_seeds, batch, d_sae).scatter_(-1, indices, grad_values))
+            reference.b_enc.grad, reference.b_dec.grad = grad_b_enc.clone(), grad_b_dec.clone()
+            if unit_norm:
+                reference.remove_parallel_decoder_gradient()
+            if clip is not None:
+                reference.clip_gradients_per_seed(clip)
+            optimizers[0].step()
+            if unit_norm:
+                reference.normalize_decoder()
+            deferred = sparse_kernels.DeferredWeightGradients(low_precision=False)
+            record = deferred.record(indices)
+            record.update(decoder_weights=codes, decoder_dense=grad_out, encoder_weights=grad_values, encoder_dense=centered)
+            fused.b_enc.grad, fused.b_dec.grad = grad_b_enc.clone(), grad_b_dec.clone()
+            low = fused.low_precision_weights()
+            sparse_kernels.sparse_adam_step(optimizers[1], deferred, fused.W_enc, fused.W_dec, fused.b_enc, fused.b_dec, low, clip, unit_norm)
+            for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                want, got = getattr(reference, name).detach(), getattr(fused, name).detach()
+                assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (step, name)
+                state_want, state_got = optimizers[0].state[getattr(reference, name)], optimizers[1].state[getattr(fused, name)]
+                assert float(state_got["step"]) == step + 1
+                assert torch.allclose(state_got["exp_avg_sq"], state_want["exp_avg_sq"], rtol=1e-4, atol=1e-12), (step, name)
+            for copy, weight in zip(low, (fused.W_enc, fused.W_dec)):
+                assert copy.dtype == torch.bfloat16 and torch.allclose(copy.float(), weight.detach(), rtol=2 ** -7, atol=0)
+            assert fused.low_precision_weights()[0] is low[0]  # the step kept the copies current: nothing is cast again
+    finally:
+        sparse_kernels.INTERPRET_ON_CPU = False
+
+
+def test_sparse_update_leaves_no_gradient_record_alive(monkeypatch):
+    """A step's gradient records (and so its autograd graph) are freed with the step: a record kept alive
+    by a reference cycle with the graph kept its AccumulateGrad nodes into the next step, which broke CUDA-graph capture."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    import weakref
+
+    monkeypatch.setattr(sparse_kernels, "INTERPRET_ON_CPU", True)
+
+    class Record(dict):  # weak-referenceable
+        pass
+
+    references = []
+
+    def record(self, indices):
+        entry = Record(indices=indices)
+        self.records.append(entry)
+        references.append(weakref.ref(entry))
+        return entry
+
+    monkeypatch.setattr(sparse_kernels.DeferredWeightGradients, "record", record)
+    settings = TrainSettings.from_mapping(dict(architecture="topk", k=3, d_sae=64, batch_size=32, total_tokens=3200, warmup_steps=0, sparse_decoder="kernels"))
+    trainer = SeedBatchedTrainer(SeedBatchedSAE(settings, 16, seeds=[0]), "cpu")
+    for _ in range(3):
+        trainer.step(torch.randn(32, 16), statistics=False)
+    assert len(references) == 3 and all(reference() is None for reference in references)
+
+
+def test_topk_columns_on_wide_rows_uses_wider_chunks_and_more_warps(monkeypatch):
+    """Past TOPK_MAX_CHUNKS chunks the chunks widen (and warps are added): the same k largest are selected."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    monkeypatch.setattr(sparse_kernels, "TOPK_MAX_CHUNKS", 16)
+    monkeypatch.setattr(sparse_kernels, "TOPK_KEYS_PER_THREAD", 4)
+    generator = torch.Generator().manual_seed(6)
+    pre, bias = torch.randn(2, 3, 2000, generator=generator), torch.randn(2, 2000, generator=generator)
+    columns = sparse_kernels.topk_columns(pre, 9, bias)
+    biased = pre + bias.unsqueeze(1)
+    assert torch.equal(biased.gather(-1, columns).sort(dim=-1).values, biased.topk(9, dim=-1).values.sort(dim=-1).values)
+
+
+def test_sparse_update_state_round_trip_continues_identically(monkeypatch):
+    """A trainer restored from another's state_dict (optimizer state kept in torch.optim.Adam's layout) continues
+    the sparse update exactly as the original does."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    monkeypatch.setattr(sparse_kernels, "INTERPRET_ON_CPU", True)
+    generator = torch.Generator().manual_seed(7)
+    batches = [torch.randn(32, 16, generator=generator) for _ in range(5)]
+    settings = TrainSettings.from_mapping(dict(architecture="topk", k=3, d_sae=64, batch_size=32, total_tokens=3200, warmup_steps=2, sparse_decoder="kernels"))
+    original = SeedBatchedTrainer(SeedBatchedSAE(settings, 16, seeds=[0, 1]), "cpu")
+    for x in batches[:2]:
+        original.step(x)
+    restored = SeedBatchedTrainer(SeedBatchedSAE(settings, 16, seeds=[5, 6]), "cpu")
+    restored.load_state_dict(copy.deepcopy(original.state_dict()))  # as a checkpoint gives it (torch's load shares tensors)
+    assert restored.model.sparse_update
+    for x in batches[2:]:
+        original.step(x)
+        restored.step(x)
+    for mine, theirs in zip(original.model.parameters(), restored.model.parameters()):
+        assert torch.equal(mine, theirs)

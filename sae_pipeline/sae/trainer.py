@@ -113,7 +113,12 @@ class SeedBatchedTrainer:
         # A graph must not keep autocast's cast-weight cache (it would outlive the capture).
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_enabled, cache_enabled=not capturing):
             out = model(x, statistics=statistics)
+        deferred = out.pop("deferred_gradients", None)
         out["loss"].sum().backward()
+        if deferred is not None:  # weight gradients from the selected entries; projection, clipping, Adam, renormalisation fused
+            model.sparse_optimizer_step(self.optimizer, deferred)
+            self.optimizer.zero_grad(set_to_none=True)
+            return out
         if settings.unit_norm_decoder:
             model.remove_parallel_decoder_gradient()
         if settings.grad_clip_norm is not None:

@@ -15,7 +15,10 @@ Architectures (pre-activations ``a = (x - b_dec) W_enc + b_enc``, shape ``[S, B,
   - ``kernels``: the encoder product runs without autograd and only the k selected
     pre-activations carry gradients; decoding and every gradient are the sparse kernels of
     :mod:`sae_pipeline.sae.kernels` (Triton on CUDA), so the only ``[B, d_sae] x d_in`` product
-    of a step is the encoder's forward. Needs ``regularizer: none`` (the Top-k regularizers put
+    of a step is the encoder's forward. Where Triton runs (and no weight penalty is set) the weight
+    gradients come from the selected entries and the optimizer step is fused
+    (:attr:`SeedBatchedSAE.sparse_update`, :func:`sae_pipeline.sae.kernels.sparse_adam_step`), reading bf16
+    weight copies it keeps current. Needs ``regularizer: none`` (the Top-k regularizers put
     gradient on every batch-active pre-activation); with a regularizer the step falls back to
     ``dense`` on CUDA and ``embedding_bag`` elsewhere.
   - ``true``: autograd, decoding from the k selected rows with ``embedding_bag``;
@@ -77,20 +80,21 @@ def geometric_median(points: torch.Tensor, iterations: int = 100, tolerance: flo
     return median.float()
 
 
-def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_enc [d_in, d_sae], W_dec [d_sae, d_in])`` for one seed, float32 on the CPU.
+def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_enc [d_in, d_sae], W_dec [d_sae, d_in])`` for one seed, float32 on ``device`` (the CPU by default).
 
     Decoder rows are Gaussian directions of unit norm. With ``tied_init`` the encoder is the
     decoder's transpose; otherwise its columns are independent unit-norm Gaussian directions.
-    The result depends only on ``seed`` (a private generator), never on the global RNG.
+    The result depends only on ``seed`` (a private generator), never on the global RNG; drawn on
+    another device (fast for wide dictionaries) it depends on that device's generator too.
     """
-    generator = torch.Generator().manual_seed(int(seed))
-    decoder = torch.randn(d_sae, d_in, generator=generator)
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    decoder = torch.randn(d_sae, d_in, generator=generator, device=device)
     decoder = decoder / decoder.norm(dim=1, keepdim=True)
     if tied_init:
         encoder = decoder.t().clone()
     else:
-        encoder = torch.randn(d_in, d_sae, generator=generator)
+        encoder = torch.randn(d_in, d_sae, generator=generator, device=device)
         encoder = encoder / encoder.norm(dim=0, keepdim=True)
     return encoder, decoder
 
@@ -182,24 +186,30 @@ class SeedBatchedSAE(nn.Module):
         tokens_since_fired ``[S, d_sae]`` int64 (buffer): tokens since each latent last fired.
     """
 
-    def __init__(self, settings: TrainSettings, d_in: int, seeds: Sequence[int], b_dec: torch.Tensor | None = None):
+    def __init__(self, settings: TrainSettings, d_in: int, seeds: Sequence[int], b_dec: torch.Tensor | None = None,
+                 init_device: str | torch.device = "cpu"):
+        """``init_device``: where the initial weights are drawn and the module is built (see :func:`initial_weights`)."""
         super().__init__()
         self.settings = settings
         self.seeds = [int(seed) for seed in seeds]
         self.d_in = int(d_in)
         self.d_sae = int(settings.d_sae)
-        encoders, decoders = zip(*(initial_weights(seed, self.d_in, self.d_sae, settings.tied_init) for seed in self.seeds))
+        encoders, decoders = zip(*(initial_weights(seed, self.d_in, self.d_sae, settings.tied_init, init_device) for seed in self.seeds))
         n_seeds = len(self.seeds)
-        self.W_enc = nn.Parameter(torch.stack(encoders))
+        self.W_enc = nn.Parameter(torch.stack(encoders).contiguous())
         self.W_dec = nn.Parameter(torch.stack(decoders))
-        self.b_enc = nn.Parameter(torch.zeros(n_seeds, self.d_sae))
-        initial_b_dec = torch.zeros(self.d_in) if b_dec is None else b_dec.detach().float().cpu()
-        self.b_dec = nn.Parameter(initial_b_dec.expand(n_seeds, self.d_in).clone())
-        self.register_buffer("threshold", torch.zeros(n_seeds))
-        self.register_buffer("tokens_since_fired", torch.zeros(n_seeds, self.d_sae, dtype=torch.int64))
+        self.b_enc = nn.Parameter(torch.zeros(n_seeds, self.d_sae, device=init_device))
+        initial_b_dec = torch.zeros(self.d_in) if b_dec is None else b_dec.detach().float()
+        self.b_dec = nn.Parameter(initial_b_dec.to(init_device).expand(n_seeds, self.d_in).clone())
+        self.register_buffer("threshold", torch.zeros(n_seeds, device=init_device))
+        self.register_buffer("tokens_since_fired", torch.zeros(n_seeds, self.d_sae, dtype=torch.int64, device=init_device))
         # Python mirror of "some latent is dead" so the AuxK pass is skipped without a device sync;
         # refreshed by refresh_dead_flag() at logging steps.
         self.auxk_active = False
+        # bf16 copies of W_enc / W_dec that the sparse optimizer step keeps current (see low_precision_weights).
+        self._low_weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._low_weights_key: tuple | None = None
+        self._deferred: sparse_kernels.DeferredWeightGradients | None = None
 
     @property
     def n_seeds(self) -> int:
@@ -228,6 +238,35 @@ class SeedBatchedSAE(nn.Module):
         if mode == "kernels":
             return "kernels"
         return "embedding_bag" if mode else "dense"
+
+    @property
+    def sparse_update(self) -> bool:
+        """Whether a training step defers the weight gradients to :func:`sparse_kernels.sparse_adam_step`
+        (top-k with the ``kernels`` decoder where Triton runs, no weight penalty): the gradients are then
+        formed from the selected entries only, and projection, clipping, Adam and renormalisation run fused."""
+        penalty = self.settings.weight_penalty
+        return (self.settings.architecture == "topk" and self.decoder_mode == "kernels" and sparse_kernels.triton_usable(self.W_dec)
+                and (penalty["kind"] == "none" or float(penalty["coefficient"]) == 0)
+                and self.W_enc.is_contiguous() and self.W_dec.is_contiguous())
+
+    def low_precision_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """bf16 ``(W_enc, W_dec)`` for the forward products, cast anew only when the float32 weights were
+        replaced or changed in place by anything but :func:`sparse_kernels.sparse_adam_step` (which writes
+        the copies as it updates the weights, so a training step casts nothing)."""
+        key = (self.W_enc.data_ptr(), self.W_enc._version, self.W_dec.data_ptr(), self.W_dec._version)
+        if self._low_weights is None or self._low_weights_key != key:
+            with torch.no_grad():
+                self._low_weights = (self.W_enc.detach().to(torch.bfloat16), self.W_dec.detach().to(torch.bfloat16))
+            self._low_weights_key = key
+        return self._low_weights
+
+    @torch.no_grad()
+    def sparse_optimizer_step(self, optimizer: torch.optim.Optimizer, deferred: sparse_kernels.DeferredWeightGradients) -> None:
+        """Projection, per-seed clipping, Adam and renormalisation of a step whose weight gradients were deferred."""
+        settings = self.settings
+        low_copies = self.low_precision_weights() if deferred.low_precision else None
+        sparse_kernels.sparse_adam_step(optimizer, deferred, self.W_enc, self.W_dec, self.b_enc, self.b_dec, low_copies,
+                                        settings.grad_clip_norm, settings.unit_norm_decoder)
 
     @property
     def uses_sparse_decoder(self) -> bool:
@@ -269,20 +308,29 @@ class SeedBatchedSAE(nn.Module):
         x = x.float()
         sparse_gradients = architecture == "topk" and self.decoder_mode == "kernels"
         centered = None
+        self._deferred = None
+        encoder_table = decoder_table = None
         if sparse_gradients:
+            low_dtype = sparse_kernels._autocast_dtype(x.device.type)
+            if torch.is_grad_enabled() and low_dtype in (None, torch.bfloat16) and self.sparse_update:
+                self._deferred = sparse_kernels.DeferredWeightGradients(low_precision=low_dtype is not None)
+                if low_dtype is not None:
+                    encoder_table, decoder_table = self.low_precision_weights()
             with torch.no_grad():
                 centered = x.unsqueeze(0) - self.b_dec.unsqueeze(1)
                 # The encoder bias is added where pre is read (top-k, selected values), never as a [S, B, d_sae] pass.
-                pre = torch.bmm(centered, self.W_enc)
+                pre = torch.bmm(centered.to(encoder_table.dtype), encoder_table) if encoder_table is not None else torch.bmm(centered, self.W_enc)
         else:
             pre = self.pre_activations(x)
         sparsity_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
         if architecture == "topk":
             indices = topk_indices(pre, settings.k, bias=self.b_enc.detach() if sparse_gradients else None)
             if sparse_gradients:
-                values = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices, bias_separate=True)
+                record = self._deferred.record(indices) if self._deferred is not None else None
+                values = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices, bias_separate=True,
+                                                 encoder_table=encoder_table, record=record)
                 codes = values.relu()
-                x_hat = sparse_decode(codes, self.W_dec, indices) + self.b_dec.unsqueeze(1)
+                x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record) + self.b_dec.unsqueeze(1)
             else:
                 values = pre.gather(-1, indices)
                 codes = values.relu()
@@ -335,6 +383,9 @@ class SeedBatchedSAE(nn.Module):
             "sparsity_loss": sparsity_loss,
             "firing_counts": firing_counts,
         }
+        if self._deferred is not None:
+            out["deferred_gradients"] = self._deferred
+            self._deferred = None
         if statistics:
             with torch.no_grad():
                 out["squared_error"] = (x_hat.detach().float() - x).square().sum(dim=(1, 2))
@@ -364,10 +415,14 @@ class SeedBatchedSAE(nn.Module):
         if centered is None:
             reconstruction = self.decode_selected(values.relu(), indices)
         else:
-            selected = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices)
+            deferred = getattr(self, "_deferred", None)
+            record = deferred.record(indices) if deferred is not None else None
+            encoder_table, decoder_table = self.low_precision_weights() if deferred is not None and deferred.low_precision else (None, None)
+            selected = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices,
+                                               encoder_table=encoder_table, record=record)
             # Seeds with fewer than aux_k dead latents also select live ones (value -inf above): they add nothing.
             codes = selected.relu() * dead.gather(1, indices.reshape(self.n_seeds, -1)).view_as(indices)
-            reconstruction = sparse_decode(codes, self.W_dec, indices)
+            reconstruction = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record)
         error = (residual - reconstruction.float()).square().sum(dim=-1).mean(dim=-1)
         variance = (residual - residual.mean(dim=1, keepdim=True)).square().sum(dim=-1).mean(dim=-1)
         return (error / variance).nan_to_num(0.0) * dead.any(dim=-1)

@@ -1,0 +1,29 @@
+#!/bin/bash
+# Device-machine driver for the issue-17 measurements: installs the carried wheels (sparsify into its own
+# folder, SAELens + transformer-lens 3.x into another), then runs the steps named in $STEPS.
+# Run from the repository copy; wheels are looked up in ../whl/{sparsify,saelens}.
+set -o pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+WHEELS=${WHEELS:-../whl}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sparsify "$WHEELS"/sparsify/*.whl 2>&1 | grep -v WARNING
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/saelens "$WHEELS"/saelens/*.whl 2>&1 | grep -v WARNING
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for step in $STEPS; do
+  echo "=== $step ($(date +%T))"
+  case $step in
+    check1) timeout 60 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 --steps 30 2>&1 | tee $OUT/check.log ;;
+    check) timeout 240 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 2>&1 | tee $OUT/check.log
+           timeout 240 python3 benchmarks/sparse_update_check.py --d-in 2304 --d-sae 65536 --k 64 --steps 30 2>&1 | tee -a $OUT/check.log ;;
+    table1) timeout 420 python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,131072 --k 40 --profile \
+              --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds 0.5 --json $OUT/table1.json 2>&1 | tee $OUT/table1.log ;;
+    table) timeout ${TABLE_TIMEOUT:-430} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
+              --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
+    profile) timeout 200 python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,262144 --k 64 --profile --no-sparsify --no-saelens \
+              --min-seconds 0.3 2>&1 | tee $OUT/profile.log ;;
+    quality) timeout ${QUALITY_TIMEOUT:-160} python3 benchmarks/train_quality.py --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality.log ;;
+  esac
+done
+echo "=== done ($(date +%T))"
