@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from sae_pipeline.sae import kernels as sparse_kernels  # noqa: E402
+from sae_pipeline.sae.kernels import programs as kernel_programs  # noqa: E402
 from sae_pipeline.sae.trainer import SeedBatchedTrainer  # noqa: E402
 from sae_pipeline.sae.training_model import SeedBatchedSAE  # noqa: E402
 from sae_pipeline.settings import TrainSettings  # noqa: E402
@@ -132,7 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":
-        sparse_kernels.INTERPRET_ON_CPU = True
+        kernel_programs.INTERPRET_ON_CPU = True
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (Triton interpreter)'}; torch {torch.__version__}")
     gradient_programs(1, args.batch, args.k, args.d_sae, args.d_in, device)
     adam_program(device)

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from sae_pipeline.sae import kernels as sparse_kernels
+from sae_pipeline.sae.kernels import programs as kernel_programs
+from sae_pipeline.sae.kernels import updates as kernel_updates
 from sae_pipeline.sae.trainer import SeedBatchedTrainer
 from sae_pipeline.sae.training_model import SeedBatchedSAE, topk_indices
 from sae_pipeline.settings import TrainSettings
@@ -33,9 +35,9 @@ def backend(request, monkeypatch):
     if request.param == "triton-interpreter":
         if not _interpreter_works():
             pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
-        monkeypatch.setattr(sparse_kernels, "INTERPRET_ON_CPU", True)
+        monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
     else:
-        monkeypatch.setattr(sparse_kernels, "triton_usable", lambda tensor: False)
+        monkeypatch.setattr(kernel_programs, "triton_usable", lambda tensor: False)
     return request.param
 
 
@@ -58,8 +60,8 @@ def sparse_topk_sae(x, W_enc, b_enc, W_dec, b_dec, indices):
 @pytest.mark.parametrize("k,column_block", [(5, 128), (70, 128), (5, 8)])  # 70: more selected rows than one block of the Triton programs
 def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k, column_block, monkeypatch):
     # column_block 8: d_in 20 in three column blocks, decoded by two programs per token (the second's last block empty)
-    monkeypatch.setattr(sparse_kernels, "COLUMN_BLOCK", column_block)
-    monkeypatch.setattr(sparse_kernels, "DECODE_COLUMN_BLOCKS", 2)
+    monkeypatch.setattr(kernel_programs, "COLUMN_BLOCK", column_block)
+    monkeypatch.setattr(kernel_programs, "DECODE_COLUMN_BLOCKS", 2)
     generator = torch.Generator().manual_seed(0)
     n_seeds, batch, d_sae, d_in = 2, 24, 160, 20
     x = torch.randn(batch, d_in, generator=generator)
@@ -122,8 +124,8 @@ def test_topk_indices_adds_the_bias_on_the_torch_path():
 def test_training_with_kernels_equals_dense_autograd_training(backend, aux, crossover, monkeypatch):
     """Six Adam steps (AuxK on from the third when ``aux``): the kernels path lands on the dense path's weights.
     ``crossover`` 2: the AuxK steps' weight gradients come from dense products (many entries per latent)."""
-    monkeypatch.setattr(sparse_kernels, "GRAD_CHUNK", 16)  # latent blocks shared by several gradient work items
-    monkeypatch.setattr(sparse_kernels, "GRAD_DENSE_ENTRIES_PER_LATENT", crossover)
+    monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", 16)  # latent blocks shared by several gradient work items
+    monkeypatch.setattr(kernel_updates, "GRAD_DENSE_ENTRIES_PER_LATENT", crossover)
     generator = torch.Generator().manual_seed(1)
     pool = [torch.randn(32, 16, generator=generator) + 0.5 for _ in range(3)]
     weights = {}
@@ -172,9 +174,9 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
     entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low).
     Small ``chunk``s split most latent blocks over several work items (partial tiles added in order);
     ``dense``: past the entries-per-latent crossover the Triton path forms them by products instead."""
-    monkeypatch.setattr(sparse_kernels, "GRAD_CHUNK", chunk)
-    monkeypatch.setattr(sparse_kernels, "GRAD_DENSE_ENTRIES_PER_LATENT", 0 if dense else 12)
-    monkeypatch.setattr(sparse_kernels, "GRAD_MAX_SLOTS", 4096)
+    monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", chunk)
+    monkeypatch.setattr(kernel_updates, "GRAD_DENSE_ENTRIES_PER_LATENT", 0 if dense else 12)
+    monkeypatch.setattr(kernel_updates, "GRAD_MAX_SLOTS", 4096)
     generator = torch.Generator().manual_seed(4)
     n_seeds, batch, d_sae, width = 2, 40, 100, 70  # partial latent and column blocks
     sets = [_distinct_indices(generator, n_seeds, batch, 6, d_sae), _distinct_indices(generator, n_seeds, batch, 9, d_sae, heavy=50)]
@@ -207,7 +209,7 @@ def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(un
     per-seed clipping, torch.optim.Adam, renormalisation) lands; the bf16 copies follow the weights."""
     if not _interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
-    sparse_kernels.INTERPRET_ON_CPU = True
+    kernel_programs.INTERPRET_ON_CPU = True
     try:
         generator = torch.Generator().manual_seed(5)
         n_seeds, batch, d_sae, width, k = 2, 24, 80, 40, 5
@@ -247,7 +249,7 @@ def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(un
                 assert copy.dtype == torch.bfloat16 and torch.allclose(copy.float(), weight.detach(), rtol=2 ** -7, atol=0)
             assert fused.low_precision_weights()[0] is low[0]  # the step kept the copies current: nothing is cast again
     finally:
-        sparse_kernels.INTERPRET_ON_CPU = False
+        kernel_programs.INTERPRET_ON_CPU = False
 
 
 def test_sparse_update_leaves_no_gradient_record_alive(monkeypatch):
@@ -257,7 +259,7 @@ def test_sparse_update_leaves_no_gradient_record_alive(monkeypatch):
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     import weakref
 
-    monkeypatch.setattr(sparse_kernels, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
 
     class Record(dict):  # weak-referenceable
         pass
@@ -282,8 +284,8 @@ def test_topk_columns_on_wide_rows_uses_wider_chunks_and_more_warps(monkeypatch)
     """Past TOPK_MAX_CHUNKS chunks the chunks widen (and warps are added): the same k largest are selected."""
     if not _interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
-    monkeypatch.setattr(sparse_kernels, "TOPK_MAX_CHUNKS", 16)
-    monkeypatch.setattr(sparse_kernels, "TOPK_KEYS_PER_THREAD", 4)
+    monkeypatch.setattr(kernel_programs, "TOPK_MAX_CHUNKS", 16)
+    monkeypatch.setattr(kernel_programs, "TOPK_KEYS_PER_THREAD", 4)
     generator = torch.Generator().manual_seed(6)
     pre, bias = torch.randn(2, 3, 2000, generator=generator), torch.randn(2, 2000, generator=generator)
     columns = sparse_kernels.topk_columns(pre, 9, bias)
@@ -296,7 +298,7 @@ def test_sparse_update_state_round_trip_continues_identically(monkeypatch):
     the sparse update exactly as the original does."""
     if not _interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
-    monkeypatch.setattr(sparse_kernels, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
     generator = torch.Generator().manual_seed(7)
     batches = [torch.randn(32, 16, generator=generator) for _ in range(5)]
     settings = TrainSettings.from_mapping(dict(architecture="topk", k=3, d_sae=64, batch_size=32, total_tokens=3200, warmup_steps=2, sparse_decoder="kernels"))

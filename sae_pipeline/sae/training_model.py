@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from sae_pipeline.sae import kernels as sparse_kernels
+from sae_pipeline.sae.kernels import programs as kernel_programs
 from sae_pipeline.sae.kernels import selected_preactivations, sparse_decode
 from sae_pipeline.settings import TOPK_FAMILY, TrainSettings
 
@@ -134,7 +135,7 @@ def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | Non
     width = pre_activations.shape[-1]
     with torch.no_grad():
         wide = width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK
-        if wide and sparse_kernels.triton_usable(pre_activations):
+        if wide and kernel_programs.triton_usable(pre_activations):
             return sparse_kernels.topk_columns(pre_activations, k, bias)
         if bias is not None:
             pre_activations = pre_activations + bias.view(bias.shape[0], *([1] * (pre_activations.dim() - 2)), width)
@@ -245,7 +246,7 @@ class SeedBatchedSAE(nn.Module):
         (top-k with the ``kernels`` decoder where Triton runs, no weight penalty): the gradients are then
         formed from the selected entries only, and projection, clipping, Adam and renormalisation run fused."""
         penalty = self.settings.weight_penalty
-        return (self.settings.architecture == "topk" and self.decoder_mode == "kernels" and sparse_kernels.triton_usable(self.W_dec)
+        return (self.settings.architecture == "topk" and self.decoder_mode == "kernels" and kernel_programs.triton_usable(self.W_dec)
                 and (penalty["kind"] == "none" or float(penalty["coefficient"]) == 0)
                 and self.W_enc.is_contiguous() and self.W_dec.is_contiguous())
 
@@ -311,7 +312,7 @@ class SeedBatchedSAE(nn.Module):
         self._deferred = None
         encoder_table = decoder_table = None
         if sparse_gradients:
-            low_dtype = sparse_kernels._autocast_dtype(x.device.type)
+            low_dtype = sparse_kernels.autocast_dtype(x.device.type)
             if torch.is_grad_enabled() and low_dtype in (None, torch.bfloat16) and self.sparse_update:
                 self._deferred = sparse_kernels.DeferredWeightGradients(low_precision=low_dtype is not None)
                 if low_dtype is not None:

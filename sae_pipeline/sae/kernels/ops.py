@@ -1,0 +1,199 @@
+"""Sparse forward and backward operations of a top-k SAE: top-k selection, gathered decode, selected
+pre-activations, and the records they leave for the deferred weight gradients (Triton where
+:func:`programs.triton_usable`, PyTorch operations elsewhere)."""
+
+import torch
+import torch.nn.functional as F
+
+from sae_pipeline.sae.kernels import programs
+from sae_pipeline.sae.kernels.programs import triton
+
+
+def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``."""
+    if programs.triton_usable(table):
+        return programs.per_token_program("decode", values, indices, table, table.shape[2], max_column_blocks=programs.DECODE_COLUMN_BLOCKS)
+    return embedding_bag_rows(values.float(), indices, table.float())
+
+
+def embedding_bag_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The same sum with PyTorch's ``embedding_bag`` (differentiable; output in ``table``'s dtype):
+    ``values [S,B,K]`` (in ``table``'s dtype), ``indices [S,B,K]``, ``table [S,n,d]`` -> ``[S,B,d]``."""
+    n_seeds, batch, k = values.shape
+    n_rows, width = table.shape[1:]
+    offsets = (torch.arange(n_seeds, device=table.device) * n_rows).view(n_seeds, 1, 1)
+    flat = F.embedding_bag((indices + offsets).reshape(n_seeds * batch, k), table.reshape(n_seeds * n_rows, width),
+                           per_sample_weights=values.reshape(n_seeds * batch, k), mode="sum")
+    return flat.view(n_seeds, batch, width)
+
+
+def selected_dots(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """``out[s,b,j] = <dense[s,b], table[s, indices[s,b,j]]>``: ``[S,B,d]`` x ``[S,n,d]`` -> float32 ``[S,B,K]``."""
+    n_seeds, batch, k = indices.shape
+    width = table.shape[2]
+    if programs.triton_usable(table):
+        return programs.per_token_program("selected_dot", dense, indices, table, k)
+    rows = table.float().gather(1, indices.reshape(n_seeds, batch * k, 1).expand(-1, -1, width)).view(n_seeds, batch, k, width)
+    return torch.einsum("sbkd,sbd->sbk", rows, dense.float())
+
+
+def scatter_rows(weights: torch.Tensor, indices: torch.Tensor, d_sae: int, dense: torch.Tensor, transposed: bool = False,
+                 low_precision: bool = False) -> torch.Tensor:
+    """``out[s,i] = sum_{(b,j): indices[s,b,j]=i} weights[s,b,j] * dense[s,b]``: float32 ``[S, d_sae, d]``,
+    or with ``transposed`` the same sums laid out ``[S, d, d_sae]``.
+
+    On CUDA one batched matrix product with the codes scattered into a dense ``[S, B, d_sae]`` matrix
+    (bf16 operands with ``low_precision``, as autocast would give a dense SAE); tensor cores beat every
+    sparse reduction tried here (see the module docstring). Elsewhere ``index_add_`` over the
+    ``B*K`` entries.
+    """
+    n_seeds, batch = indices.shape[:2]
+    width = dense.shape[-1]
+    if dense.is_cuda:
+        dtype = torch.bfloat16 if low_precision else torch.float32
+        codes = torch.zeros(n_seeds, batch, d_sae, dtype=dtype, device=dense.device).scatter_(-1, indices, weights.to(dtype))
+        operand = dense.to(dtype)
+        product = torch.bmm(operand.transpose(1, 2), codes) if transposed else torch.bmm(codes.transpose(1, 2), operand)
+        return product.float()
+    offsets = (torch.arange(n_seeds, device=dense.device) * d_sae).view(n_seeds, 1, 1)
+    rows = dense.float().unsqueeze(2) * weights.float().unsqueeze(-1)
+    by_latent = torch.zeros(n_seeds * d_sae, width, dtype=torch.float32, device=dense.device)
+    by_latent.index_add_(0, (indices + offsets).reshape(-1), rows.reshape(-1, width))
+    by_latent = by_latent.view(n_seeds, d_sae, width)
+    return by_latent.transpose(1, 2).contiguous() if transposed else by_latent
+
+
+def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Columns ``[..., k]`` (int64, unordered) of the k largest entries in each row of ``pre [S, ..., n]``
+    (plus ``bias [S, n]`` when given, added without materialising the sum) by the Triton top-k program
+    (CUDA or interpreter). Needs ``ceil(n / programs.TOPK_CHUNK) >= k``."""
+    width = pre.shape[-1]
+    rows = pre.reshape(-1, width).contiguous()
+    # Wide rows: wider chunks past programs.TOPK_MAX_CHUNKS chunks, and more warps so no thread holds more than
+    # programs.TOPK_KEYS_PER_THREAD keys of either selection (one warp over 8,192 chunk maxima spilled: 3.3 ms at 131k
+    # latents; 16 warps over 16,384 took 1.86 ms at 262k, the bisection's block-wide sums).
+    k_pad = triton.next_power_of_2(k)
+    chunk = programs.TOPK_CHUNK
+    while triton.cdiv(width, chunk) > programs.TOPK_MAX_CHUNKS and k_pad * chunk * 2 <= triton.cdiv(width, chunk):
+        chunk *= 2  # both selections over at most max(programs.TOPK_MAX_CHUNKS, ~sqrt(width * k)) keys
+    n_chunks = triton.next_power_of_2(triton.cdiv(width, chunk))
+    if triton.cdiv(width, chunk) < k:
+        raise ValueError(f"topk_columns needs at least k={k} chunks of {chunk} columns, got width {width}")
+    keys = max(n_chunks, k_pad * chunk)
+    warps = programs.TOPK_WARPS if keys <= 32 * programs.TOPK_KEYS_PER_THREAD * programs.TOPK_WARPS else min(16, triton.next_power_of_2(triton.cdiv(keys, 32 * programs.TOPK_KEYS_PER_THREAD)))
+    chunk_maxima = torch.empty(rows.shape[0], n_chunks, dtype=torch.float32, device=pre.device)
+    chosen_chunks = torch.empty(rows.shape[0], k_pad, dtype=torch.int32, device=pre.device)
+    out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=pre.device)
+    rows_per_bias = rows.shape[0] // bias.shape[0] if bias is not None else rows.shape[0]
+    bias_rows = bias.contiguous() if bias is not None else rows
+    programs.launch("topk", (rows.shape[0],), rows, bias_rows, chunk_maxima, chosen_chunks, out, width, k, rows_per_bias,
+            N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(programs.TOPK_CHUNK_BLOCK * warps, n_chunks), K_PAD=k_pad,
+            HAS_BIAS=bias is not None, num_warps=warps)
+    return out.view(*pre.shape[:-1], k)
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast gives matrix products on this device now, or None when it is off."""
+    return torch.getautocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class DeferredWeightGradients:
+    """What the sparse autograd Functions leave, during backward, for :func:`sparse_adam_step` to form the
+    weight gradients from (instead of returning dense W_enc / W_dec gradients).
+
+    One record per set of selected entries (the top-k codes, and AuxK's when it runs): ``indices [S,B,K]``,
+    and from the backward passes the decoder's per-entry weights (the codes) with the decode's output
+    gradient ``[S,B,d]``, and the encoder's per-entry weights (the selected pre-activations' gradients)
+    with ``centered = x - b_dec [S,B,d]``. ``low_precision``: gradients from bf16 operands, as autocast
+    gives the dense products."""
+
+    def __init__(self, low_precision: bool):
+        self.low_precision = low_precision
+        self.records: list[dict] = []
+
+    def record(self, indices: torch.Tensor) -> dict:
+        entry = {"indices": indices}
+        self.records.append(entry)
+        return entry
+
+
+class _SparseDecode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes, W_dec, indices, table, record):
+        if table is None:
+            # Under autocast the rows are read in its dtype, as a dense product would read them (half the bytes).
+            low_dtype = autocast_dtype(W_dec.device.type)
+            table = W_dec.to(low_dtype) if low_dtype is not None else W_dec
+        ctx.low_precision = table.dtype != W_dec.dtype
+        ctx.weight_dtype = W_dec.dtype
+        ctx.d_sae = W_dec.shape[1]
+        ctx.record = record
+        ctx.save_for_backward(codes, table, indices)
+        return decode_rows(codes, indices, table)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        codes, table, indices = ctx.saved_tensors
+        grad_codes = selected_dots(grad_out, indices, table) if ctx.needs_input_grad[0] else None
+        grad_W_dec = None
+        if ctx.record is not None:
+            # Detached, and the ctx lets go of the record: a record referring back to the graph would keep the
+            # step's autograd graph (its AccumulateGrad nodes) alive into the next step and break CUDA-graph capture.
+            record, ctx.record = ctx.record, None
+            record["decoder_weights"], record["decoder_dense"] = codes.detach(), grad_out.detach()
+        elif ctx.needs_input_grad[1]:
+            grad_W_dec = scatter_rows(codes, indices, ctx.d_sae, grad_out, low_precision=ctx.low_precision).to(ctx.weight_dtype)
+        return grad_codes, grad_W_dec, None, None, None
+
+
+class _SelectedPreactivations(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, centered, W_enc, b_enc, b_dec, indices, bias_separate, encoder_table, record):
+        ctx.low_precision = autocast_dtype(W_enc.device.type) is not None
+        ctx.record = record
+        ctx.save_for_backward(centered, W_enc if encoder_table is None else encoder_table, indices)
+        selected = pre.gather(-1, indices).float()
+        if bias_separate:
+            selected = selected + b_enc.detach().float().gather(1, indices.flatten(1)).view_as(selected)
+        return selected
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        centered, W_enc, indices = ctx.saved_tensors
+        n_seeds, d_sae = W_enc.shape[0], W_enc.shape[2]
+        grad_W_enc = None
+        if ctx.record is not None:
+            record, ctx.record = ctx.record, None
+            record["encoder_weights"], record["encoder_dense"] = grad_values.detach(), centered.detach()
+        elif ctx.needs_input_grad[2]:
+            grad_W_enc = scatter_rows(grad_values, indices, d_sae, centered, transposed=True, low_precision=ctx.low_precision).to(W_enc.dtype)
+        per_latent = grad_values.new_zeros(n_seeds, d_sae, dtype=torch.float32).scatter_add_(
+            1, indices.reshape(n_seeds, -1), grad_values.reshape(n_seeds, -1).float())
+        grad_b_dec = None
+        if ctx.needs_input_grad[4]:
+            # With a bf16 encoder copy this is the bf16 product autocast gives the dense path's b_dec gradient.
+            grad_b_dec = -torch.bmm(W_enc, per_latent.to(W_enc.dtype).unsqueeze(-1)).squeeze(-1).float()
+        return None, None, grad_W_enc, per_latent if ctx.needs_input_grad[3] else None, grad_b_dec, None, None, None, None
+
+
+def sparse_decode(codes: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tensor, table: torch.Tensor | None = None,
+                  record: dict | None = None) -> torch.Tensor:
+    """Differentiable ``sum_j codes[s,b,j] * W_dec[s, indices[s,b,j]]``: codes ``[S,B,K]``, W_dec
+    ``[S, d_sae, d]``, indices ``[S,B,K]`` int64 -> float32 ``[S,B,d]`` (no bias).
+
+    ``table``: the rows to read instead of ``W_dec`` (a bf16 copy kept by the optimizer); ``record`` (from
+    :class:`DeferredWeightGradients`): leave W_dec's gradient to :func:`sparse_adam_step` instead of returning it."""
+    return _SparseDecode.apply(codes, W_dec, indices, table, record)
+
+
+def selected_preactivations(pre: torch.Tensor, centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                            b_dec: torch.Tensor, indices: torch.Tensor, bias_separate: bool = False,
+                            encoder_table: torch.Tensor | None = None, record: dict | None = None) -> torch.Tensor:
+    """The pre-activations ``a = centered W_enc + b_enc`` (``centered = x - b_dec``, ``[S,B,d]``) at
+    ``indices [S,B,K]``, float32 ``[S,B,K]``, read from ``pre [S,B,d_sae]`` computed without autograd (``a``
+    itself, or with ``bias_separate`` the product alone, b_enc then added here), with the gradients they
+    would have had through the dense product flowing to W_enc, b_enc and b_dec.
+
+    ``encoder_table``: a bf16 copy of W_enc for b_dec's gradient; ``record``: leave W_enc's gradient to
+    :func:`sparse_adam_step` (see :class:`DeferredWeightGradients`)."""
+    return _SelectedPreactivations.apply(pre, centered, W_enc, b_enc, b_dec, indices, bias_separate, encoder_table, record)

@@ -1,0 +1,413 @@
+"""The Triton programs of the sparse SAE kernels, their helpers, and how they are compiled and launched.
+
+The programs and the helpers they call live in this one module: :func:`launch` compiles them once
+(``triton.jit``, or plain Python in Triton's CPU interpreter) and a program finds its helpers among
+this module's globals. :func:`triton_usable` says whether the programs run on a tensor; tests switch
+the CPU interpreter on with ``INTERPRET_ON_CPU`` (and ``TRITON_INTERPRET=1`` set before Triton is imported).
+"""
+
+import functools
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch path serves; the programs below are then never compiled
+
+    class tl:  # stands in for triton.language in the programs' annotations
+        constexpr = int
+
+    triton = None
+
+# Columns of d_in one program handles at a time.
+COLUMN_BLOCK = 128
+# Selected rows the decode and dot programs load at once (all K up to this many).
+MAX_ROW_BLOCK = 64
+# Column blocks one decode program covers (wider rows: more programs per token; 0.43 ms for d_in 2304 in one).
+DECODE_COLUMN_BLOCKS = 4
+# Key below that of -inf (see _sortable_keys): marks candidate slots past the row's end.
+BELOW_ALL_KEYS = tl.constexpr(-2139095042)
+# Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
+TOPK_CHUNK = 16
+TOPK_CHUNK_BLOCK = 128
+TOPK_WARPS = 1
+# Wide rows: at most this many chunks (wider chunks beyond), and keys per thread (more warps beyond).
+TOPK_MAX_CHUNKS = 4096
+TOPK_KEYS_PER_THREAD = 32
+
+
+# Run the Triton programs on CPU tensors too (tests only; needs TRITON_INTERPRET=1 set before Triton is imported).
+INTERPRET_ON_CPU = False
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(tensor: torch.Tensor) -> bool:
+    """Whether the Triton programs run on ``tensor``: on CUDA, or on the CPU when ``INTERPRET_ON_CPU``
+    and Triton's interpreter is on."""
+    return triton is not None and (tensor.is_cuda or (INTERPRET_ON_CPU and triton_interpreting()))
+
+
+def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
+                    ROWS: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
+    """One program per (seed, token) and group of ``COLUMN_BLOCKS`` column blocks (grid axis 1):
+    ``out[t] = sum_j values[t, j] * table[seed, indices[t, j]]``, ``ROWS`` selected rows at a time, the
+    group's column blocks together (unrolled)."""
+    token = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1)
+    seed = token // n_tokens
+    table_seed = table + seed * table_rows * D
+    for column_block in tl.static_range(COLUMN_BLOCKS):
+        columns = (group * COLUMN_BLOCKS + column_block) * COLUMNS + tl.arange(0, COLUMNS)
+        column_mask = columns < D
+        total = tl.zeros([COLUMNS], dtype=tl.float32)
+        for row_start in range(0, K, ROWS):
+            slots = row_start + tl.arange(0, ROWS)
+            slot_mask = slots < K
+            rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+            weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
+            tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
+                           mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+            total += tl.sum(tile * weights[:, None], axis=0)
+        tl.store(out + token * D + columns, total, mask=column_mask)
+
+
+def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D,
+                          ROWS: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
+    """One program per (seed, token): ``out[t, j] = <dense[t], table[seed, indices[t, j]]>``, ``ROWS`` at a time."""
+    token = tl.program_id(0).to(tl.int64)
+    seed = token // n_tokens
+    table_seed = table + seed * table_rows * D
+    for row_start in range(0, K, ROWS):
+        slots = row_start + tl.arange(0, ROWS)
+        slot_mask = slots < K
+        rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+        dots = tl.zeros([ROWS], dtype=tl.float32)
+        for column_block in tl.static_range(COLUMN_BLOCKS):
+            columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+            column_mask = columns < D
+            row = tl.load(dense + token * D + columns, mask=column_mask, other=0.0).to(tl.float32)
+            tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
+                           mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+            dots += tl.sum(tile * row[None, :], axis=1)
+        tl.store(out + token * K + slots, dots, mask=slot_mask)
+
+
+def _sortable_keys(values):
+    """int32 keys that order like the float32 ``values`` (negative floats get their magnitude bits flipped);
+    -inf maps to -2139095041, above every key :data:`BELOW_ALL_KEYS` marks."""
+    bits = values.to(tl.float32).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _kth_largest_key(keys, K):
+    """The K-th largest of ``keys`` (ties counted), by bisection: 33 halvings cover any range of width <= 2**33."""
+    low = tl.min(keys, axis=0).to(tl.int64)
+    high = tl.max(keys, axis=0).to(tl.int64)
+    for _ in range(33):
+        middle = low + (high - low + 1) // 2
+        enough = tl.sum((keys >= middle.to(tl.int32)).to(tl.int32), axis=0) >= K
+        low = tl.where(enough, middle, low)
+        high = tl.where(enough, high, middle - 1)
+    return low.to(tl.int32)
+
+
+def _top_k_slots(keys, K):
+    """For the K largest of ``keys`` (ties broken by position): each entry's output slot ``rank``
+    (0..K-1 where ``chosen``) and the mask ``chosen``; slots are filled by prefix sums, not sorting."""
+    threshold = _kth_largest_key(keys, K)
+    above = keys > threshold
+    tied = keys == threshold
+    n_above = tl.sum(above.to(tl.int32), axis=0)
+    rank = tl.where(above, tl.cumsum(above.to(tl.int32), axis=0) - 1, n_above + tl.cumsum(tied.to(tl.int32), axis=0) - 1)
+    return rank, (above | tied) & (rank < K)
+
+
+def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bias,
+                  N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
+                  HAS_BIAS: tl.constexpr):
+    """One program per row of ``pre [rows, n]``: the K largest entries' columns into ``out [rows, K]``.
+    With ``HAS_BIAS`` the row is ``pre[row] + bias[row // rows_per_bias]`` (the bias added on the fly).
+
+    Chunk c is columns ``[c*CHUNK, (c+1)*CHUNK)``. With T the K-th largest chunk maximum, the K
+    chunks made of every chunk whose maximum exceeds T plus the first chunks whose maximum equals
+    T hold a top-k set (see :func:`sae_pipeline.sae.training_model.topk_indices`); the K largest of their
+    ``K*CHUNK`` entries are chosen with ties broken by position. Both selections find the K-th
+    largest value by bisection over order-preserving integer keys and place the winners by a
+    prefix sum, so nothing is sorted.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_start = pre + row * n
+    bias_start = bias + (row // rows_per_bias) * n
+    members = tl.arange(0, CHUNK)
+    for block_start in range(0, N_CHUNKS, CHUNK_BLOCK):
+        chunk_ids = block_start + tl.arange(0, CHUNK_BLOCK)
+        columns = chunk_ids[:, None] * CHUNK + members[None, :]
+        tile = tl.load(row_start + columns, mask=columns < n, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            tile += tl.load(bias_start + columns, mask=columns < n, other=0.0).to(tl.float32)
+        tl.store(chunk_maxima + row * N_CHUNKS + chunk_ids, tl.max(tile, axis=1))
+    tl.debug_barrier()
+    chunk_ids = tl.arange(0, N_CHUNKS)
+    keys = _sortable_keys(tl.load(chunk_maxima + row * N_CHUNKS + chunk_ids))
+    rank, chosen = _top_k_slots(keys, K)
+    tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=chosen)
+    tl.debug_barrier()
+    slots = tl.arange(0, K_PAD)
+    chunks = tl.load(chosen_chunks + row * K_PAD + slots, mask=slots < K, other=0)
+    columns = chunks[:, None] * CHUNK + members[None, :]
+    valid = (slots < K)[:, None] & (columns < n)
+    candidates = tl.load(row_start + columns, mask=valid, other=float("-inf")).to(tl.float32)
+    if HAS_BIAS:
+        candidates += tl.load(bias_start + columns, mask=valid, other=0.0).to(tl.float32)
+    columns = tl.reshape(columns, [K_PAD * CHUNK])
+    keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
+    rank, chosen = _top_k_slots(keys, K)
+    tl.store(out + row * K + rank, columns, mask=chosen)
+
+
+def _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi, global_latents,
+                    columns, column_mask, dense_offset, D, LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr,
+                    LOW_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Tiles of both weight gradients from the sorted entries ``lo .. hi``: the decoder's ``[LATENTS, COLUMNS]``
+    and the encoder's ``[COLUMNS, LATENTS]`` (its layout in memory, latents contiguous: stored as is, coalesced),
+    products of the entries' one-hot latent matrix (weighted) with their gathered dense rows, ``ENTRIES`` at a
+    time (tensor cores; bf16 operands with ``LOW_PRECISION`` as autocast gives the dense product, float32 ``ieee`` else)."""
+    acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
+    acc_enc = tl.zeros([COLUMNS, LATENTS], dtype=tl.float32)
+    for entry_start in range(lo, hi, ENTRIES):
+        entries = entry_start + tl.arange(0, ENTRIES)
+        entry_mask = entries < hi
+        key = tl.load(keys + entries, mask=entry_mask, other=-1).to(tl.int64)
+        row = tl.load(rows + entries, mask=entry_mask, other=0).to(tl.int64)
+        a = tl.load(decoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
+        c = tl.load(encoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
+        hit = key[:, None] == global_latents[None, :]
+        gather_mask = entry_mask[:, None] & column_mask[None, :]
+        offsets = dense_offset + row[:, None] * D + columns[None, :]
+        dec_rows = tl.load(decoder_dense + offsets, mask=gather_mask, other=0.0)
+        enc_rows = tl.load(encoder_dense + offsets, mask=gather_mask, other=0.0)
+        a_hot = tl.where(hit, a[:, None], 0.0)
+        c_hot = tl.where(hit, c[:, None], 0.0)
+        if LOW_PRECISION and not EMULATE_BF16:
+            acc_dec = tl.dot(tl.trans(a_hot.to(tl.bfloat16)), dec_rows.to(tl.bfloat16), acc_dec)
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.bfloat16)), c_hot.to(tl.bfloat16), acc_enc)
+        elif LOW_PRECISION:  # the same products (bf16 x bf16 is exact in float32); Triton's interpreter mis-computes bf16 dots
+            acc_dec = tl.dot(tl.trans(a_hot.to(tl.bfloat16).to(tl.float32)), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_hot.to(tl.bfloat16).to(tl.float32), acc_enc, input_precision="ieee")
+        else:
+            acc_dec = tl.dot(tl.trans(a_hot), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_hot, acc_enc, input_precision="ieee")
+    return acc_dec, acc_enc
+
+
+def _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
+                          W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents,
+                          LATENTS: tl.constexpr, WITH_W_DEC: tl.constexpr):
+    """Store finished tiles (``grad_dec [S, d_sae, D]``, ``grad_enc [S, D, d_sae]``) and their per-latent
+    statistics ``row_statistics[column_block, s * d_sae + i] = (|g_dec|^2, <g_dec, W_dec>, |W_dec|^2, |g_enc|^2)``
+    over these columns (the W_dec terms 0 and 1 without ``WITH_W_DEC``)."""
+    out_mask = latent_mask[:, None] & column_mask[None, :]
+    tl.store(grad_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], acc_dec, mask=out_mask)
+    tl.store(grad_enc + seed * D * d_sae + columns[:, None] * d_sae + latents[None, :], acc_enc, mask=column_mask[:, None] & latent_mask[None, :])
+    statistics = row_statistics + (column_block * total_latents + global_latents) * 4
+    tl.store(statistics, tl.sum(acc_dec * acc_dec, axis=1), mask=latent_mask)
+    if WITH_W_DEC:
+        w = tl.load(W_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(statistics + 1, tl.sum(acc_dec * w, axis=1), mask=latent_mask)
+        tl.store(statistics + 2, tl.sum(w * w, axis=1), mask=latent_mask)
+    else:
+        tl.store(statistics + 1, tl.zeros([LATENTS], dtype=tl.float32), mask=latent_mask)
+        tl.store(statistics + 2, tl.full([LATENTS], 1.0, dtype=tl.float32), mask=latent_mask)
+    tl.store(statistics + 3, tl.sum(acc_enc * acc_enc, axis=0), mask=latent_mask)
+
+
+def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, segments, keys, rows, decoder_weights, encoder_weights,
+                              decoder_dense, encoder_dense, W_dec, grad_dec, grad_enc, row_statistics, partial_dec, partial_enc,
+                              d_sae, D, n_rows, total_latents, total_blocks,
+                              LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr, CHUNK: tl.constexpr,
+                              LOW_PRECISION: tl.constexpr, WITH_W_DEC: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """One program per (work item, block of ``COLUMNS`` columns of d): both weight gradients of a block of
+    ``LATENTS`` latents from up to ``CHUNK`` of its entries (sorted by latent; ``segments`` marks each
+    latent's range), so a block whose latents fired on thousands of tokens is shared by several items:
+
+    - ``grad_dec[s, i] = sum_e decoder_weights[e] * decoder_dense[s, rows[e]]`` (layout ``[S, d_sae, D]``),
+    - ``grad_enc[s, :, i] = sum_e encoder_weights[e] * encoder_dense[s, rows[e]]`` (layout ``[S, D, d_sae]``).
+
+    A block of one item stores its tiles (every element, so nothing is zero-filled first) and statistics;
+    the items of a shared block store partial tiles in ``partial_*[block_slot[block] + chunk]`` (``[LATENTS, D]``
+    for the decoder, ``[D, LATENTS]`` for the encoder), which
+    :func:`_combine_gradients_program` adds in order (deterministic: no atomics)."""
+    item = tl.program_id(0)
+    column_block = tl.program_id(1).to(tl.int64)
+    block = tl.load(item_block + item).to(tl.int64)
+    if block < total_blocks:
+        chunk = tl.load(item_chunk + item)
+        n_blocks = tl.cdiv(d_sae, LATENTS)
+        seed = block // n_blocks
+        first = (block % n_blocks) * LATENTS
+        latents = first + tl.arange(0, LATENTS)
+        latent_mask = latents < d_sae
+        global_latents = seed * d_sae + latents
+        columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+        column_mask = columns < D
+        start = tl.load(segments + seed * d_sae + first)
+        end = tl.load(segments + seed * d_sae + tl.minimum(first + LATENTS, d_sae))
+        lo = start + chunk * CHUNK
+        hi = tl.minimum(end, lo + CHUNK)
+        acc_dec, acc_enc = _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi,
+                                           global_latents, columns, column_mask, seed * n_rows * D, D,
+                                           LATENTS, ENTRIES, COLUMNS, LOW_PRECISION, EMULATE_BF16)
+        if tl.load(block_items + block) == 1:
+            _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
+                                  W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
+        else:
+            slot = (tl.load(block_slot + block) + chunk).to(tl.int64)
+            tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+            tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
+            tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+            tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
+
+
+def _combine_gradients_program(item_block, item_chunk, block_items, block_slot, W_dec, grad_dec, grad_enc, row_statistics,
+                               partial_dec, partial_enc, d_sae, D, total_latents, total_blocks,
+                               LATENTS: tl.constexpr, COLUMNS: tl.constexpr, WITH_W_DEC: tl.constexpr):
+    """For each block shared by several work items (its first item's program): the sum of their partial
+    tiles, in item order, stored with its statistics as :func:`_latent_gradients_program` stores a whole block."""
+    item = tl.program_id(0)
+    column_block = tl.program_id(1).to(tl.int64)
+    block = tl.load(item_block + item).to(tl.int64)
+    if block < total_blocks:
+        n_items = tl.load(block_items + block)
+        if (tl.load(item_chunk + item) == 0) & (n_items > 1):
+            n_blocks = tl.cdiv(d_sae, LATENTS)
+            seed = block // n_blocks
+            latents = (block % n_blocks) * LATENTS + tl.arange(0, LATENTS)
+            columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+            column_mask = columns < D
+            first_slot = tl.load(block_slot + block).to(tl.int64)
+            acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
+            acc_enc = tl.zeros([COLUMNS, LATENTS], dtype=tl.float32)
+            for part in range(0, n_items):
+                tile = (first_slot + part) * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+                acc_dec += tl.load(partial_dec + tile, mask=column_mask[None, :], other=0.0)
+                tile_t = (first_slot + part) * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+                acc_enc += tl.load(partial_enc + tile_t, mask=column_mask[:, None], other=0.0)
+            _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latents < d_sae, seed * d_sae + latents, columns, column_mask,
+                                  column_block, W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
+
+
+def _adam_moments(w, g, m, v, step_size, bias_correction2_sqrt, beta1, beta2, eps):
+    """One Adam update in torch.optim.Adam's order of operations: returns the new (w, m, v)."""
+    m = m + (1.0 - beta1) * (g - m)
+    v = v * beta2 + (1.0 - beta2) * (g * g)
+    denominator = tl.sqrt(v) / bias_correction2_sqrt + eps
+    return w - step_size * (m / denominator), m, v
+
+
+def _adam_scalars(lr, step, log2_beta1, log2_beta2):
+    """``(lr / (1 - beta1**step), sqrt(1 - beta2**step))`` from the device-side learning rate and step."""
+    learning_rate = tl.load(lr).to(tl.float32)
+    steps = tl.load(step).to(tl.float32)
+    return learning_rate / (1.0 - tl.exp2(steps * log2_beta1)), tl.sqrt(1.0 - tl.exp2(steps * log2_beta2))
+
+
+def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per_seed, D, beta1, beta2, eps, log2_beta1, log2_beta2,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, PROJECT: tl.constexpr, NORMALIZE: tl.constexpr,
+                       CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
+    """Adam on whole rows of ``W [S*rows_per_seed, D]`` (the decoder), ``ROWS`` rows per program: with ``PROJECT``
+    the gradient's component along its (unit-norm) row is removed first, with ``CLIP`` it is scaled by
+    ``clip_scale[seed]``, and with ``NORMALIZE`` the updated row is rescaled to unit norm; ``LOW_COPY`` also
+    writes the row in bf16 to ``W_low`` (what the next step reads)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    columns = tl.arange(0, BLOCK)
+    mask = row_mask[:, None] & (columns < D)[None, :]
+    offsets = rows[:, None] * D + columns[None, :]
+    w = tl.load(W + offsets, mask=mask, other=0.0)
+    g = tl.load(G + offsets, mask=mask, other=0.0)
+    if PROJECT:
+        direction = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
+        g = g - tl.sum(g * direction, axis=1)[:, None] * direction
+    if CLIP:
+        g = g * tl.load(clip_scale + rows // rows_per_seed, mask=row_mask, other=1.0)[:, None]
+    step_size, bias_correction2_sqrt = _adam_scalars(lr, step, log2_beta1, log2_beta2)
+    m = tl.load(M + offsets, mask=mask, other=0.0)
+    v = tl.load(V + offsets, mask=mask, other=0.0)
+    w, m, v = _adam_moments(w, g, m, v, step_size, bias_correction2_sqrt, beta1, beta2, eps)
+    if NORMALIZE:
+        w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
+    tl.store(W + offsets, w, mask=mask)
+    tl.store(M + offsets, m, mask=mask)
+    tl.store(V + offsets, v, mask=mask)
+    if LOW_COPY:
+        tl.store(W_low + offsets, w.to(tl.bfloat16), mask=mask)
+
+
+def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                       BLOCK: tl.constexpr, CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
+    """Elementwise Adam over ``W`` (``per_seed`` elements a seed), the gradient scaled by ``clip_scale[seed]``
+    with ``CLIP``; ``LOW_COPY`` also writes the result in bf16 to ``W_low``."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    w = tl.load(W + offsets, mask=mask, other=0.0)
+    g = tl.load(G + offsets, mask=mask, other=0.0)
+    if CLIP:
+        g = g * tl.load(clip_scale + offsets // per_seed, mask=mask, other=1.0)
+    step_size, bias_correction2_sqrt = _adam_scalars(lr, step, log2_beta1, log2_beta2)
+    m = tl.load(M + offsets, mask=mask, other=0.0)
+    v = tl.load(V + offsets, mask=mask, other=0.0)
+    w, m, v = _adam_moments(w, g, m, v, step_size, bias_correction2_sqrt, beta1, beta2, eps)
+    tl.store(W + offsets, w, mask=mask)
+    tl.store(M + offsets, m, mask=mask)
+    tl.store(V + offsets, v, mask=mask)
+    if LOW_COPY:
+        tl.store(W_low + offsets, w.to(tl.bfloat16), mask=mask)
+
+
+def _source(function):
+    """The plain Python function behind a function or a ``triton.jit`` wrapper of it."""
+    return getattr(function, "fn", function)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs(interpreting: bool) -> tuple[dict, dict]:
+    """The helpers and programs compiled by ``triton.jit`` (separately for the CPU interpreter)."""
+    # The interpreter runs helpers as plain Python (with triton.language patched); compiled programs need them jitted.
+    helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
+               for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
+                            "_gradient_tiles", "_store_gradient_tiles")}
+    programs = {name: triton.jit(_source(function)) for name, function in
+                (("decode", _decode_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program),
+                 ("latent_gradients", _latent_gradients_program), ("combine_gradients", _combine_gradients_program),
+                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
+    return helpers, programs
+
+
+def launch(name: str, grid: tuple[int, ...], *args, **meta) -> None:
+    helpers, programs = _programs(triton_interpreting())
+    globals().update(helpers)  # a program finds its helpers among the module's globals when compiled or interpreted
+    programs[name][grid](*args, **meta)
+
+
+def per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, out_width: int,
+                       max_column_blocks: int | None = None) -> torch.Tensor:
+    """Launch a one-program-per-(seed, token) program (``decode`` or ``selected_dot``) over
+    ``indices [S,B,K]`` into table ``[S,n,d]``; returns its float32 output ``[S,B,out_width]``. With
+    ``max_column_blocks`` (decode) a program covers at most that many column blocks (grid axis 1 over the groups)."""
+    n_seeds, batch, k = indices.shape
+    n_rows, width = table.shape[1:]
+    columns = min(COLUMN_BLOCK, triton.next_power_of_2(width))
+    blocks = triton.cdiv(width, columns)
+    groups = 1 if max_column_blocks is None else triton.cdiv(blocks, max_column_blocks)
+    out = torch.empty(n_seeds, batch, out_width, dtype=torch.float32, device=table.device)
+    launch(name, (n_seeds * batch, groups), operand.contiguous(), indices.contiguous(), table.contiguous(), out, batch, k, n_rows, width,
+            ROWS=min(MAX_ROW_BLOCK, triton.next_power_of_2(k)), COLUMNS=columns, COLUMN_BLOCKS=triton.cdiv(blocks, groups))
+    return out
+
+

@@ -1,0 +1,272 @@
+"""The deferred weight gradients and the fused optimizer step of a top-k SAE trained with the sparse kernels.
+
+The selected entries a step recorded (:class:`~sae_pipeline.sae.kernels.ops.DeferredWeightGradients`)
+are sorted by latent; :func:`latent_gradients` forms the W_dec and W_enc gradients from them, and
+:func:`sparse_adam_step` does projection, per-seed clipping, Adam, renormalisation and the bf16 copies.
+"""
+
+import functools
+import math
+from typing import Callable
+
+import torch
+
+from sae_pipeline.sae.kernels import programs
+from sae_pipeline.sae.kernels.ops import DeferredWeightGradients
+from sae_pipeline.sae.kernels.programs import triton
+
+
+# Latent-sorted weight gradients: latents per block, entries per product, columns of d per program (wider
+# from GRAD_WIDE_D on), entries per work item (at least; more when there are many entries, so that the
+# partial tiles of shared blocks need at most GRAD_MAX_SLOTS slots).
+GRAD_LATENTS = 32
+GRAD_ENTRIES = 64
+GRAD_COLUMNS = 64
+GRAD_WIDE_D = 512
+GRAD_CHUNK = 256
+GRAD_MAX_SLOTS = 1024
+# Past this many entries per latent (per seed) the weight gradients are two dense products instead: on the
+# H200 the sparse program costs ~2e-12 s per entry and column of d, the bf16 products ~5.7e-15 s per
+# B * d_sae * d (cuBLAS at ~700 TFLOP/s), equal at ~12 entries per latent for B = 4096 (top-k k=40 at 16k
+# latents: 0.19 ms sparse vs 0.25 dense; an AuxK step's 512 extra entries per token favour the products below ~190k latents).
+GRAD_DENSE_ENTRIES_PER_LATENT = 12
+# Adam over decoder rows: at most this many elements (rows x next_power_of_2(d)) per program.
+ADAM_ROW_ELEMENTS = 4096
+ADAM_BLOCK = 2048
+
+
+def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int) -> dict[str, torch.Tensor]:
+    """The entries of several ``indices [S,B,K_p]`` tensors sorted by (seed, latent), stably.
+
+    Returns ``keys`` (int32 ``s * d_sae + latent`` per sorted entry), ``order`` (each sorted entry's
+    position in the concatenation of the flattened tensors, per seed), ``rows`` (int32 ``p * B + token``,
+    the entry's row in the stacked dense operands) and ``segments`` (int32 ``[S * d_sae + 1]``: latent
+    ``s * d_sae + i`` owns sorted entries ``segments[i] .. segments[i+1]``)."""
+    n_seeds, batch = indices[0].shape[:2]
+    device = indices[0].device
+    if n_seeds * d_sae >= 2**31:
+        raise ValueError("sort_entries_by_latent: seeds x d_sae must stay below 2**31")
+    offsets, rows, queries = _entry_constants(n_seeds, batch, tuple(chosen.shape[2] for chosen in indices), d_sae, device)
+    flat = indices[0].reshape(n_seeds, -1) if len(indices) == 1 else torch.cat([chosen.reshape(n_seeds, -1) for chosen in indices], dim=1)
+    keys = (flat.to(torch.int32) + offsets).reshape(-1)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    sorted_rows = rows.reshape(-1)[order]
+    segments = torch.searchsorted(sorted_keys, queries, out_int32=True)
+    return {"keys": sorted_keys, "order": order, "rows": sorted_rows, "segments": segments}
+
+
+@functools.lru_cache(maxsize=16)
+def _entry_constants(n_seeds: int, batch: int, ks: tuple[int, ...], d_sae: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """For :func:`sort_entries_by_latent`: per-seed key offsets ``[S, 1]``, each entry's dense row ``[S, N]``
+    (``p * B + token`` for set p) and the segment queries ``0 .. S * d_sae`` (int32; made once per layout)."""
+    offsets = (torch.arange(n_seeds, device=device, dtype=torch.int32) * d_sae).view(n_seeds, 1)
+    tokens = torch.arange(batch, device=device, dtype=torch.int32).view(batch, 1)
+    rows = torch.cat([(tokens + part * batch).expand(batch, k).reshape(-1) for part, k in enumerate(ks)])
+    queries = torch.arange(n_seeds * d_sae + 1, device=device, dtype=torch.int32)
+    return offsets, rows.expand(n_seeds, -1).contiguous(), queries
+
+
+def _dense_latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Tensor, encoder_weights: torch.Tensor,
+                            decoder_dense: torch.Tensor, encoder_dense: torch.Tensor, W_dec: torch.Tensor, operand_dtype: torch.dtype,
+                            with_W_dec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`latent_gradients` as two batched products on the entries scattered into a dense ``[S, R, d_sae]``
+    code matrix (in ``operand_dtype``, as autocast gives the dense path), for steps with many entries per latent."""
+    n_seeds, d_sae, width = W_dec.shape
+    keys = entries["keys"].long()
+    seeds, rows = keys // d_sae, entries["rows"].long()
+    latents = keys - seeds * d_sae
+    codes = torch.zeros(n_seeds, decoder_dense.shape[1], d_sae, dtype=operand_dtype, device=W_dec.device)
+    codes[seeds, rows, latents] = decoder_weights.to(operand_dtype)
+    grad_dec = torch.bmm(codes.transpose(1, 2), decoder_dense).float()
+    codes[seeds, rows, latents] = encoder_weights.to(operand_dtype)  # the same positions: every entry is overwritten
+    grad_enc = torch.bmm(encoder_dense.transpose(1, 2), codes).float()
+    weights = W_dec.float()
+    statistics = torch.stack([
+        grad_dec.square().sum(-1),
+        (grad_dec * weights).sum(-1) if with_W_dec else torch.zeros(n_seeds, d_sae, device=W_dec.device),
+        weights.square().sum(-1) if with_W_dec else torch.ones(n_seeds, d_sae, device=W_dec.device),
+        grad_enc.square().sum(1),
+    ], dim=-1)
+    return grad_dec, grad_enc, statistics
+
+
+@functools.lru_cache(maxsize=16)
+def _block_bounds(n_seeds: int, d_sae: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the segments of each latent block's first latent and of the latent after its last."""
+    blocks = torch.arange(n_seeds * triton.cdiv(d_sae, GRAD_LATENTS), device=device)
+    per_seed = triton.cdiv(d_sae, GRAD_LATENTS)
+    seed, first = blocks // per_seed, (blocks % per_seed) * GRAD_LATENTS
+    return seed * d_sae + first, seed * d_sae + (first + GRAD_LATENTS).clamp(max=d_sae)
+
+
+def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_entries: int) -> dict:
+    """Work items of :func:`_latent_gradients_program`: each latent block is cut into items of at most
+    ``chunk`` entries (one item for an empty block). Static sizes (for CUDA graphs): ``capacity`` items,
+    those past the real count marked by block ``total_blocks``; ``slots`` partial tiles for shared blocks."""
+    chunk = max(GRAD_CHUNK, triton.next_power_of_2(triton.cdiv(n_entries, GRAD_MAX_SLOTS // 2)))
+    first, after = _block_bounds(n_seeds, d_sae, segments.device)
+    total_blocks = first.numel()
+    counts = (segments[after] - segments[first]).long()
+    n_items = ((counts + chunk - 1) // chunk).clamp_min(1)
+    inclusive = n_items.cumsum(0)
+    capacity = total_blocks + triton.cdiv(n_entries, chunk)  # sum of max(1, ceil(count / chunk)) over blocks
+    items = torch.arange(capacity, device=segments.device)
+    item_block = torch.searchsorted(inclusive, items, right=True)
+    item_chunk = items - (inclusive - n_items)[item_block.clamp(max=total_blocks - 1)]
+    shared = torch.where(n_items > 1, n_items, 0)
+    return {"item_block": item_block.to(torch.int32), "item_chunk": item_chunk.to(torch.int32), "block_items": n_items.to(torch.int32),
+            "block_slot": (shared.cumsum(0) - shared).to(torch.int32), "capacity": capacity, "total_blocks": total_blocks,
+            "chunk": chunk, "slots": max(1, 2 * triton.cdiv(n_entries, chunk))}  # a shared block has > chunk entries
+
+
+def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Tensor, encoder_weights: torch.Tensor,
+                     decoder_dense: torch.Tensor, encoder_dense: torch.Tensor, W_dec: torch.Tensor, low_precision: bool,
+                     with_W_dec: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both weight gradients of a top-k SAE from its selected entries, without dense code matrices.
+
+    ``entries`` from :func:`sort_entries_by_latent`; ``decoder_weights`` / ``encoder_weights`` (float32, in
+    the sorted order) weigh the rows ``decoder_dense[s, rows[e]]`` / ``encoder_dense[s, rows[e]]`` (``[S, R, d]``).
+    Returns float32 ``grad_dec [S, d_sae, d]``, ``grad_enc [S, d, d_sae]`` and per-latent statistics
+    ``[S, d_sae, 4]``: ``|grad_dec row|^2``, ``<grad_dec row, W_dec row>``, ``|W_dec row|^2`` (the last two
+    0 and 1 without ``with_W_dec``) and ``|grad_enc column|^2``.
+
+    On CUDA (or Triton's interpreter) one program per work item (a block of latents, or part of one) and block
+    of columns, or, past ``GRAD_DENSE_ENTRIES_PER_LATENT`` entries per latent (an AuxK step at moderate widths),
+    two dense products on the scattered entries; elsewhere ``index_add_``."""
+    n_seeds, d_sae, width = W_dec.shape
+    operand_dtype = torch.bfloat16 if low_precision else torch.float32
+    decoder_dense = decoder_dense.to(operand_dtype).contiguous()
+    encoder_dense = encoder_dense.to(operand_dtype).contiguous()
+    if programs.triton_usable(W_dec) and entries["keys"].numel() > GRAD_DENSE_ENTRIES_PER_LATENT * n_seeds * d_sae:
+        return _dense_latent_gradients(entries, decoder_weights, encoder_weights, decoder_dense, encoder_dense, W_dec, operand_dtype, with_W_dec)
+    if not programs.triton_usable(W_dec):
+        seeds = entries["keys"].long() // d_sae
+        gathered = (seeds * decoder_dense.shape[1] + entries["rows"].long())
+        dec_rows = decoder_dense.float().reshape(-1, width)[gathered] * decoder_weights.to(operand_dtype).float().unsqueeze(-1)
+        enc_rows = encoder_dense.float().reshape(-1, width)[gathered] * encoder_weights.to(operand_dtype).float().unsqueeze(-1)
+        grad_dec = torch.zeros(n_seeds * d_sae, width, device=W_dec.device).index_add_(0, entries["keys"].long(), dec_rows).view(n_seeds, d_sae, width)
+        grad_enc_rows = torch.zeros(n_seeds * d_sae, width, device=W_dec.device).index_add_(0, entries["keys"].long(), enc_rows)
+        grad_enc = grad_enc_rows.view(n_seeds, d_sae, width).transpose(1, 2).contiguous()
+        weights = W_dec.float() if with_W_dec else None
+        statistics = torch.stack([
+            grad_dec.square().sum(-1),
+            (grad_dec * weights).sum(-1) if with_W_dec else torch.zeros(n_seeds, d_sae, device=W_dec.device),
+            weights.square().sum(-1) if with_W_dec else torch.ones(n_seeds, d_sae, device=W_dec.device),
+            grad_enc_rows.view(n_seeds, d_sae, width).square().sum(-1),
+        ], dim=-1)
+        return grad_dec, grad_enc, statistics
+    columns = min(GRAD_COLUMNS * (2 if width >= GRAD_WIDE_D else 1), max(16, triton.next_power_of_2(width)))
+    column_blocks = triton.cdiv(width, columns)
+    items = _gradient_work_items(entries["segments"], n_seeds, d_sae, entries["keys"].numel())
+    grad_dec = torch.empty(n_seeds, d_sae, width, dtype=torch.float32, device=W_dec.device)
+    grad_enc = torch.empty(n_seeds, width, d_sae, dtype=torch.float32, device=W_dec.device)
+    statistics = torch.empty(column_blocks, n_seeds * d_sae, 4, dtype=torch.float32, device=W_dec.device)
+    partial_dec = torch.empty(items["slots"], GRAD_LATENTS, width, dtype=torch.float32, device=W_dec.device)
+    partial_enc = torch.empty_like(partial_dec)
+    grid = (items["capacity"], column_blocks)
+    work = (items["item_block"], items["item_chunk"], items["block_items"], items["block_slot"])
+    warps = 8 if columns >= 128 else 4
+    programs.launch("latent_gradients", grid, *work, entries["segments"], entries["keys"], entries["rows"], decoder_weights.float().contiguous(),
+            encoder_weights.float().contiguous(), decoder_dense, encoder_dense, W_dec.contiguous(), grad_dec, grad_enc, statistics,
+            partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1], n_seeds * d_sae, items["total_blocks"],
+            LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"], LOW_PRECISION=low_precision,
+            WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
+    programs.launch("combine_gradients", grid, *work, W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc,
+            d_sae, width, n_seeds * d_sae, items["total_blocks"], LATENTS=GRAD_LATENTS, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
+    return grad_dec, grad_enc, statistics.sum(dim=0).view(n_seeds, d_sae, 4)
+
+
+def _adam_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> dict:
+    """``parameter``'s Adam state as torch.optim.Adam keeps it (created as it would create it), the step on the parameter's device."""
+    state = optimizer.state[parameter]
+    if len(state) == 0:
+        state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
+        state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+    elif state["step"].device != parameter.device:
+        state["step"] = state["step"].to(parameter.device, torch.float32)
+    return state
+
+
+def _adam_launch(name: str, optimizer: torch.optim.Optimizer, parameter: torch.Tensor, gradient: torch.Tensor, low_copy: torch.Tensor | None,
+                 clip_scale: torch.Tensor | None, lr: torch.Tensor, grid: tuple[int, ...], *shape_args, **meta) -> None:
+    group = optimizer.param_groups[0]
+    beta1, beta2 = (float(beta) for beta in group["betas"])
+    state = _adam_state(optimizer, parameter)
+    programs.launch(name, grid, parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"],
+            low_copy if low_copy is not None else parameter, clip_scale if clip_scale is not None else lr, lr, state["step"],
+            *shape_args, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2),
+            CLIP=clip_scale is not None, LOW_COPY=low_copy is not None, **meta)
+
+
+@torch.no_grad()
+def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightGradients, W_enc: torch.Tensor, W_dec: torch.Tensor,
+                     b_enc: torch.Tensor, b_dec: torch.Tensor, low_copies: tuple[torch.Tensor, torch.Tensor] | None,
+                     clip_norm: float | None, unit_norm_decoder: bool) -> None:
+    """One optimizer step of a top-k SAE whose weight gradients were deferred (``deferred``), as
+    ``remove_parallel_decoder_gradient`` (``unit_norm_decoder``), per-seed ``clip_gradients_per_seed``
+    (``clip_norm``), ``torch.optim.Adam`` (``optimizer``'s hyper-parameters and state, kept in its own
+    layout so its state_dict is unchanged) and ``normalize_decoder`` would do it, in three passes:
+
+    1. :func:`latent_gradients` forms both weight gradients from the entries (sorted by latent) with
+       per-latent statistics, from which the per-seed clipping scale follows without another pass;
+    2. Adam over W_dec's rows (projection, scale, update, renormalisation, bf16 copy in one program);
+    3. elementwise Adam over W_enc (bf16 copy too), b_enc and b_dec.
+
+    ``low_copies``: bf16 ``(W_enc, W_dec)`` copies the step refreshes (what the next forward reads). The
+    learning rate is read from device memory (a tensor ``lr`` of the optimizer's group, or one made here),
+    so the step can be captured in a CUDA graph. Needs Triton (CUDA or its interpreter); b_enc and b_dec
+    must hold their gradients."""
+    group = optimizer.param_groups[0]
+    if group.get("weight_decay", 0) or group.get("amsgrad", False) or group.get("maximize", False):
+        raise ValueError("sparse_adam_step implements plain Adam (no weight decay, amsgrad or maximize)")
+    records = deferred.records
+    n_seeds, d_sae, width = W_dec.shape
+    entries = sort_entries_by_latent([record["indices"] for record in records], d_sae)
+
+    batch = records[0]["indices"].shape[1]
+
+    def stacked(key: str, per_record: Callable[[dict], torch.Tensor], missing: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+        parts = [per_record(record) if key in record else missing(record) for record in records]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    # Per-entry weights in the sorted order; dense operands stacked along the rows (record p's rows p*B..).
+    per_entry = [stacked(key, lambda record, key=key: record[key].reshape(n_seeds, -1).float(),
+                         lambda record: torch.zeros(n_seeds, record["indices"][0].numel(), device=W_dec.device)).reshape(-1)[entries["order"]]
+                 for key in ("decoder_weights", "encoder_weights")]
+    decoder_dense, encoder_dense = (stacked(key, lambda record, key=key: record[key], lambda record: torch.zeros(n_seeds, batch, width, device=W_dec.device))
+                                    for key in ("decoder_dense", "encoder_dense"))
+    grad_dec, grad_enc, statistics = latent_gradients(entries, *per_entry, decoder_dense, encoder_dense, W_dec,
+                                                      deferred.low_precision, with_W_dec=unit_norm_decoder)
+    grad_b_enc = b_enc.grad if b_enc.grad is not None else torch.zeros_like(b_enc)
+    grad_b_dec = b_dec.grad if b_dec.grad is not None else torch.zeros_like(b_dec)
+    clip_scale = None
+    if clip_norm is not None:
+        squared, dots, weight_squared, encoder_squared = statistics.unbind(-1)
+        if unit_norm_decoder:  # |g - <g,u>u|^2 with u = w / |w| (as remove_parallel_decoder_gradient projects)
+            norms = weight_squared.sqrt().clamp_min(1e-12)
+            along = dots / norms
+            squared = (squared - 2 * along.square() + along.square() * (weight_squared / norms.square())).clamp_min(0)
+        total = squared.sum(-1) + encoder_squared.sum(-1) + grad_b_enc.float().square().sum(-1) + grad_b_dec.float().square().sum(-1)
+        clip_scale = (float(clip_norm) / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    lr = group["lr"]
+    if not isinstance(lr, torch.Tensor):
+        lr = torch.tensor(float(lr), dtype=torch.float32, device=W_dec.device)
+    states = [_adam_state(optimizer, parameter) for parameter in (W_enc, W_dec, b_enc, b_dec)]
+    steps = [state["step"] for state in states]
+    if steps[0].device.type == "cuda":
+        torch._foreach_add_(steps, 1.0)
+    else:
+        for step in steps:
+            step.add_(1.0)
+    low_enc, low_dec = low_copies if low_copies is not None else (None, None)
+    block = triton.next_power_of_2(width)
+    rows = max(1, ADAM_ROW_ELEMENTS // block)
+    _adam_launch("adam_rows", optimizer, W_dec, grad_dec, low_dec, clip_scale, lr, (triton.cdiv(n_seeds * d_sae, rows),),
+                 n_seeds * d_sae, d_sae, width, ROWS=rows, BLOCK=block, PROJECT=unit_norm_decoder, NORMALIZE=unit_norm_decoder,
+                 num_warps=8 if block >= 2048 else 4)
+    for parameter, gradient, low in ((W_enc, grad_enc, low_enc), (b_enc, grad_b_enc, None), (b_dec, grad_b_dec, None)):
+        numel = parameter.numel()
+        _adam_launch("adam_flat", optimizer, parameter, gradient.float(), low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
+                     numel, numel // n_seeds, BLOCK=ADAM_BLOCK)
+    records.clear()
