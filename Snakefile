@@ -27,6 +27,7 @@ include: "workflow/rules/steer.smk"
 include: "workflow/rules/match.smk"
 include: "workflow/rules/digits.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/judges.smk"
 include: "workflow/rules/regress.smk"
 
 

@@ -50,8 +50,8 @@ _BOOLEAN_ABBREVIATIONS = {"tied_init": "tied", "unit_norm_decoder": "unit"}
 SAE_CURVES = "curves.parquet"
 SAE_METRICS = "metrics.json"
 MATCH_OUTPUTS = {"pairs": "pairs.csv", "features": "features.parquet", "summary": "summary.json", "histogram": "max_cosine_hist.png"}
-AUTOINTERP_OUTPUTS = {"scores": "scores.parquet", "audit": "audit.jsonl"}
-STEER_OUTPUTS = {"rows": "rows.parquet", "features": "features.csv"}
+AUTOINTERP_OUTPUTS = {"scores": "scores.parquet", "audit": "audit.jsonl", "controls": "controls.parquet"}
+STEER_OUTPUTS = {"rows": "rows.parquet", "features": "features.csv", "controls": "controls.parquet"}
 EVALUATE_OUTPUTS = {
     "metrics": "metrics.json", "k_robustness": "k_robustness.csv", "probing": "probing.csv",
     "latents": "latents.parquet", "frequency_plot": "latent_frequency.png",
@@ -64,6 +64,7 @@ REGRESS_OUTPUTS = {
     "plot_success_vs_interp": "plots/success_vs_interp.png", "plot_training_curves": "plots/training_curves.png",
     "plot_k_robustness": "plots/k_robustness.png", "plot_probing": "plots/probing.png",
 }
+JUDGE_OUTPUTS = {"accuracy": "accuracy.csv"}
 DIGITS_OUTPUTS = {"table": "stability_table.csv", "plot": "stability.png", "summary": "stability_summary.json"}
 
 
@@ -311,6 +312,10 @@ class ResultsLayout:
         return f"{self.root}/{LANGUAGE_MODEL}/evaluate/{variant}/seed{seed}/{EVALUATE_OUTPUTS[output]}"
 
     # whole-run outputs
+    def judge_file(self, output: str) -> str:
+        """What the judge-accuracy stage writes (the judges' accuracy on held-out labelled cases)."""
+        return f"{self.root}/{LANGUAGE_MODEL}/judges/{JUDGE_OUTPUTS[output]}"
+
     def regress_file(self, output: str) -> str:
         return f"{self.root}/{LANGUAGE_MODEL}/regress/{REGRESS_OUTPUTS[output]}"
 
@@ -432,6 +437,8 @@ class Experiment:
                 "evaluate_probing": layout.evaluate_file(variant, seeds["evaluate"], "probing"),
                 "sae_group_dirs": self.sae_group_dirs(LANGUAGE_MODEL, variant),
                 "training_curves": self.curves_files(LANGUAGE_MODEL, variant),
+                "autointerp_controls": layout.autointerp_file(variant, seeds["autointerp"], "controls"),
+                "steer_controls": layout.steer_file(variant, seeds["steer"], "controls"),
             }
         return inputs
 

@@ -39,10 +39,10 @@ MATCH_SOLVERS = ("auto", "dense", "sparse")
 # Sharedness of a feature over seed pairs (match stage); "dead" marks latents the match stage left out.
 SHAREDNESS_CATEGORIES = ("always", "sometimes", "never")
 MATCH_CATEGORIES = SHAREDNESS_CATEGORIES + ("dead",)
-AUTOINTERP_BACKENDS = ("offline", "llm")
+AUTOINTERP_BACKENDS = ("offline", "llm", "lm")
 FEATURE_SELECTIONS = ("all", "random", "category")
 STRENGTH_MODES = ("fixed", "resid_rms", "target_rise")
-STEER_JUDGES = ("embedding", "llm")
+STEER_JUDGES = ("embedding", "llm", "lm")
 TOKEN_PROPERTIES = ("word_start", "capitalised", "punctuation")
 OUTCOME_MODELS = ("logit_row", "binomial_feature", "ols_feature")
 DIGITS_SOURCES = ("sklearn_digits", "hf_mnist")
@@ -73,6 +73,7 @@ SCHEMA_ENUMS: dict[tuple[str, str], tuple] = {
     ("regress.schema.yaml", "properties/models/items"): OUTCOME_MODELS,
     ("digits.schema.yaml", "properties/data/properties/source"): DIGITS_SOURCES,
     ("digits.schema.yaml", "properties/data/properties/dtype"): ACTIVATION_DTYPES,
+    ("lm_judge.schema.yaml", "properties/dtype"): MODEL_DTYPES[1:],
 }
 
 
@@ -417,6 +418,26 @@ class JudgeSettings(Settings):
 
 
 @dataclass(frozen=True)
+class LikelihoodJudgeSettings(Settings):
+    """The in-process language-model judge (``lm_judge``): autointerp backend ``lm`` and steering judge ``lm``.
+
+    ``model`` is a Hugging Face folder or Hub id (None: the subject model). Thresholds and the margin
+    are in nats of pointwise mutual information (:mod:`sae_pipeline.judges.likelihood`).
+    """
+
+    SECTION: ClassVar[str] = "lm_judge"
+    model: str | None = None
+    dtype: str = "bfloat16"
+    token_budget: int = 4096
+    threads: int = 2
+    n_candidate_tokens: int = 5
+    detection_threshold: float = 0.0
+    fuzzing_threshold: float = 0.0
+    steering_margin: float = 0.0
+    wordnet_dir: str = "/usr/share/wordnet"
+
+
+@dataclass(frozen=True)
 class FeatureSelectionSettings(Settings):
     """Which features are interpreted (``autointerp.features``)."""
 
@@ -484,6 +505,14 @@ class OfflineBaselineSettings(Settings):
 
 
 @dataclass(frozen=True)
+class AutointerpControlSettings(Settings):
+    """Positive controls of autointerp (``autointerp.controls``): planted single-token features."""
+
+    SECTION: ClassVar[str] = "autointerp.controls"
+    n_tokens: int = 3
+
+
+@dataclass(frozen=True)
 class AutointerpSettings(Settings):
     """Explain and score SAE features (``autointerp``)."""
 
@@ -498,6 +527,7 @@ class AutointerpSettings(Settings):
     score: ScoreSettings = field(default_factory=ScoreSettings)
     offline: OfflineBaselineSettings = field(default_factory=OfflineBaselineSettings)
     llm: JudgeSettings = field(default_factory=JudgeSettings)
+    controls: AutointerpControlSettings = field(default_factory=AutointerpControlSettings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,6 +543,14 @@ DEFAULT_STEERING_PROMPTS = (
     "According to experts,",
     "One thing that matters is",
 )
+
+
+@dataclass(frozen=True)
+class SteeringControlSettings(Settings):
+    """Positive controls of steering (``steer.controls``): directions known to steer, judged like features."""
+
+    SECTION: ClassVar[str] = "steer.controls"
+    words: tuple[str, ...] = ("ocean", "music", "money", "food", "war", "weather")
 
 
 @dataclass(frozen=True)
@@ -537,6 +575,7 @@ class SteerSettings(Settings):
     llm_success_threshold: int = 4
     batch_size: int = 256
     device: str = "auto"
+    controls: SteeringControlSettings = field(default_factory=SteeringControlSettings)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from sae_pipeline.settings import (
     CorpusSettings,
     DigitsDataSettings,
     EvaluateSettings,
+    LikelihoodJudgeSettings,
     MatchSettings,
     RegressSettings,
     Settings,
@@ -35,6 +36,7 @@ SECTION_CLASSES = {
     "steer": (SteerSettings, "steer.schema.yaml", ""),
     "evaluate": (EvaluateSettings, "evaluate.schema.yaml", ""),
     "regress": (RegressSettings, "regress.schema.yaml", ""),
+    "lm_judge": (LikelihoodJudgeSettings, "lm_judge.schema.yaml", ""),
     "digits.data": (DigitsDataSettings, "digits.schema.yaml", "properties/data"),
     "train.options": (TrainSettings, "train.schema.yaml", "$defs/variant_settings"),
 }
@@ -96,7 +98,7 @@ def test_the_default_config_builds_every_section():
         elif section == "digits.data":
             values = config["digits"]["data"]
         else:
-            values = config[section]
+            values = config.get(section, {})
         built = cls.from_mapping(values)
         plain = built.as_dict()
         for key, value in values.items():  # what the config says survives, as plain values

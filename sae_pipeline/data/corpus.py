@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from sae_pipeline.data.wordnet import WORDNET_LEXICOGRAPHER_FILES
 from sae_pipeline.settings import CorpusSettings
 
 KJV_RANGE = "Genesis 1:1-Revelation 22:21"
@@ -60,16 +61,6 @@ def kjv_chapters(command: str = "bible") -> list[str]:
     return [chapter for chapter in chapters if chapter]
 
 
-# WordNet 3.0 lexicographer files, by lex_filenum (wninput(5WN)).
-WORDNET_LEXICOGRAPHER_FILES = (
-    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
-    "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
-    "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant", "noun.possession",
-    "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
-    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition", "verb.consumption",
-    "verb.contact", "verb.creation", "verb.emotion", "verb.motion", "verb.perception", "verb.possession",
-    "verb.social", "verb.stative", "verb.weather", "adj.ppl",
-)
 # Fortune files that are pictures rather than prose.
 FORTUNE_PICTURES = ("art", "ascii-art", "translate-me")
 # Fortune files made mostly of quotations from copyrighted works: left out unless asked for.

@@ -309,3 +309,34 @@ def _collect(features: Sequence[int], top: _RunningTop, sampled: _RunningTop, qu
             max_activation=float(top_set.activations.max()) if len(top_set) else 0.0,
         )
     return examples
+
+
+def token_indicator_examples(sequences: np.ndarray, token_id: int, feature: int, settings: MiningSettings, random_seed: int) -> FeatureExamples:
+    """Examples of a planted single-token feature: active (1.0) exactly where ``token_id`` occurs.
+
+    The autointerp stage's positive control: mined like an SAE feature from the cached sequences
+    (``[n_sequences, context_size]``, position 0 is BOS), so a working explainer and scorer must score it
+    high. ``top`` and ``sampled`` are disjoint random occurrences (windows centred as for SAE features);
+    ``non_activating`` are aligned windows without the token.
+    """
+    rng = np.random.default_rng([int(random_seed), int(token_id)])
+    window, before = settings.window, settings.window_before
+    hits = sequences == int(token_id)
+    hits[:, 0] = False
+    docs, positions = np.nonzero(hits)
+    order = rng.permutation(len(docs))
+    picks = order[: settings.n_top + settings.n_activating_sample]
+
+    def windows(chosen: np.ndarray) -> ContextSet:
+        starts = positions[chosen] - before
+        slots = starts[:, None] + np.arange(window)[None, :]
+        inside = (slots >= 1) & (slots < sequences.shape[1])
+        tokens = np.take_along_axis(sequences[docs[chosen]], np.clip(slots, 0, sequences.shape[1] - 1), axis=1)
+        return ContextSet(docs[chosen].astype(np.int64), starts.astype(np.int64), ((tokens == int(token_id)) & inside).astype(np.float32))
+
+    buckets = [(doc, start) for doc in range(sequences.shape[0]) for start in range(1, sequences.shape[1] - window + 1, window)
+               if not hits[doc, start : start + window].any()]
+    quiet = [buckets[index] for index in rng.permutation(len(buckets))[: settings.n_non_activating]]
+    non_activating = ContextSet(np.array([doc for doc, _ in quiet], dtype=np.int64), np.array([start for _, start in quiet], dtype=np.int64),
+                                np.zeros((len(quiet), window), dtype=np.float32))
+    return FeatureExamples(int(feature), windows(picks[: settings.n_top]), windows(picks[settings.n_top :]), non_activating, int(hits.sum()), 1.0 if len(docs) else 0.0)

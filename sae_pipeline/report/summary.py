@@ -8,6 +8,7 @@ condition; normal-approximation 95% intervals for means of per-feature scores an
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,6 +18,68 @@ from sae_pipeline.data.atomic import write_text
 from sae_pipeline.report.html import markdown_to_html
 from sae_pipeline.report.tables import format_interval, markdown_table
 from sae_pipeline.stats.intervals import difference_of_means, difference_of_proportions
+
+
+@dataclass
+class JudgesReport:
+    """What the summary says about its judges: accuracy on held-out labelled cases, and positive controls.
+
+    Attributes:
+        accuracy: the judge-accuracy stage's table (judge, model, task, metric, value, n).
+        autointerp_controls: planted single-token features scored like SAE features (one table per variant, concatenated).
+        steer_controls: steering rows along unembedding directions, judged like features.
+    """
+
+    accuracy: pd.DataFrame = field(default_factory=pd.DataFrame)
+    autointerp_controls: pd.DataFrame = field(default_factory=pd.DataFrame)
+    steer_controls: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+# Below these a judge's known-answer accuracy, or a positive control, limits what its results can say.
+TRUSTED_ACCURACY = 0.8
+# The known-answer tasks that stand for what each judge decides in the pipeline.
+JUDGE_ROLES = {"embedding": ("steering_threshold",), "lm": ("detection", "ranking", "steering")}
+TRUSTED_CONTROL = 0.7
+
+
+def _section_judges(report: JudgesReport, judges: Sequence[str]) -> list[str]:
+    lines = ["## Judges: accuracy on held-out labelled cases, and positive controls\n"]
+    limits = []
+    if report.accuracy.empty:
+        lines.append("No judge accuracy was measured in this run.\n")
+    else:
+        rows = [[row.judge, row.model, row.task, row.metric, f"{row.value:.3f}", row.n] for row in report.accuracy.itertuples()]
+        lines.append("Each judge scored on sentences with known answers (`sae_pipeline/judges/cases.py`, none from the corpus):\n")
+        lines.append(markdown_table(["judge", "model", "task", "metric", "value", "cases"], rows))
+        for row in report.accuracy.itertuples():
+            if row.task in JUDGE_ROLES.get(row.judge, ()) and row.metric != "auroc" and row.value < TRUSTED_ACCURACY:
+                limits.append(f"the {row.judge} judge's {row.task} {row.metric} on known answers is {row.value:.2f} (below {TRUSTED_ACCURACY}): its {row.task} results are noisy")
+    if not report.autointerp_controls.empty:
+        controls = report.autointerp_controls
+        detection = pd.to_numeric(controls["detection_score"], errors="coerce")
+        lines.append("Autointerp positive controls (planted single-token features, explained and scored by the run's backend):\n")
+        rows = [[row.variant, row.control_token, row.explanation, format_interval(row.detection_score), format_interval(row.fuzzing_score)] for row in controls.itertuples()]
+        lines.append(markdown_table(["variant", "planted token", "explanation found", "detection", "fuzzing"], rows))
+        if detection.notna().any() and detection.mean() < TRUSTED_CONTROL:
+            limits.append(f"autointerp scores planted single-token features at {detection.mean():.2f} on average (below {TRUSTED_CONTROL}): low feature scores may be the judge's")
+    if not report.steer_controls.empty:
+        controls = report.steer_controls
+        lines.append("Steering positive controls (the unit unembedding vector of a word, at the features' strength, judged like features):\n")
+        rows = []
+        for judge in judges:
+            column = f"{judge}_success"
+            if column not in controls or not controls[column].notna().any():
+                continue
+            rate = float(controls[column].astype("Float64").mean())
+            rows.append([judge, format_interval(rate), int(controls[column].notna().sum()), ", ".join(sorted(controls["explanation"].astype(str).unique()))])
+            if rate < TRUSTED_CONTROL:
+                limits.append(f"the {judge} judge calls only {rate:.2f} of known-good steering (unembedding directions) a success: a low feature success rate under it is weak evidence")
+        lines.append(markdown_table(["judge", "control success rate", "attempts", "words"], rows) if rows else "No judged control rows.\n")
+    if limits:
+        lines.append("**Limits of this run's judges:**\n")
+        lines += [f"- {limit}\n" for limit in limits]
+    lines.append("")
+    return lines
 
 
 def _section_claim1(digits: pd.DataFrame, verdict: Mapping[str, Any] | None) -> list[str]:
@@ -208,11 +271,13 @@ def write_summary(
     judges: Sequence[str],
     html_path: str | Path | None = None,
     digits_verdict: Mapping[str, Any] | None = None,
+    judges_report: "JudgesReport | None" = None,
 ) -> str:
     """Write the markdown summary of every claim (and, with ``html_path``, the same as an HTML page); return the markdown."""
     lines = ["# sae-stability: results summary\n"]
     lines.append("Variants and their regularization condition (weight penalty + sparsity regularizer):\n")
     lines.append(markdown_table(["variant", "condition"], [[variant, condition] for variant, condition in conditions.items()]))
+    lines += _section_judges(judges_report or JudgesReport(), judges)
     lines += _section_claim1(digits, digits_verdict)
     lines += _section_claim2(shared, success, autointerp, reference)
     lines += _section_claim3(coefficients, judges)

@@ -33,8 +33,8 @@ from sae_pipeline.data.atomic import json_default, write_dataframe, write_text
 from sae_pipeline.data.checkpoint import load_sae
 from sae_pipeline.data.shards import ActivationStore
 from sae_pipeline.features.contexts import ExampleSplit, TokenText, split_examples
-from sae_pipeline.features.mining import FeatureExamples, mine_examples
-from sae_pipeline.judges.backends import LLMBackend, OfflineTokenBaseline
+from sae_pipeline.features.mining import FeatureExamples, mine_examples, token_indicator_examples
+from sae_pipeline.judges.backends import LikelihoodBackend, LLMBackend, OfflineTokenBaseline
 from sae_pipeline.judges.scorers import balanced_accuracy, scorer_tasks
 from sae_pipeline.runtime.devices import resolve_device
 from sae_pipeline.settings import (
@@ -42,9 +42,12 @@ from sae_pipeline.settings import (
     AutointerpSettings,
     FeatureSelectionSettings,
     JudgeSettings,
+    LikelihoodJudgeSettings,
 )
 
 logger = logging.getLogger(__name__)
+# Feature ids of the positive controls (planted features): far above any dictionary's latents.
+CONTROL_FEATURE_IDS = 1_000_000_000
 
 SCORE_COLUMNS = (
     "feature",
@@ -222,6 +225,48 @@ def scores_table(records: Sequence[_FeatureRecord], sharedness: pd.DataFrame | N
     return table[list(SCORE_COLUMNS)]
 
 
+def likelihood_backend(lm_judge: LikelihoodJudgeSettings | Mapping[str, Any] | None, lm_model: str | None, token_text: TokenText,
+                       corpus_counts: np.ndarray) -> LikelihoodBackend:
+    """The in-process language-model backend on ``lm_model`` (a Hugging Face folder or Hub id)."""
+    from sae_pipeline.judges.likelihood import LikelihoodScorer, load_causal_lm
+
+    judge = LikelihoodJudgeSettings.from_mapping(lm_judge)
+    if lm_model is None:
+        raise ValueError("autointerp.backend lm needs the judge model (lm_judge.model, or the subject model)")
+    model, tokenizer = load_causal_lm(lm_model, judge.dtype, judge.threads)
+    return LikelihoodBackend(LikelihoodScorer(model, tokenizer, judge.token_budget), f"{lm_model} (likelihood, {judge.dtype})", token_text, corpus_counts, judge)
+
+
+def control_tokens(sequences: np.ndarray, token_text: TokenText, count: int) -> list[int]:
+    """The ``count`` commonest tokens (BOS positions excluded) that are whole alphabetic words of 4+ letters."""
+    counts = np.bincount(sequences[:, 1:].reshape(-1))
+    chosen = []
+    for token_id in np.argsort(-counts, kind="stable"):
+        if len(chosen) == count or counts[token_id] == 0:
+            break
+        text = token_text(int(token_id))
+        if text.startswith(" ") and text.strip().isalpha() and len(text.strip()) >= 4:
+            chosen.append(int(token_id))
+    return chosen
+
+
+def control_scores(sequences: np.ndarray, token_text: TokenText, backend: Any, settings: AutointerpSettings, random_seed: int,
+                   audit: list[dict[str, Any]]) -> pd.DataFrame:
+    """Positive controls: planted single-token features explained and scored like SAE features.
+
+    Returns the scores table of :data:`SCORE_COLUMNS` (feature ids from :data:`CONTROL_FEATURE_IDS`, never an SAE latent's) plus
+    ``control_token`` (the token's text); audit records are appended to ``audit``.
+    """
+    tokens = control_tokens(sequences, token_text, settings.controls.n_tokens)
+    examples = {CONTROL_FEATURE_IDS + index: token_indicator_examples(sequences, token_id, CONTROL_FEATURE_IDS + index, settings.mining, random_seed)
+                for index, token_id in enumerate(tokens)}
+    records = interpret_features(examples, sequences, backend, settings, random_seed, audit)
+    table = scores_table(records, None, backend)
+    table.insert(1, "control_token", pd.array([token_text(token_id) for token_id in tokens], dtype="string"))
+    logger.info("positive controls (single-token features %s): detection %s", [token_text(t) for t in tokens], table["detection_score"].round(3).tolist())
+    return table
+
+
 def corpus_token_counts(sequences: np.ndarray, vocab_size: int) -> np.ndarray:
     """Occurrences of each token id in the cached sequences, BOS positions excluded: [vocab_size] int64."""
     return np.bincount(sequences[:, 1:].reshape(-1), minlength=vocab_size).astype(np.int64)
@@ -236,6 +281,9 @@ def run_autointerp(
     settings: Mapping[str, Any],
     judge_cache_dir: str | os.PathLike | None = None,
     threads: int | None = None,
+    controls_path: str | os.PathLike | None = None,
+    lm_judge: LikelihoodJudgeSettings | Mapping[str, Any] | None = None,
+    lm_model: str | None = None,
 ) -> pd.DataFrame:
     """The ``autointerp`` rule: select features, mine, explain, score; write ``scores.parquet`` and ``audit.jsonl``.
 
@@ -246,6 +294,10 @@ def run_autointerp(
         settings: the ``autointerp`` config section.
         judge_cache_dir: the LLM judge's response cache (LLM backend only).
         threads: CPU threads for mining.
+        controls_path: where the positive controls' table goes (``controls.parquet``): planted
+            single-token features (``controls.n_tokens`` of the commonest words), explained and scored
+            by the same backend; a working judge scores them high.
+        lm_judge, lm_model: the ``lm_judge`` section and the judge model (Hub id or folder), backend ``lm`` only.
 
     Returns the scores table as written.
     """
@@ -285,6 +337,8 @@ def run_autointerp(
     sequences = store.sequences()
     if backend_name == "llm":
         backend: Any = LLMBackend(client, token_text)
+    elif backend_name == "lm":
+        backend = likelihood_backend(lm_judge, lm_model, token_text, corpus_token_counts(sequences, max(len(tokenizer), int(sequences.max()) + 1)))
     else:
         vocab_size = max(len(tokenizer), int(sequences.max()) + 1)
         backend = OfflineTokenBaseline(corpus_token_counts(sequences, vocab_size), token_text, settings.offline.n_tokens, settings.offline.min_weight_share)
@@ -305,6 +359,9 @@ def run_autointerp(
     audit.append(summary)
     write_text(audit_path, "".join(json.dumps(record, ensure_ascii=False, default=json_default) + "\n" for record in audit))
     write_dataframe(scores_path, table)
+    if controls_path is not None:
+        write_dataframe(controls_path, control_scores(sequences, token_text, backend, settings, random_seed, audit))
+        write_text(audit_path, "".join(json.dumps(record, ensure_ascii=False, default=json_default) + "\n" for record in audit))
     scored = table["detection_score"].notna()
     logger.info(
         "autointerp: %d/%d features scored; mean detection %.3f, mean fuzzing %.3f",

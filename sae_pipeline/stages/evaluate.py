@@ -232,7 +232,7 @@ def run_evaluation(
         ks.append(("as_trained", None, None))
     from sae_pipeline.subject.model import load_subject_model
 
-    bridge = load_subject_model(store.manifest["model"], device=device)
+    bridge = load_subject_model(store.manifest["model"], device=device, dtype=store.manifest.get("model_dtype", "float32"))
     ce_results = _ce_rows(sae, bridge, store, evaluation.ce_doc_ids, ks, settings)
     identity = {"variant": variant, "seed": int(seed), "condition": condition, "architecture": sae.architecture, "trained_k": sae.k}
     robustness_rows = []

@@ -25,7 +25,7 @@ from sae_pipeline.report.plots import (
     plot_success_vs_interp,
     plot_training_curves,
 )
-from sae_pipeline.report.summary import write_summary
+from sae_pipeline.report.summary import JudgesReport, write_summary
 from sae_pipeline.settings import RegressSettings
 from sae_pipeline.stats.intervals import mean_with_interval, wilson_interval
 from sae_pipeline.stats.regression import (
@@ -167,6 +167,16 @@ def evaluate_table(variant_inputs: Mapping[str, Mapping[str, Any]]) -> tuple[pd.
     )
 
 
+def load_controls(variant_inputs: Mapping[str, Mapping[str, Any]], key: str) -> pd.DataFrame:
+    """Every variant's positive-control table (``autointerp_controls`` or ``steer_controls``) with a ``variant`` column."""
+    frames = []
+    for variant, inputs in variant_inputs.items():
+        path = inputs.get(key)
+        if path and Path(path).exists():
+            frames.append(pd.read_parquet(path).assign(variant=variant, condition=inputs["condition"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def load_training_curves(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """All variants' ``curves.parquet`` (one per seed-group folder) with a ``variant`` column."""
     frames = []
@@ -200,6 +210,7 @@ def run_regression(
     settings: RegressSettings | Mapping[str, Any],
     digits_inputs: Mapping[str, Mapping[str, Any]] | None = None,
     digits_summary: str | None = None,
+    judge_accuracy: str | None = None,
 ) -> pd.DataFrame:
     """Fit the regressions, write the coefficient table, the per-claim tables, the summary and the plots.
 
@@ -215,6 +226,7 @@ def run_regression(
         settings: the ``regress`` config section.
         digits_inputs: per digits cell (variant), ``condition`` (a label) and ``match_features`` / ``match_summary``.
         digits_summary: the digits stage's ``stability_summary.json`` (claim 1's direction and its comparisons).
+        judge_accuracy: the judge-accuracy stage's ``accuracy.csv`` (the judges on held-out labelled cases).
 
     Returns:
         The coefficient table.
@@ -240,6 +252,11 @@ def run_regression(
     autointerp = _in_condition_order(autointerp_by_condition(variant_inputs), order)
     claim4, robustness, probing = evaluate_table(variant_inputs)
     curves = load_training_curves(variant_inputs)
+    judges_report = JudgesReport(
+        accuracy=pd.read_csv(judge_accuracy) if judge_accuracy else pd.DataFrame(),
+        autointerp_controls=load_controls(variant_inputs, "autointerp_controls"),
+        steer_controls=load_controls(variant_inputs, "steer_controls"),
+    )
 
     write_dataframe(outputs["coefficients"], coefficients)
     success_table = pd.concat([table.assign(judge=judge) for judge, table in success.items() if not table.empty], ignore_index=True) if any(not t.empty for t in success.values()) else pd.DataFrame(columns=["judge", "condition", "success_rate"])
@@ -255,5 +272,6 @@ def run_regression(
     plot_training_curves(outputs["plot_training_curves"], curves, settings.curve_metrics)
     plot_k_robustness(outputs["plot_k_robustness"], robustness)
     plot_probing(outputs["plot_probing"], probing)
-    write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges, outputs.get("summary_html"), digits_verdict)
+    write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges, outputs.get("summary_html"), digits_verdict,
+                  judges_report)
     return coefficients

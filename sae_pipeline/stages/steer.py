@@ -49,6 +49,7 @@ from sae_pipeline.settings import (
     STEER_JUDGES,
     STRENGTH_MODES,
     JudgeSettings,
+    LikelihoodJudgeSettings,
     SteerSettings,
 )
 from sae_pipeline.subject.model import bos_token_id, load_subject_model
@@ -67,7 +68,10 @@ CATEGORY_ORDER = SHAREDNESS_CATEGORIES
 UNKNOWN_CATEGORY = "unknown"
 SCORES_COLUMNS = ("feature", "category", "share_count", "explanation", "detection_score")
 MIN_TARGET_PROJECTION = 1e-8
-_JUDGE_COLUMNS = ("embedding_score", "embedding_success", "llm_score", "llm_success", "llm_answer", "llm_error")
+_JUDGE_COLUMNS = ("embedding_score", "embedding_success", "llm_score", "llm_success", "llm_answer", "llm_error", "lm_score", "lm_success")
+CONTROL_CATEGORY = "control"
+# Feature ids of the positive controls (directions that are no SAE latent): far above any dictionary's latents.
+CONTROL_FEATURE_IDS = 1_000_000_000
 LLM_JUDGE_MAX_TOKENS = 20
 
 ROW_COLUMNS = (
@@ -88,6 +92,8 @@ ROW_COLUMNS = (
     "llm_success",
     "llm_answer",
     "llm_error",
+    "lm_score",
+    "lm_success",
     "sampling_seed",
     "greedy",
 )
@@ -192,6 +198,8 @@ def steering_rows(features: pd.DataFrame, prompts: Sequence[str], texts: Steerin
     rows["llm_success"] = pd.Series([pd.NA] * len(rows), dtype="boolean")
     rows["llm_answer"] = pd.Series([pd.NA] * len(rows), dtype="string")
     rows["llm_error"] = pd.Series([pd.NA] * len(rows), dtype="string")
+    rows["lm_score"] = pd.Series([np.nan] * len(rows), dtype="float64")
+    rows["lm_success"] = pd.Series([pd.NA] * len(rows), dtype="boolean")
     return rows[list(ROW_COLUMNS)]
 
 
@@ -238,6 +246,35 @@ def apply_llm_judge(rows: pd.DataFrame, client: Any, threshold: int) -> None:
     logger.info("LLM judge usage: %s", client.usage.as_dict())
 
 
+def apply_lm_judge(rows: pd.DataFrame, scorer: Any, margin: float) -> None:
+    """Fill ``lm_score`` (nats: :func:`~sae_pipeline.judges.likelihood.concept_gain` of the explanation,
+    steered against original text) and ``lm_success`` (score > ``margin``) in place."""
+    from sae_pipeline.judges.likelihood import concept_gain
+
+    originals, steered = judged_texts(rows)
+    scores = concept_gain(scorer, rows["explanation"].tolist(), originals, steered).numpy()
+    rows["lm_score"] = scores.astype("float64")
+    rows["lm_success"] = pd.array(scores > float(margin), dtype="boolean")
+
+
+def control_directions(bridge: Any, words: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """Positive-control steering directions: the unit unembedding vector ``[d_model]`` of each word's
+    first token (with a leading space), as ``(words, [n, d_model])``."""
+    unembedding = bridge.W_U.detach().float().cpu()  # [d_model, vocab]
+    vectors = []
+    for word in words:
+        token = bridge.tokenizer(" " + word, add_special_tokens=False)["input_ids"][0]
+        column = unembedding[:, int(token)]
+        vectors.append(column / column.norm().clamp_min(1e-12))
+    return list(words), torch.stack(vectors) if vectors else torch.zeros(0, unembedding.shape[0])
+
+
+def control_features(words: Sequence[str]) -> pd.DataFrame:
+    """The table :func:`steering_rows` takes, for control directions (explanation = the word)."""
+    return pd.DataFrame({"feature": CONTROL_FEATURE_IDS + np.arange(len(words)), "category": CONTROL_CATEGORY, "share_count": pd.array([pd.NA] * len(words), dtype="Int64"),
+                         "explanation": list(words), "detection_score": np.nan, "fuzzing_score": np.nan})
+
+
 def feature_summary(rows: pd.DataFrame) -> pd.DataFrame:
     """Per-feature success rates: one row per feature with ``n_prompts``, embedding and LLM success
     rates and mean scores (rates over scored rows; NaN where a judge did not run), ``n_llm_scored``."""
@@ -262,6 +299,9 @@ def run_steering(
     settings: SteerSettings | Mapping[str, Any],
     llm_settings: JudgeSettings | Mapping[str, Any] | None = None,
     llm_cache_dir: str | Path | None = None,
+    controls_path: str | Path | None = None,
+    lm_judge: LikelihoodJudgeSettings | Mapping[str, Any] | None = None,
+    lm_model: str | None = None,
 ) -> pd.DataFrame:
     """The ``steer`` rule: sample features, generate, judge, write ``rows.parquet`` and ``features.csv``.
 
@@ -274,6 +314,10 @@ def run_steering(
         llm_settings: the judge endpoint section (``JudgeSettings`` keys: base_url, model, api_key_env,
             ...) shared with autointerp; required when ``"llm"`` is in ``settings.judges``.
         llm_cache_dir: the judge's response cache folder.
+        controls_path: where the positive controls' rows go (``controls.parquet``): steering along the
+            unit unembedding vector of each of ``controls.words`` at the features' (median) strength,
+            judged like the features, so a zero success rate of features reads as a finding.
+        lm_judge, lm_model: the ``lm_judge`` section and its model, when ``"lm"`` is among the judges.
 
     Returns the rows table (as written).
     """
@@ -310,7 +354,7 @@ def run_steering(
     directions = sae.unit_decoder_directions()[indices]
     encoder_columns = sae.W_enc.T[indices]
 
-    bridge = load_subject_model(manifest["model"], device=device)
+    bridge = load_subject_model(manifest["model"], device=device, dtype=manifest.get("model_dtype", "float32"))
     resid_rms = None
     if mode == "resid_rms":
         bos_id = bos_token_id(bridge)
@@ -328,13 +372,37 @@ def run_steering(
     texts = steer_features(
         bridge, hook_name, prompts, directions, strengths, settings.new_tokens, sampling, settings.sampling_seed, settings.batch_size, progress=True
     )
-    del bridge
     rows = steering_rows(features, prompts, texts, strengths, settings)
-    if len(rows) and "embedding" in judges:
-        apply_embedding_judge(rows, settings.embedding_threshold, device)
-    if len(rows) and "llm" in judges:
-        apply_llm_judge(rows, client, settings.llm_success_threshold)
+    controls = None
+    if controls_path is not None:
+        words, control_vectors = control_directions(bridge, settings.controls.words)
+        control_strength = float(np.median(strengths)) if len(strengths) else float(settings.fixed_strength)
+        control_strengths = np.full(len(words), control_strength)
+        control_texts = steer_features(bridge, hook_name, prompts, control_vectors, control_strengths, settings.new_tokens, sampling,
+                                       settings.sampling_seed, settings.batch_size)
+        controls = steering_rows(control_features(words), prompts, control_texts, control_strengths, settings)
+    del bridge
+    scorer = None
+    if "lm" in judges:
+        from sae_pipeline.judges.likelihood import LikelihoodScorer, load_causal_lm
+
+        judge = LikelihoodJudgeSettings.from_mapping(lm_judge)
+        if lm_model is None:
+            raise ValueError("steer.judges includes 'lm' but no judge model was given (lm_judge.model or the subject model)")
+        scorer = LikelihoodScorer(*load_causal_lm(lm_model, judge.dtype, judge.threads), token_budget=judge.token_budget)
+    for table in (rows, controls):
+        if table is None or not len(table):
+            continue
+        if "embedding" in judges:
+            apply_embedding_judge(table, settings.embedding_threshold, device)
+        if "llm" in judges:
+            apply_llm_judge(table, client, settings.llm_success_threshold)
+        if "lm" in judges:
+            apply_lm_judge(table, scorer, judge.steering_margin)
     write_dataframe(rows_path, rows)
+    if controls is not None:
+        write_dataframe(controls_path, controls)
+        _log_summary(controls)
     write_dataframe(features_path, feature_summary(rows))
     _log_summary(rows)
     return rows
@@ -343,9 +411,6 @@ def run_steering(
 def _log_summary(rows: pd.DataFrame) -> None:
     for category, group in rows.groupby("category", sort=False):
         logger.info(
-            "%s: %d rows, embedding success %.3f, LLM success %s",
-            category,
-            len(group),
-            float(group["embedding_success"].astype("Float64").mean()) if group["embedding_success"].notna().any() else math.nan,
-            f"{float(group['llm_success'].astype('Float64').mean()):.3f}" if group["llm_success"].notna().any() else "n/a",
+            "%s: %d rows, success rate by judge: %s", category, len(group),
+            {judge: round(float(group[f"{judge}_success"].astype("Float64").mean()), 3) for judge in STEER_JUDGES if group[f"{judge}_success"].notna().any()},
         )

@@ -290,7 +290,7 @@ def _cross_entropy_for(config: TrainSettings, store: ActivationStore, manifest: 
     from sae_pipeline.subject.model import load_subject_model
 
     tokens = torch.from_numpy(store.sequences()[documents].astype(np.int64)).to(device)
-    bridge = load_subject_model(str(manifest["model"]), device)
+    bridge = load_subject_model(str(manifest["model"]), device, dtype=manifest.get("model_dtype", "float32"))
     losses = cross_entropy_losses(bridge, str(manifest["hook_name"]), tokens, saes)
     losses["sequences"] = len(documents)
     return losses

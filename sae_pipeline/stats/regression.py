@@ -36,7 +36,7 @@ from sae_pipeline.layout import reference_condition
 from sae_pipeline.settings import OUTCOME_MODELS, RegressSettings
 from sae_pipeline.stats.intervals import cluster_bootstrap_rate
 
-JUDGE_COLUMNS = {"embedding": ("embedding_success", "embedding_score"), "llm": ("llm_success", "llm_score")}
+JUDGE_COLUMNS = {"embedding": ("embedding_success", "embedding_score"), "llm": ("llm_success", "llm_score"), "lm": ("lm_success", "lm_score")}
 COEFFICIENT_COLUMNS = [
     "outcome_model", "judge", "scope", "term", "estimate", "ci_low", "ci_high", "p_value",
     "pseudo_r2", "pseudo_r2_kind", "n", "n_features", "formula", "message",

@@ -7,13 +7,18 @@ rule autointerp:
         manifest=LAYOUT.cache_manifest(LANGUAGE_MODEL),
         sae_group=lambda wildcards: EXPERIMENT.sae_group_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
         sharedness=LAYOUT.match_file(LANGUAGE_MODEL, "{variant}", "features"),
+        lm_model=lm_judge_inputs(config["autointerp"]["backend"] == "lm"),
     output:
         scores=LAYOUT.autointerp_file("{variant}", "{seed}", "scores"),
         audit=LAYOUT.autointerp_file("{variant}", "{seed}", "audit"),
+        controls=LAYOUT.autointerp_file("{variant}", "{seed}", "controls"),
     params:
         settings=autointerp_settings(),
         sae=lambda wildcards: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
         judge_cache_dir=autointerp_judge_cache_dir() if config["autointerp"]["backend"] == "llm" else None,
+        # the in-process judge's settings only when it is the backend, so they do not rerun other backends' jobs
+        lm_judge=config.get("lm_judge", {}) if config["autointerp"]["backend"] == "lm" else None,
+        lm_model=lm_judge_model_ref() if config["autointerp"]["backend"] == "lm" else None,
     log:
         LAYOUT.log("autointerp", "{variant}", "seed{seed}"),
     threads: config["autointerp"]["threads"]

@@ -40,6 +40,18 @@ def corpus_documents_input():
     return [LAYOUT.corpus_documents()]
 
 
+def lm_judge_model_ref():
+    """The in-process judge's model: lm_judge.model, else the subject model."""
+    return config.get("lm_judge", {}).get("model") or subject_model_ref()
+
+
+def lm_judge_inputs(used):
+    """Rule input for the in-process judge's model (the local subject-model folder) when the judge is used."""
+    if not used or config.get("lm_judge", {}).get("model"):
+        return []
+    return subject_model_input()
+
+
 def autointerp_settings():
     """The autointerp section with only the active backend's subsection, so that settings of the unused
     backend (e.g. the judge endpoint while the offline baseline runs) do not rerun the job."""

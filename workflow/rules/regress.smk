@@ -10,6 +10,7 @@ rule regress:
         lm=input_files(REGRESS_INPUTS),
         digits=input_files(REGRESS_DIGITS_INPUTS),
         digits_summary=[LAYOUT.digits_file("summary")] if REGRESS_DIGITS_INPUTS else [],
+        judge_accuracy=LAYOUT.judge_file("accuracy"),
     output:
         coefficients=regress_output("coefficients"),
         summary=regress_output("summary"),

@@ -9,9 +9,11 @@ rule steer:
         manifest=LAYOUT.cache_manifest(LANGUAGE_MODEL),
         sae_group=lambda wildcards: EXPERIMENT.sae_group_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
         scores=LAYOUT.autointerp_file("{variant}", "{seed}", "scores"),
+        lm_model=lm_judge_inputs("lm" in config["steer"]["judges"]),
     output:
         rows=LAYOUT.steer_file("{variant}", "{seed}", "rows"),
         features=LAYOUT.steer_file("{variant}", "{seed}", "features"),
+        controls=LAYOUT.steer_file("{variant}", "{seed}", "controls"),
     params:
         settings=config["steer"],
         sae=lambda wildcards: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
@@ -19,6 +21,8 @@ rule steer:
         # rerun an embedding-only steering job
         llm=config["autointerp"]["llm"] if "llm" in config["steer"]["judges"] else None,
         judge_cache_dir=autointerp_judge_cache_dir() if "llm" in config["steer"]["judges"] else None,
+        lm_judge=config.get("lm_judge", {}) if "lm" in config["steer"]["judges"] else None,
+        lm_model=lm_judge_model_ref() if "lm" in config["steer"]["judges"] else None,
     log:
         LAYOUT.log("steer", "{variant}", "seed{seed}"),
     threads: 2

@@ -14,4 +14,7 @@ with stage_log(snakemake.log[0], "autointerp"), gpu_slot_for(snakemake):
         snakemake.params.settings,
         judge_cache_dir=snakemake.params.judge_cache_dir,
         threads=snakemake.threads,
+        controls_path=snakemake.output.controls,
+        lm_judge=snakemake.params.lm_judge,
+        lm_model=snakemake.params.lm_model,
     )

@@ -8,4 +8,5 @@ with stage_log(snakemake.log[0], "regress"):
         snakemake.params.settings,
         digits_inputs=snakemake.params.digits_layout,
         digits_summary=snakemake.input.digits_summary[0] if snakemake.input.digits_summary else None,
+        judge_accuracy=snakemake.input.judge_accuracy,
     )

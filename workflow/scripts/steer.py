@@ -12,4 +12,7 @@ with stage_log(snakemake.log[0], "steer"), gpu_slot_for(snakemake):
         snakemake.params.settings,
         llm_settings=snakemake.params.llm,
         llm_cache_dir=snakemake.params.judge_cache_dir,
+        controls_path=snakemake.output.controls,
+        lm_judge=snakemake.params.lm_judge,
+        lm_model=snakemake.params.lm_model,
     )
