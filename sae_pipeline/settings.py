@@ -31,6 +31,7 @@ REGULARIZER_KINDS = ("none", "off_support_l1", "l1_l2_ratio")
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 AUTOCAST_MODES = ("auto", "bf16", "off")
 SPARSE_DECODER_MODES = (True, False, "auto", "kernels")
+NORMALIZE_ACTIVATIONS = ("none", "mean_squared_norm")
 CORPUS_SOURCES = ("wordnet_fortunes", "kjv", "text_files", "hf_dataset")
 SUBJECT_MODEL_SOURCES = ("gguf", "pretrained", "train_local")
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -62,6 +63,7 @@ SCHEMA_ENUMS: dict[tuple[str, str], tuple] = {
     ("train.schema.yaml", "$defs/b_dec_init"): B_DEC_INITS,
     ("train.schema.yaml", "$defs/variant_settings/properties/sparse_decoder"): SPARSE_DECODER_MODES,
     ("train.schema.yaml", "$defs/variant_settings/properties/autocast"): AUTOCAST_MODES,
+    ("train.schema.yaml", "$defs/variant_settings/properties/normalize_activations"): NORMALIZE_ACTIVATIONS,
     ("match.schema.yaml", "properties/solver"): MATCH_SOLVERS,
     ("autointerp.schema.yaml", "properties/backend"): AUTOINTERP_BACKENDS,
     ("autointerp.schema.yaml", "properties/features/properties/selection"): FEATURE_SELECTIONS,
@@ -296,6 +298,7 @@ class TrainSettings(Settings):
     checkpoint_every: int = 500
     device: str = "auto"
     autocast: str = "auto"
+    normalize_activations: str = "none"
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | "TrainSettings" | None, section: str | None = None) -> "TrainSettings":
@@ -322,6 +325,7 @@ class TrainSettings(Settings):
             "b_dec_init": (self.b_dec_init, B_DEC_INITS),
             "autocast": (self.autocast, AUTOCAST_MODES),
             "sparse_decoder": (self.sparse_decoder, SPARSE_DECODER_MODES),
+            "normalize_activations": (self.normalize_activations, NORMALIZE_ACTIVATIONS),
         }
         for key, (value, allowed) in choices.items():
             check_choice("train", key, value, allowed)

@@ -222,3 +222,21 @@ def test_schema_accepts_the_default_section_and_a_digits_style_section_and_names
         broken[path[0]][path[1]] = value
         with pytest.raises(Exception, match=path[1] if path[1] != "autocast" else "fp8"):
             validate(broken, schema)
+
+
+def test_normalized_activations_train_the_same_sae_at_any_scale(tmp_path):
+    """With normalize_activations the SAE trains on x scaled to mean squared norm d_in: a cache 1000x
+    larger gives the same codes, its saved weights carry the factor, and they reconstruct the raw rows."""
+    x, _ = planted_activations(8192, seed=3)
+    settings = {**PLANTED_SETTINGS, "normalize_activations": "mean_squared_norm", "total_tokens": 256 * 120, "holdout_tokens": 512}
+    results = {}
+    for factor in (1.0, 1000.0):
+        cache = write_synthetic_cache(tmp_path / f"cache{factor:g}", (x * factor).astype(np.float32), context_size=16, rows_per_shard=2048)
+        output = tmp_path / f"sae{factor:g}"
+        metrics = train_saes(cache, output, settings, [0], tmp_path / f"state{factor:g}", threads=1, progress=False)
+        results[factor] = (metrics[0], load_sae_arrays(output / "seed0"))
+    (small, small_tensors), (large, large_tensors) = results[1.0], results[1000.0]
+    assert large["activation_scale"] == pytest.approx(small["activation_scale"] / 1000, rel=1e-6)
+    assert large["fvu"] == pytest.approx(small["fvu"], rel=1e-3) and small["fvu"] < 0.2
+    np.testing.assert_allclose(large_tensors["W_enc"], small_tensors["W_enc"] / 1000, rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(large_tensors["W_dec"], small_tensors["W_dec"] * 1000, rtol=1e-3, atol=1e-6)

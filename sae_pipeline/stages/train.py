@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 STATE_NAME = "state.pt"
 EVAL_CHUNK_ROWS = 8192
+# Rows the activation scale of normalize_activations is measured on.
+SCALE_SAMPLE_ROWS = 16384
 CE_BATCH_SEQUENCES = 16
 
 
@@ -162,7 +164,8 @@ def train_saes(
         variant or config.architecture, seeds, config.total_steps, config.batch_size, device,
         loader.epochs, loader.rows_per_epoch, f", resuming at step {start_step}" if state else "",
     )
-    batches = iter(loader)
+    scale = activation_scale(store, config)
+    batches = (batch * scale for batch in loader) if scale != 1.0 else iter(loader)
     first_batch = next(batches) if start_step < config.total_steps else None
     b_dec = None
     if state is None and first_batch is not None:
@@ -216,20 +219,41 @@ def train_saes(
     train_wall = previous_wall + time.perf_counter() - run_started
 
     metrics = _evaluate_and_save(config, store, manifest, cache_dir, output_dir, model, seeds, variant, device,
-                                 curves, train_wall, loader.epochs)
+                                 curves, train_wall, loader.epochs, scale)
     if Path(state_dir).exists():
         shutil.rmtree(state_dir)
     logger.info("train %s done in %.1f s (training %.1f s)", variant, time.perf_counter() - started, train_wall)
     return metrics
 
 
+def activation_scale(store: ActivationStore, config: TrainSettings) -> float:
+    """The factor SAEs see activations multiplied by: 1, or with ``normalize_activations:
+    mean_squared_norm`` ``sqrt(d_in / E||x||^2)`` over the first shard's training rows (at most
+    ``SCALE_SAMPLE_ROWS``), so inputs have mean squared norm d_in whatever the model's scale (weight
+    penalties and learning rates then mean the same on every model). Deterministic, so a resumed
+    run uses the same factor."""
+    if config.normalize_activations == "none":
+        return 1.0
+    rows = store.read_shard(0).training_rows().activations[:SCALE_SAMPLE_ROWS].astype(np.float64)
+    return float(np.sqrt(store.d_model / np.mean(np.square(rows).sum(axis=1))))
+
+
+def fold_activation_scale(tensors: Mapping[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """SAE tensors trained on ``scale * x`` turned into tensors for ``x`` with the same codes:
+    ``W_enc * s``, ``W_dec / s``, ``b_dec / s`` (pre-activations, ``b_enc`` and thresholds unchanged)."""
+    folded = dict(tensors)
+    folded["W_enc"], folded["W_dec"], folded["b_dec"] = tensors["W_enc"] * scale, tensors["W_dec"] / scale, tensors["b_dec"] / scale
+    return folded
+
+
 def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: Mapping[str, Any], cache_dir: str | os.PathLike,
                        output_dir: str | os.PathLike, model: SeedBatchedSAE, seeds: list[int], variant: str, device: str,
-                       curves: list[dict[str, Any]], train_wall: float, epochs: float) -> dict[int, dict[str, Any]]:
-    """Held-out metrics, CE-loss recovered (language model only), then the group folder."""
+                       curves: list[dict[str, Any]], train_wall: float, epochs: float, scale: float = 1.0) -> dict[int, dict[str, Any]]:
+    """Held-out metrics, CE-loss recovered (language model only), then the group folder (tensors for the
+    activations as cached: the activation scale is folded into the weights)."""
     holdout = read_holdout(store, config.holdout_tokens)
     eval_rows = holdout.training_rows().activations
-    all_tensors = [model.inference_tensors(index) for index in range(len(seeds))]
+    all_tensors = [fold_activation_scale(model.inference_tensors(index), scale) for index in range(len(seeds))]
     saes = [inference_sae(config, tensors, device) for tensors in all_tensors]
     mean = torch.from_numpy(eval_rows.astype(np.float64).mean(axis=0))
     reconstruction = [reconstruction_metrics(sae, eval_rows, mean, batch_rows=EVAL_CHUNK_ROWS) for sae in saes]
@@ -263,10 +287,11 @@ def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: 
                 "epochs": epochs,
                 "wall_time_s": train_wall,
                 "seeds_trained_together": len(seeds),
+                "activation_scale": scale,
                 "device": str(device),
             }
             cfg = sae_config(config, manifest, cache_dir, model.d_in, seed, variant,
-                             {"tokens_seen": tokens_seen, "steps": config.total_steps})
+                             {"tokens_seen": tokens_seen, "steps": config.total_steps, "activation_scale": scale})
             save_sae(folder / f"seed{seed}", tensors, cfg, firing_frequency=torch.from_numpy(measured["firing_frequency"]),
                      extra_files={SAE_METRICS: json.dumps(metrics, indent=2) + "\n"})
             results[seed] = metrics
