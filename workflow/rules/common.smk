@@ -52,6 +52,19 @@ def lm_judge_inputs(used):
     return subject_model_input()
 
 
+def measured_judges():
+    """The judges whose accuracy the run measures: the embedding and lm judges it uses anywhere."""
+    used = set(config["steer"]["judges"]) | ({"lm"} if config["autointerp"]["backend"] == "lm" else set())
+    return sorted(used & {"embedding", "lm"})
+
+
+def lm_judge_model_param(used):
+    """Rule param: the in-process judge's model (the input folder when it is one), or None when not used."""
+    if not used:
+        return None
+    return lambda wildcards, input: input.lm_model[0] if input.lm_model else lm_judge_model_ref()
+
+
 def autointerp_settings():
     """The autointerp section with only the active backend's subsection, so that settings of the unused
     backend (e.g. the judge endpoint while the offline baseline runs) do not rerun the job."""

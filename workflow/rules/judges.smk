@@ -2,12 +2,6 @@
 # labelled cases, so the summary states how often its judges are right.
 
 
-def measured_judges():
-    """The judges whose accuracy the run measures: the embedding and lm judges it uses anywhere."""
-    used = set(config["steer"]["judges"]) | ({"lm"} if config["autointerp"]["backend"] == "lm" else set())
-    return sorted(used & {"embedding", "lm"})
-
-
 rule judge_accuracy:
     """Score the run's judges on the held-out labelled cases (detection, ranking, steering comparisons)."""
     input:
@@ -18,7 +12,7 @@ rule judge_accuracy:
         judges=measured_judges(),
         embedding_threshold=config["steer"]["embedding_threshold"],
         lm_judge=config.get("lm_judge", {}) if "lm" in measured_judges() else None,
-        lm_model=lm_judge_model_ref() if "lm" in measured_judges() else None,
+        lm_model=lm_judge_model_param("lm" in measured_judges()),
     log:
         LAYOUT.log("judge_accuracy"),
     threads: 2

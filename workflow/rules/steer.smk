@@ -22,7 +22,7 @@ rule steer:
         llm=config["autointerp"]["llm"] if "llm" in config["steer"]["judges"] else None,
         judge_cache_dir=autointerp_judge_cache_dir() if "llm" in config["steer"]["judges"] else None,
         lm_judge=config.get("lm_judge", {}) if "lm" in config["steer"]["judges"] else None,
-        lm_model=lm_judge_model_ref() if "lm" in config["steer"]["judges"] else None,
+        lm_model=lm_judge_model_param("lm" in config["steer"]["judges"]),
     log:
         LAYOUT.log("steer", "{variant}", "seed{seed}"),
     threads: 2
