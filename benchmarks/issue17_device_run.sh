@@ -23,6 +23,11 @@ for step in $STEPS; do
               --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
     profile) timeout 200 python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,262144 --k 64 --profile --no-sparsify --no-saelens \
               --min-seconds 0.3 2>&1 | tee $OUT/profile.log ;;
+    variants) timeout ${VARIANTS_TIMEOUT:-65} python3 benchmarks/issue17_variants.py --sizes 2304x262144x40,512x16384x40,2304x16384x40 --min-seconds 0.25 \
+              --json $OUT/variants.json --best $OUT/best.txt 2>&1 | tee $OUT/variants.log ;;
+    table2) timeout ${TABLE_TIMEOUT:-150} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --sparsify-path /tmp/sparsify --no-saelens --min-seconds 0.4 --profile --profile-d-sae 16384,262144 $(cat $OUT/best.txt 2>/dev/null) \
+              --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
     quality) timeout ${QUALITY_TIMEOUT:-160} python3 benchmarks/train_quality.py --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality.log ;;
   esac
 done

@@ -52,8 +52,10 @@ def gradient_programs(n_seeds: int, batch: int, k: int, d_sae: int, d_in: int, d
         else:
             want_dec = torch.bmm(codes.transpose(1, 2), dec_dense.double()).float()
             want_enc = torch.bmm(enc_dense.double().transpose(1, 2), grads).float()
+        # bf16 gradients (autocast) are those sums rounded to bf16, as the dense path's bf16 products round them
+        want_dec, want_enc = want_dec.to(grad_dec.dtype).float(), want_enc.to(grad_enc.dtype).float()
         want_statistics = torch.stack([want_dec.square().sum(-1), (want_dec * W_dec).sum(-1), W_dec.square().sum(-1), want_enc.square().sum(1)], -1)
-        print(f"latent_gradients {'bf16   ' if low else 'float32'} d_sae {d_sae} d_in {d_in} k {k}: rel. error W_dec {relative(grad_dec, want_dec):.2e}, "
+        print(f"latent_gradients {'bf16   ' if low else 'float32'} ({str(grad_dec.dtype)[6:]} out) d_sae {d_sae} d_in {d_in} k {k}: rel. error W_dec {relative(grad_dec, want_dec):.2e}, "
               f"W_enc {relative(grad_enc, want_enc):.2e}, statistics {relative(statistics, want_statistics):.2e}; "
               f"finite {bool(torch.isfinite(grad_dec).all() and torch.isfinite(grad_enc).all())}")
 

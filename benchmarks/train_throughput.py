@@ -655,9 +655,22 @@ def main() -> None:
     parser.add_argument("--table-steps", type=int, default=10, help="table mode: timed steps per measurement (at least)")
     parser.add_argument("--table-warmup", type=int, default=3)
     parser.add_argument("--json", help="table mode: write every figure to this file")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a constant of sae_pipeline.sae.kernels.updates first (tuning runs; e.g. GRAD_PROGRAM_COLUMN_BLOCKS=4)")
     parser.add_argument("--worker", choices=["sparsify", "saelens"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-configs", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.set:
+        import ast
+
+        from sae_pipeline.sae.kernels import updates
+
+        for assignment in args.set:
+            name, _, value = assignment.partition("=")
+            if not hasattr(updates, name):
+                parser.error(f"--set: sae_pipeline.sae.kernels.updates has no constant {name}")
+            setattr(updates, name, ast.literal_eval(value))
+        print("set: " + ", ".join(f"{name}={getattr(updates, name)!r}" for name in (part.partition("=")[0] for part in args.set)))
     if args.worker:
         import json
 

@@ -147,6 +147,13 @@ def test_training_with_kernels_equals_dense_autograd_training(backend, aux, cros
         assert torch.allclose(sparse, dense, atol=1e-6, rtol=1e-5)
 
 
+def test_autocast_dtype_follows_autocast():
+    """The sparse path reads autocast's dtype (torch.get_autocast_dtype; the getautocast_dtype spelling is gone from torch 2.11)."""
+    assert sparse_kernels.autocast_dtype("cpu") is None
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        assert sparse_kernels.autocast_dtype("cpu") == torch.bfloat16
+
+
 def test_decoder_mode_resolution():
     def mode(**overrides):
         values = dict(architecture="topk", k=2, d_sae=16, **overrides)
@@ -167,16 +174,21 @@ def _distinct_indices(generator, n_seeds, batch, k, d_sae, heavy=3):
     return torch.stack([torch.stack(row) for row in rows])
 
 
-@pytest.mark.parametrize("low_precision,chunk,dense", [(False, 256, False), (True, 256, False), (False, 24, False), (True, 7, False),
-                                                       (False, 256, True), (True, 256, True)])
-def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, dense, monkeypatch):
+@pytest.mark.parametrize("low_precision,chunk,dense,columns,per_program", [
+    (False, 256, False, 64, 4), (True, 256, False, 64, 4), (False, 24, False, 64, 4), (True, 7, False, 64, 4),
+    (False, 256, True, 64, 4), (True, 256, True, 64, 4), (False, 24, False, 16, 2), (True, 256, False, 16, 1), (False, 7, False, 16, 8)])
+def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, dense, columns, per_program, monkeypatch):
     """Both weight gradients and the per-latent statistics from entries sorted by latent, for two sets of
-    entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low).
+    entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low;
+    on the Triton paths the gradients are then bf16, as the dense path's bf16 products give them).
     Small ``chunk``s split most latent blocks over several work items (partial tiles added in order);
-    ``dense``: past the entries-per-latent crossover the Triton path forms them by products instead."""
+    ``dense``: past the entries-per-latent crossover the Triton path forms them by products instead;
+    ``columns`` 16: d = 70 in 5 column blocks, looped over by programs of ``per_program`` (groups of 2, 2, 1; 5 alone; 1 each)."""
     monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", chunk)
     monkeypatch.setattr(kernel_updates, "GRAD_DENSE_ENTRIES_PER_LATENT", 0 if dense else 12)
     monkeypatch.setattr(kernel_updates, "GRAD_MAX_SLOTS", 4096)
+    monkeypatch.setattr(kernel_updates, "GRAD_COLUMNS", columns)
+    monkeypatch.setattr(kernel_updates, "GRAD_PROGRAM_COLUMN_BLOCKS", per_program)
     generator = torch.Generator().manual_seed(4)
     n_seeds, batch, d_sae, width = 2, 40, 100, 70  # partial latent and column blocks
     sets = [_distinct_indices(generator, n_seeds, batch, 6, d_sae), _distinct_indices(generator, n_seeds, batch, 9, d_sae, heavy=50)]
@@ -197,10 +209,49 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
     # the interpreter rounds to bf16 by truncation; bf16 products round their outputs to bf16
     tolerance = 1e-2 if low_precision and (backend == "triton-interpreter" or dense) else 1e-5
     for name, got, want in (("W_dec", grad_dec, ref_dec), ("W_enc", grad_enc, ref_enc)):
+        assert got.dtype == (torch.bfloat16 if low_precision and backend == "triton-interpreter" else torch.float32), name
+        got = got.float()
         assert got.shape == want.shape and torch.isfinite(got).all(), name
         assert torch.allclose(got, want, rtol=tolerance, atol=tolerance * want.abs().max().item()), name
     want = torch.stack([ref_dec.square().sum(-1), (ref_dec * W_dec).sum(-1), W_dec.square().sum(-1), ref_enc.square().sum(1)], dim=-1)
     assert torch.allclose(statistics, want, rtol=2 * tolerance, atol=2 * tolerance * want.abs().max().item())
+    stored_dec, stored_enc = grad_dec.float(), grad_enc.float()  # the statistics are those of the values returned
+    own = torch.stack([stored_dec.square().sum(-1), (stored_dec * W_dec).sum(-1), W_dec.square().sum(-1), stored_enc.square().sum(1)], dim=-1)
+    assert torch.allclose(statistics, own, rtol=1e-5, atol=1e-5 * own.abs().max().item())
+
+
+@pytest.mark.parametrize("width", [40, 64])
+def test_adam_programs_read_bf16_gradients_as_their_float32_values(width):
+    """The Adam programs given a bf16 gradient (the gradient program's output under autocast) update exactly as
+    with its float32 values (rows of 40 columns: a masked tile of 64)."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    kernel_programs.INTERPRET_ON_CPU = True
+    try:
+        generator = torch.Generator().manual_seed(8)
+        rows = 12
+        start = torch.randn(rows, width, generator=generator)
+        start = start / start.norm(dim=-1, keepdim=True)
+        gradient = torch.randn(rows, width, generator=generator).bfloat16()
+        results = []
+        for given in (gradient, gradient.float()):
+            weights = {"rows": start.clone(), "flat": start.clone()}
+            optimizer = torch.optim.Adam(list(weights.values()), lr=1e-2)
+            lr = torch.tensor(1e-2)
+            for _ in range(2):
+                for weight in weights.values():
+                    kernel_updates._adam_state(optimizer, weight)["step"] += 1
+                kernel_updates._adam_launch("adam_rows", optimizer, weights["rows"], given, None, None, lr, (rows // 2,), rows, rows // 2, width,
+                                            ROWS=2, BLOCK=64, PROJECT=True, NORMALIZE=True)
+                kernel_updates._adam_launch("adam_flat", optimizer, weights["flat"], given, None, None, lr, (-(-rows * width // 128),),
+                                            rows * width, rows * width, BLOCK=128)
+            results.append(weights)
+        for name in ("rows", "flat"):
+            assert torch.equal(results[0][name], results[1][name]), name
+        assert torch.allclose(results[0]["rows"].norm(dim=-1), torch.ones(rows))
+        assert not torch.equal(results[0]["flat"], start)
+    finally:
+        kernel_programs.INTERPRET_ON_CPU = False
 
 
 @pytest.mark.parametrize("unit_norm,clip", [(True, 1.0), (True, 0.01), (False, None)])

@@ -19,8 +19,8 @@ In training (:func:`sparse_adam_step`, used by ``SeedBatchedTrainer`` for top-k 
 two weight gradients are not returned by autograd: the Functions leave the selected entries
 (:class:`DeferredWeightGradients`), which are sorted by latent, and :func:`latent_gradients` forms both
 gradients from them (one-hot tensor-core products over latent blocks; blocks of latents that fired on
-thousands of tokens are split into work items whose partial tiles are added in order), writing every
-element, so no dense ``[B, d_sae]`` code matrix is zero-filled or multiplied, with per-latent statistics
+thousands of tokens are split into work items whose partial tiles are added in order; bf16 under autocast,
+as the dense path's bf16 products give them), writing every element, so no dense ``[B, d_sae]`` code matrix is zero-filled or multiplied, with per-latent statistics
 that give the clipping norm. Two optimizer programs then do the decoder-gradient projection, per-seed
 clipping, Adam, decoder renormalisation and the bf16 weight copies the next forward reads, one pass
 over each weight. (Before this, the transposed products ran as batched matrix products on dense code

@@ -171,54 +171,69 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
     tl.store(out + row * K + rank, columns, mask=chosen)
 
 
-def _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi, global_latents,
-                    columns, column_mask, dense_offset, D, LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr,
-                    LOW_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """Tiles of both weight gradients from the sorted entries ``lo .. hi``: the decoder's ``[LATENTS, COLUMNS]``
-    and the encoder's ``[COLUMNS, LATENTS]`` (its layout in memory, latents contiguous: stored as is, coalesced),
-    products of the entries' one-hot latent matrix (weighted) with their gathered dense rows, ``ENTRIES`` at a
-    time (tensor cores; bf16 operands with ``LOW_PRECISION`` as autocast gives the dense product, float32 ``ieee`` else)."""
-    acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
-    acc_enc = tl.zeros([COLUMNS, LATENTS], dtype=tl.float32)
-    for entry_start in range(lo, hi, ENTRIES):
-        entries = entry_start + tl.arange(0, ENTRIES)
-        entry_mask = entries < hi
-        key = tl.load(keys + entries, mask=entry_mask, other=-1).to(tl.int64)
-        row = tl.load(rows + entries, mask=entry_mask, other=0).to(tl.int64)
-        a = tl.load(decoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
-        c = tl.load(encoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
-        hit = key[:, None] == global_latents[None, :]
-        gather_mask = entry_mask[:, None] & column_mask[None, :]
-        offsets = dense_offset + row[:, None] * D + columns[None, :]
-        dec_rows = tl.load(decoder_dense + offsets, mask=gather_mask, other=0.0)
-        enc_rows = tl.load(encoder_dense + offsets, mask=gather_mask, other=0.0)
-        a_hot = tl.where(hit, a[:, None], 0.0)
-        c_hot = tl.where(hit, c[:, None], 0.0)
-        if LOW_PRECISION and not EMULATE_BF16:
-            acc_dec = tl.dot(tl.trans(a_hot.to(tl.bfloat16)), dec_rows.to(tl.bfloat16), acc_dec)
-            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.bfloat16)), c_hot.to(tl.bfloat16), acc_enc)
-        elif LOW_PRECISION:  # the same products (bf16 x bf16 is exact in float32); Triton's interpreter mis-computes bf16 dots
-            acc_dec = tl.dot(tl.trans(a_hot.to(tl.bfloat16).to(tl.float32)), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
-            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_hot.to(tl.bfloat16).to(tl.float32), acc_enc, input_precision="ieee")
-        else:
-            acc_dec = tl.dot(tl.trans(a_hot), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
-            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_hot, acc_enc, input_precision="ieee")
+def _entry_operands(keys, rows, decoder_weights, encoder_weights, entry_start, hi, global_latents,
+                    ENTRIES: tl.constexpr, LOW_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """The sorted entries ``entry_start ..`` (up to ``ENTRIES``, none from ``hi`` on) as operands of the gradient
+    products: their mask, dense rows, and one-hot latent matrices weighted by their decoder weights (``[LATENTS,
+    ENTRIES]``, transposed for the decoder product) and encoder weights (``[ENTRIES, LATENTS]``); bf16 with
+    ``LOW_PRECISION`` (float32 holding bf16 values with ``EMULATE_BF16``: Triton's interpreter mis-computes bf16 dots)."""
+    entries = entry_start + tl.arange(0, ENTRIES)
+    entry_mask = entries < hi
+    key = tl.load(keys + entries, mask=entry_mask, other=-1).to(tl.int64)
+    row = tl.load(rows + entries, mask=entry_mask, other=0).to(tl.int64)
+    a = tl.load(decoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
+    c = tl.load(encoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
+    hit = key[:, None] == global_latents[None, :]
+    a_hot = tl.where(hit, a[:, None], 0.0)
+    c_hot = tl.where(hit, c[:, None], 0.0)
+    if LOW_PRECISION and not EMULATE_BF16:
+        a_operand = tl.trans(a_hot.to(tl.bfloat16))
+        c_operand = c_hot.to(tl.bfloat16)
+    elif LOW_PRECISION:
+        a_operand = tl.trans(a_hot.to(tl.bfloat16).to(tl.float32))
+        c_operand = c_hot.to(tl.bfloat16).to(tl.float32)
+    else:
+        a_operand = tl.trans(a_hot)
+        c_operand = c_hot
+    return entry_mask, row, a_operand, c_operand
+
+
+def _accumulate_entries(acc_dec, acc_enc, entry_mask, row, a_operand, c_operand, decoder_dense, encoder_dense, columns, column_mask,
+                        dense_offset, D, LOW_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Add to the ``[LATENTS, COLUMNS]`` decoder tile and the ``[COLUMNS, LATENTS]`` encoder tile (its layout in
+    memory, latents contiguous) the products of the entries' one-hot operands (:func:`_entry_operands`) with their
+    gathered dense rows at ``columns`` (tensor cores; bf16 operands as autocast gives the dense product, float32 ``ieee`` else)."""
+    gather_mask = entry_mask[:, None] & column_mask[None, :]
+    offsets = dense_offset + row[:, None] * D + columns[None, :]
+    dec_rows = tl.load(decoder_dense + offsets, mask=gather_mask, other=0.0)
+    enc_rows = tl.load(encoder_dense + offsets, mask=gather_mask, other=0.0)
+    if LOW_PRECISION and not EMULATE_BF16:
+        acc_dec = tl.dot(a_operand, dec_rows.to(tl.bfloat16), acc_dec)
+        acc_enc = tl.dot(tl.trans(enc_rows.to(tl.bfloat16)), c_operand, acc_enc)
+    else:  # float32, or bf16 values held in float32 (bf16 x bf16 is exact in float32)
+        acc_dec = tl.dot(a_operand, dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
+        acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_operand, acc_enc, input_precision="ieee")
     return acc_dec, acc_enc
 
 
 def _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
                           W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents,
                           LATENTS: tl.constexpr, WITH_W_DEC: tl.constexpr):
-    """Store finished tiles (``grad_dec [S, d_sae, D]``, ``grad_enc [S, D, d_sae]``) and their per-latent
-    statistics ``row_statistics[column_block, s * d_sae + i] = (|g_dec|^2, <g_dec, W_dec>, |W_dec|^2, |g_enc|^2)``
+    """Store finished tiles (``grad_dec [S, d_sae, D]``, ``grad_enc [S, D, d_sae]``, float32 or bf16: then rounded
+    as a bf16 product's output is) and their per-latent statistics, of the stored values,
+    ``row_statistics[column_block, s * d_sae + i] = (|g_dec|^2, <g_dec, W_dec>, |W_dec|^2, |g_enc|^2)``
     over these columns (the W_dec terms 0 and 1 without ``WITH_W_DEC``)."""
+    acc_dec = acc_dec.to(grad_dec.dtype.element_ty).to(tl.float32)
+    acc_enc = acc_enc.to(grad_enc.dtype.element_ty).to(tl.float32)
     out_mask = latent_mask[:, None] & column_mask[None, :]
-    tl.store(grad_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], acc_dec, mask=out_mask)
-    tl.store(grad_enc + seed * D * d_sae + columns[:, None] * d_sae + latents[None, :], acc_enc, mask=column_mask[:, None] & latent_mask[None, :])
     statistics = row_statistics + (column_block * total_latents + global_latents) * 4
+    if WITH_W_DEC:  # issued first: its latency overlaps the stores
+        w = tl.load(W_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(grad_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], acc_dec.to(grad_dec.dtype.element_ty), mask=out_mask)
+    tl.store(grad_enc + seed * D * d_sae + columns[:, None] * d_sae + latents[None, :], acc_enc.to(grad_enc.dtype.element_ty),
+             mask=column_mask[:, None] & latent_mask[None, :])
     tl.store(statistics, tl.sum(acc_dec * acc_dec, axis=1), mask=latent_mask)
     if WITH_W_DEC:
-        w = tl.load(W_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], mask=out_mask, other=0.0).to(tl.float32)
         tl.store(statistics + 1, tl.sum(acc_dec * w, axis=1), mask=latent_mask)
         tl.store(statistics + 2, tl.sum(w * w, axis=1), mask=latent_mask)
     else:
@@ -229,22 +244,24 @@ def _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_l
 
 def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, segments, keys, rows, decoder_weights, encoder_weights,
                               decoder_dense, encoder_dense, W_dec, grad_dec, grad_enc, row_statistics, partial_dec, partial_enc,
-                              d_sae, D, n_rows, total_latents, total_blocks,
+                              d_sae, D, n_rows, total_latents, total_blocks, n_column_blocks,
                               LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr, CHUNK: tl.constexpr,
-                              LOW_PRECISION: tl.constexpr, WITH_W_DEC: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """One program per (work item, block of ``COLUMNS`` columns of d): both weight gradients of a block of
-    ``LATENTS`` latents from up to ``CHUNK`` of its entries (sorted by latent; ``segments`` marks each
-    latent's range), so a block whose latents fired on thousands of tokens is shared by several items:
+                              COLUMN_BLOCKS: tl.constexpr, LOW_PRECISION: tl.constexpr, WITH_W_DEC: tl.constexpr,
+                              EMULATE_BF16: tl.constexpr):
+    """One program per (work item, group of ``COLUMN_BLOCKS`` blocks of ``COLUMNS`` columns of d): both weight
+    gradients of a block of ``LATENTS`` latents from up to ``CHUNK`` of its entries (sorted by latent; ``segments``
+    marks each latent's range), so a block whose latents fired on thousands of tokens is shared by several items:
 
     - ``grad_dec[s, i] = sum_e decoder_weights[e] * decoder_dense[s, rows[e]]`` (layout ``[S, d_sae, D]``),
     - ``grad_enc[s, :, i] = sum_e encoder_weights[e] * encoder_dense[s, rows[e]]`` (layout ``[S, D, d_sae]``).
 
-    A block of one item stores its tiles (every element, so nothing is zero-filled first) and statistics;
-    the items of a shared block store partial tiles in ``partial_*[block_slot[block] + chunk]`` (``[LATENTS, D]``
-    for the decoder, ``[D, LATENTS]`` for the encoder), which
-    :func:`_combine_gradients_program` adds in order (deterministic: no atomics)."""
+    The program loads its first ``ENTRIES`` entries and builds their one-hot operands once, then loops over its
+    column blocks (further entries, if any, are loaded in each). A block of one item stores its tiles (every
+    element, so nothing is zero-filled first) and statistics; the items of a shared block store partial tiles in
+    ``partial_*[block_slot[block] + chunk]`` (``[LATENTS, D]`` for the decoder, ``[D, LATENTS]`` for the encoder),
+    which :func:`_combine_gradients_program` adds in order (deterministic: no atomics)."""
     item = tl.program_id(0)
-    column_block = tl.program_id(1).to(tl.int64)
+    group = tl.program_id(1)
     block = tl.load(item_block + item).to(tl.int64)
     if block < total_blocks:
         chunk = tl.load(item_chunk + item)
@@ -254,52 +271,63 @@ def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, s
         latents = first + tl.arange(0, LATENTS)
         latent_mask = latents < d_sae
         global_latents = seed * d_sae + latents
-        columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
-        column_mask = columns < D
         start = tl.load(segments + seed * d_sae + first)
         end = tl.load(segments + seed * d_sae + tl.minimum(first + LATENTS, d_sae))
         lo = start + chunk * CHUNK
         hi = tl.minimum(end, lo + CHUNK)
-        acc_dec, acc_enc = _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi,
-                                           global_latents, columns, column_mask, seed * n_rows * D, D,
-                                           LATENTS, ENTRIES, COLUMNS, LOW_PRECISION, EMULATE_BF16)
-        if tl.load(block_items + block) == 1:
-            _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
-                                  W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
-        else:
-            slot = (tl.load(block_slot + block) + chunk).to(tl.int64)
-            tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
-            tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
-            tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
-            tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
-
-
-def _combine_gradients_program(item_block, item_chunk, block_items, block_slot, W_dec, grad_dec, grad_enc, row_statistics,
-                               partial_dec, partial_enc, d_sae, D, total_latents, total_blocks,
-                               LATENTS: tl.constexpr, COLUMNS: tl.constexpr, WITH_W_DEC: tl.constexpr):
-    """For each block shared by several work items (its first item's program): the sum of their partial
-    tiles, in item order, stored with its statistics as :func:`_latent_gradients_program` stores a whole block."""
-    item = tl.program_id(0)
-    column_block = tl.program_id(1).to(tl.int64)
-    block = tl.load(item_block + item).to(tl.int64)
-    if block < total_blocks:
-        n_items = tl.load(block_items + block)
-        if (tl.load(item_chunk + item) == 0) & (n_items > 1):
-            n_blocks = tl.cdiv(d_sae, LATENTS)
-            seed = block // n_blocks
-            latents = (block % n_blocks) * LATENTS + tl.arange(0, LATENTS)
+        dense_offset = seed * n_rows * D
+        entry_mask, row, a_operand, c_operand = _entry_operands(keys, rows, decoder_weights, encoder_weights, lo, hi, global_latents,
+                                                                ENTRIES, LOW_PRECISION, EMULATE_BF16)
+        alone = tl.load(block_items + block) == 1
+        slot = (tl.load(block_slot + block) + chunk).to(tl.int64)
+        first_column_block = group.to(tl.int64) * COLUMN_BLOCKS  # int64 bounds: an int64 loop index, so columns * d_sae cannot overflow
+        for column_block in range(first_column_block, tl.minimum(first_column_block + COLUMN_BLOCKS, n_column_blocks)):
             columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
             column_mask = columns < D
-            first_slot = tl.load(block_slot + block).to(tl.int64)
             acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
             acc_enc = tl.zeros([COLUMNS, LATENTS], dtype=tl.float32)
-            for part in range(0, n_items):
-                tile = (first_slot + part) * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
-                acc_dec += tl.load(partial_dec + tile, mask=column_mask[None, :], other=0.0)
-                tile_t = (first_slot + part) * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
-                acc_enc += tl.load(partial_enc + tile_t, mask=column_mask[:, None], other=0.0)
-            _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latents < d_sae, seed * d_sae + latents, columns, column_mask,
-                                  column_block, W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
+            acc_dec, acc_enc = _accumulate_entries(acc_dec, acc_enc, entry_mask, row, a_operand, c_operand, decoder_dense, encoder_dense,
+                                                   columns, column_mask, dense_offset, D, LOW_PRECISION, EMULATE_BF16)
+            for entry_start in range(lo + ENTRIES, hi, ENTRIES):
+                more_mask, more_rows, more_a, more_c = _entry_operands(keys, rows, decoder_weights, encoder_weights, entry_start, hi,
+                                                                       global_latents, ENTRIES, LOW_PRECISION, EMULATE_BF16)
+                acc_dec, acc_enc = _accumulate_entries(acc_dec, acc_enc, more_mask, more_rows, more_a, more_c, decoder_dense, encoder_dense,
+                                                       columns, column_mask, dense_offset, D, LOW_PRECISION, EMULATE_BF16)
+            if alone:
+                _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
+                                      W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
+            else:
+                tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+                tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
+                tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+                tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
+
+
+def _combine_gradients_program(shared_blocks, block_items, block_slot, W_dec, grad_dec, grad_enc, row_statistics,
+                               partial_dec, partial_enc, d_sae, D, total_latents, total_blocks,
+                               LATENTS: tl.constexpr, COLUMNS: tl.constexpr, WITH_W_DEC: tl.constexpr):
+    """One program per (block shared by several work items, listed in ``shared_blocks``; entries from
+    ``total_blocks`` on mark unused programs) and column block: the sum of the items' partial tiles, in item
+    order, stored with its statistics as :func:`_latent_gradients_program` stores a whole block."""
+    block = tl.load(shared_blocks + tl.program_id(0)).to(tl.int64)
+    column_block = tl.program_id(1).to(tl.int64)
+    if block < total_blocks:
+        n_items = tl.load(block_items + block)
+        n_blocks = tl.cdiv(d_sae, LATENTS)
+        seed = block // n_blocks
+        latents = (block % n_blocks) * LATENTS + tl.arange(0, LATENTS)
+        columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+        column_mask = columns < D
+        first_slot = tl.load(block_slot + block).to(tl.int64)
+        acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
+        acc_enc = tl.zeros([COLUMNS, LATENTS], dtype=tl.float32)
+        for part in range(0, n_items):
+            tile = (first_slot + part) * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+            acc_dec += tl.load(partial_dec + tile, mask=column_mask[None, :], other=0.0)
+            tile_t = (first_slot + part) * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+            acc_enc += tl.load(partial_enc + tile_t, mask=column_mask[:, None], other=0.0)
+        _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latents < d_sae, seed * d_sae + latents, columns, column_mask,
+                              column_block, W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
 
 
 def _adam_moments(w, g, m, v, step_size, bias_correction2_sqrt, beta1, beta2, eps):
@@ -323,14 +351,14 @@ def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per
     """Adam on whole rows of ``W [S*rows_per_seed, D]`` (the decoder), ``ROWS`` rows per program: with ``PROJECT``
     the gradient's component along its (unit-norm) row is removed first, with ``CLIP`` it is scaled by
     ``clip_scale[seed]``, and with ``NORMALIZE`` the updated row is rescaled to unit norm; ``LOW_COPY`` also
-    writes the row in bf16 to ``W_low`` (what the next step reads)."""
+    writes the row in bf16 to ``W_low`` (what the next step reads). ``G`` may be bf16 (read as float32)."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     columns = tl.arange(0, BLOCK)
     mask = row_mask[:, None] & (columns < D)[None, :]
     offsets = rows[:, None] * D + columns[None, :]
     w = tl.load(W + offsets, mask=mask, other=0.0)
-    g = tl.load(G + offsets, mask=mask, other=0.0)
+    g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
     if PROJECT:
         direction = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
         g = g - tl.sum(g * direction, axis=1)[:, None] * direction
@@ -351,12 +379,12 @@ def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per
 
 def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
                        BLOCK: tl.constexpr, CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
-    """Elementwise Adam over ``W`` (``per_seed`` elements a seed), the gradient scaled by ``clip_scale[seed]``
-    with ``CLIP``; ``LOW_COPY`` also writes the result in bf16 to ``W_low``."""
+    """Elementwise Adam over ``W`` (``per_seed`` elements a seed), the gradient (float32 or bf16) scaled by
+    ``clip_scale[seed]`` with ``CLIP``; ``LOW_COPY`` also writes the result in bf16 to ``W_low``."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     w = tl.load(W + offsets, mask=mask, other=0.0)
-    g = tl.load(G + offsets, mask=mask, other=0.0)
+    g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
     if CLIP:
         g = g * tl.load(clip_scale + offsets // per_seed, mask=mask, other=1.0)
     step_size, bias_correction2_sqrt = _adam_scalars(lr, step, log2_beta1, log2_beta2)
@@ -381,7 +409,7 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     # The interpreter runs helpers as plain Python (with triton.language patched); compiled programs need them jitted.
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
                for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
-                            "_gradient_tiles", "_store_gradient_tiles")}
+                            "_entry_operands", "_accumulate_entries", "_store_gradient_tiles")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program),
                  ("latent_gradients", _latent_gradients_program), ("combine_gradients", _combine_gradients_program),

@@ -16,21 +16,32 @@ from sae_pipeline.sae.kernels.ops import DeferredWeightGradients
 from sae_pipeline.sae.kernels.programs import triton
 
 
-# Latent-sorted weight gradients: latents per block, entries per product, columns of d per program (wider
-# from GRAD_WIDE_D on), entries per work item (at least; more when there are many entries, so that the
-# partial tiles of shared blocks need at most GRAD_MAX_SLOTS slots).
+# Latent-sorted weight gradients: latents per block, entries per product, columns of d per block (wider from
+# GRAD_WIDE_D on), column blocks one program loops over at most (its first entries' one-hot operands built once),
+# entries per work item (at least; more when there are many entries, so that the partial tiles of shared blocks
+# need at most GRAD_MAX_SLOTS slots), warps per program (None: 8 for 128-column blocks, else 4).
+# 4 column blocks and 32 entries per product: on the H200 (benchmarks/ISSUE17_NOTES.md, round 2) the program took
+# 5.04 ms in the 262,144 x 2304 step (5.37 with one column block and 64 entries, float32 stores), but 0.28 and
+# 1.12 ms at 16,384 latents (d_in 512 / 2304; 0.19 and 0.83 before): blocks there hold ~320 entries.
 GRAD_LATENTS = 32
-GRAD_ENTRIES = 64
+GRAD_ENTRIES = 32
 GRAD_COLUMNS = 64
 GRAD_WIDE_D = 512
+GRAD_PROGRAM_COLUMN_BLOCKS = 4
 GRAD_CHUNK = 256
 GRAD_MAX_SLOTS = 1024
+GRAD_WARPS = None
+# Under bf16 autocast the weight gradients are stored in bf16, rounded as the dense path's bf16 products round
+# them (half the bytes written by the gradient program and read by Adam); float32 else, or when this is off.
+GRAD_STORE_LOW_PRECISION = True
 # Past this many entries per latent (per seed) the weight gradients are two dense products instead: on the
 # H200 the sparse program costs ~2e-12 s per entry and column of d, the bf16 products ~5.7e-15 s per
 # B * d_sae * d (cuBLAS at ~700 TFLOP/s), equal at ~12 entries per latent for B = 4096 (top-k k=40 at 16k
 # latents: 0.19 ms sparse vs 0.25 dense; an AuxK step's 512 extra entries per token favour the products below ~190k latents).
 GRAD_DENSE_ENTRIES_PER_LATENT = 12
-# Adam over decoder rows: at most this many elements (rows x next_power_of_2(d)) per program.
+# Adam over decoder rows: at most this many elements (rows x next_power_of_2(d)) per program. (A row of 2304 held
+# as a head of 2048 and a tail of 256 instead of one tile of 4096 was slower on the H200: 5.58 ms vs 4.79 at
+# 262,144 x 2304, 4.93 with 4 warps; benchmarks/ISSUE17_NOTES.md, round 2.)
 ADAM_ROW_ELEMENTS = 4096
 ADAM_BLOCK = 2048
 
@@ -68,7 +79,7 @@ def _entry_constants(n_seeds: int, batch: int, ks: tuple[int, ...], d_sae: int, 
 
 def _dense_latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Tensor, encoder_weights: torch.Tensor,
                             decoder_dense: torch.Tensor, encoder_dense: torch.Tensor, W_dec: torch.Tensor, operand_dtype: torch.dtype,
-                            with_W_dec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            gradient_dtype: torch.dtype, with_W_dec: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`latent_gradients` as two batched products on the entries scattered into a dense ``[S, R, d_sae]``
     code matrix (in ``operand_dtype``, as autocast gives the dense path), for steps with many entries per latent."""
     n_seeds, d_sae, width = W_dec.shape
@@ -77,26 +88,26 @@ def _dense_latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: t
     latents = keys - seeds * d_sae
     codes = torch.zeros(n_seeds, decoder_dense.shape[1], d_sae, dtype=operand_dtype, device=W_dec.device)
     codes[seeds, rows, latents] = decoder_weights.to(operand_dtype)
-    grad_dec = torch.bmm(codes.transpose(1, 2), decoder_dense).float()
+    grad_dec = torch.bmm(codes.transpose(1, 2), decoder_dense).to(gradient_dtype)
     codes[seeds, rows, latents] = encoder_weights.to(operand_dtype)  # the same positions: every entry is overwritten
-    grad_enc = torch.bmm(encoder_dense.transpose(1, 2), codes).float()
-    weights = W_dec.float()
+    grad_enc = torch.bmm(encoder_dense.transpose(1, 2), codes).to(gradient_dtype)
+    weights, dec, enc = W_dec.float(), grad_dec.float(), grad_enc.float()
     statistics = torch.stack([
-        grad_dec.square().sum(-1),
-        (grad_dec * weights).sum(-1) if with_W_dec else torch.zeros(n_seeds, d_sae, device=W_dec.device),
+        dec.square().sum(-1),
+        (dec * weights).sum(-1) if with_W_dec else torch.zeros(n_seeds, d_sae, device=W_dec.device),
         weights.square().sum(-1) if with_W_dec else torch.ones(n_seeds, d_sae, device=W_dec.device),
-        grad_enc.square().sum(1),
+        enc.square().sum(1),
     ], dim=-1)
     return grad_dec, grad_enc, statistics
 
 
 @functools.lru_cache(maxsize=16)
-def _block_bounds(n_seeds: int, d_sae: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices into the segments of each latent block's first latent and of the latent after its last."""
-    blocks = torch.arange(n_seeds * triton.cdiv(d_sae, GRAD_LATENTS), device=device)
-    per_seed = triton.cdiv(d_sae, GRAD_LATENTS)
-    seed, first = blocks // per_seed, (blocks % per_seed) * GRAD_LATENTS
-    return seed * d_sae + first, seed * d_sae + (first + GRAD_LATENTS).clamp(max=d_sae)
+def _block_bounds(n_seeds: int, d_sae: int, latents: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the segments of each block of ``latents`` latents' first latent and of the latent after its last."""
+    blocks = torch.arange(n_seeds * triton.cdiv(d_sae, latents), device=device)
+    per_seed = triton.cdiv(d_sae, latents)
+    seed, first = blocks // per_seed, (blocks % per_seed) * latents
+    return seed * d_sae + first, seed * d_sae + (first + latents).clamp(max=d_sae)
 
 
 def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_entries: int) -> dict:
@@ -104,7 +115,7 @@ def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_ent
     ``chunk`` entries (one item for an empty block). Static sizes (for CUDA graphs): ``capacity`` items,
     those past the real count marked by block ``total_blocks``; ``slots`` partial tiles for shared blocks."""
     chunk = max(GRAD_CHUNK, triton.next_power_of_2(triton.cdiv(n_entries, GRAD_MAX_SLOTS // 2)))
-    first, after = _block_bounds(n_seeds, d_sae, segments.device)
+    first, after = _block_bounds(n_seeds, d_sae, GRAD_LATENTS, segments.device)
     total_blocks = first.numel()
     counts = (segments[after] - segments[first]).long()
     n_items = ((counts + chunk - 1) // chunk).clamp_min(1)
@@ -114,9 +125,20 @@ def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_ent
     item_block = torch.searchsorted(inclusive, items, right=True)
     item_chunk = items - (inclusive - n_items)[item_block.clamp(max=total_blocks - 1)]
     shared = torch.where(n_items > 1, n_items, 0)
+    # A shared block has > chunk entries, so at most n_entries // chunk blocks are shared: the combining
+    # program runs over a list of that length (the j-th shared block, or total_blocks past the last).
+    max_shared = max(1, min(total_blocks, n_entries // chunk))
+    shared_rank = (n_items > 1).cumsum(0)
+    shared_blocks = torch.searchsorted(shared_rank, _counting(max_shared, segments.device))
     return {"item_block": item_block.to(torch.int32), "item_chunk": item_chunk.to(torch.int32), "block_items": n_items.to(torch.int32),
-            "block_slot": (shared.cumsum(0) - shared).to(torch.int32), "capacity": capacity, "total_blocks": total_blocks,
-            "chunk": chunk, "slots": max(1, 2 * triton.cdiv(n_entries, chunk))}  # a shared block has > chunk entries
+            "block_slot": (shared.cumsum(0) - shared).to(torch.int32), "shared_blocks": shared_blocks.to(torch.int32),
+            "capacity": capacity, "total_blocks": total_blocks, "chunk": chunk, "slots": max(1, 2 * triton.cdiv(n_entries, chunk))}
+
+
+@functools.lru_cache(maxsize=16)
+def _counting(n: int, device: torch.device) -> torch.Tensor:
+    """``1 .. n`` (int64)."""
+    return torch.arange(1, n + 1, device=device)
 
 
 def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Tensor, encoder_weights: torch.Tensor,
@@ -126,9 +148,11 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
 
     ``entries`` from :func:`sort_entries_by_latent`; ``decoder_weights`` / ``encoder_weights`` (float32, in
     the sorted order) weigh the rows ``decoder_dense[s, rows[e]]`` / ``encoder_dense[s, rows[e]]`` (``[S, R, d]``).
-    Returns float32 ``grad_dec [S, d_sae, d]``, ``grad_enc [S, d, d_sae]`` and per-latent statistics
-    ``[S, d_sae, 4]``: ``|grad_dec row|^2``, ``<grad_dec row, W_dec row>``, ``|W_dec row|^2`` (the last two
-    0 and 1 without ``with_W_dec``) and ``|grad_enc column|^2``.
+    Returns ``grad_dec [S, d_sae, d]``, ``grad_enc [S, d, d_sae]`` (bf16 with ``low_precision`` on the Triton
+    paths while ``GRAD_STORE_LOW_PRECISION``, rounded as the dense path's bf16 products round them; float32 else)
+    and float32 per-latent statistics of those values ``[S, d_sae, 4]``: ``|grad_dec row|^2``,
+    ``<grad_dec row, W_dec row>``, ``|W_dec row|^2`` (the last two 0 and 1 without ``with_W_dec``) and
+    ``|grad_enc column|^2``.
 
     On CUDA (or Triton's interpreter) one program per work item (a block of latents, or part of one) and block
     of columns, or, past ``GRAD_DENSE_ENTRIES_PER_LATENT`` entries per latent (an AuxK step at moderate widths),
@@ -137,8 +161,10 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     operand_dtype = torch.bfloat16 if low_precision else torch.float32
     decoder_dense = decoder_dense.to(operand_dtype).contiguous()
     encoder_dense = encoder_dense.to(operand_dtype).contiguous()
+    gradient_dtype = torch.bfloat16 if low_precision and GRAD_STORE_LOW_PRECISION else torch.float32
     if programs.triton_usable(W_dec) and entries["keys"].numel() > GRAD_DENSE_ENTRIES_PER_LATENT * n_seeds * d_sae:
-        return _dense_latent_gradients(entries, decoder_weights, encoder_weights, decoder_dense, encoder_dense, W_dec, operand_dtype, with_W_dec)
+        return _dense_latent_gradients(entries, decoder_weights, encoder_weights, decoder_dense, encoder_dense, W_dec, operand_dtype,
+                                       gradient_dtype, with_W_dec)
     if not programs.triton_usable(W_dec):
         seeds = entries["keys"].long() // d_sae
         gathered = (seeds * decoder_dense.shape[1] + entries["rows"].long())
@@ -157,22 +183,24 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
         return grad_dec, grad_enc, statistics
     columns = min(GRAD_COLUMNS * (2 if width >= GRAD_WIDE_D else 1), max(16, triton.next_power_of_2(width)))
     column_blocks = triton.cdiv(width, columns)
+    groups = triton.cdiv(column_blocks, max(1, GRAD_PROGRAM_COLUMN_BLOCKS))
+    per_program = triton.cdiv(column_blocks, groups)  # the groups as even as they come
     items = _gradient_work_items(entries["segments"], n_seeds, d_sae, entries["keys"].numel())
-    grad_dec = torch.empty(n_seeds, d_sae, width, dtype=torch.float32, device=W_dec.device)
-    grad_enc = torch.empty(n_seeds, width, d_sae, dtype=torch.float32, device=W_dec.device)
+    grad_dec = torch.empty(n_seeds, d_sae, width, dtype=gradient_dtype, device=W_dec.device)
+    grad_enc = torch.empty(n_seeds, width, d_sae, dtype=gradient_dtype, device=W_dec.device)
     statistics = torch.empty(column_blocks, n_seeds * d_sae, 4, dtype=torch.float32, device=W_dec.device)
     partial_dec = torch.empty(items["slots"], GRAD_LATENTS, width, dtype=torch.float32, device=W_dec.device)
     partial_enc = torch.empty_like(partial_dec)
-    grid = (items["capacity"], column_blocks)
-    work = (items["item_block"], items["item_chunk"], items["block_items"], items["block_slot"])
-    warps = 8 if columns >= 128 else 4
-    programs.launch("latent_gradients", grid, *work, entries["segments"], entries["keys"], entries["rows"], decoder_weights.float().contiguous(),
+    warps = GRAD_WARPS or (8 if columns >= 128 else 4)
+    programs.launch("latent_gradients", (items["capacity"], groups), items["item_block"], items["item_chunk"], items["block_items"],
+            items["block_slot"], entries["segments"], entries["keys"], entries["rows"], decoder_weights.float().contiguous(),
             encoder_weights.float().contiguous(), decoder_dense, encoder_dense, W_dec.contiguous(), grad_dec, grad_enc, statistics,
-            partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1], n_seeds * d_sae, items["total_blocks"],
-            LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"], LOW_PRECISION=low_precision,
-            WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
-    programs.launch("combine_gradients", grid, *work, W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc,
-            d_sae, width, n_seeds * d_sae, items["total_blocks"], LATENTS=GRAD_LATENTS, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
+            partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1], n_seeds * d_sae, items["total_blocks"], column_blocks,
+            LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"], COLUMN_BLOCKS=per_program,
+            LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
+    programs.launch("combine_gradients", (items["shared_blocks"].numel(), column_blocks), items["shared_blocks"], items["block_items"],
+            items["block_slot"], W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, n_seeds * d_sae,
+            items["total_blocks"], LATENTS=GRAD_LATENTS, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
     return grad_dec, grad_enc, statistics.sum(dim=0).view(n_seeds, d_sae, 4)
 
 
@@ -199,6 +227,27 @@ def _adam_launch(name: str, optimizer: torch.optim.Optimizer, parameter: torch.T
             CLIP=clip_scale is not None, LOW_COPY=low_copy is not None, **meta)
 
 
+def deferred_operands(deferred: DeferredWeightGradients, W_dec: torch.Tensor) -> tuple:
+    """The first five arguments of :func:`latent_gradients` from a step's records: the entries of every record
+    sorted by latent, the per-entry decoder and encoder weights in that order, and the dense operands stacked
+    along the rows (record p's rows p*B ..; zeros for a record whose backward left none)."""
+    records = deferred.records
+    n_seeds, d_sae, width = W_dec.shape
+    entries = sort_entries_by_latent([record["indices"] for record in records], d_sae)
+    batch = records[0]["indices"].shape[1]
+
+    def stacked(key: str, per_record: Callable[[dict], torch.Tensor], missing: Callable[[dict], torch.Tensor]) -> torch.Tensor:
+        parts = [per_record(record) if key in record else missing(record) for record in records]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    per_entry = [stacked(key, lambda record, key=key: record[key].reshape(n_seeds, -1).float(),
+                         lambda record: torch.zeros(n_seeds, record["indices"][0].numel(), device=W_dec.device)).reshape(-1)[entries["order"]]
+                 for key in ("decoder_weights", "encoder_weights")]
+    decoder_dense, encoder_dense = (stacked(key, lambda record, key=key: record[key], lambda record: torch.zeros(n_seeds, batch, width, device=W_dec.device))
+                                    for key in ("decoder_dense", "encoder_dense"))
+    return entries, *per_entry, decoder_dense, encoder_dense
+
+
 @torch.no_grad()
 def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightGradients, W_enc: torch.Tensor, W_dec: torch.Tensor,
                      b_enc: torch.Tensor, b_dec: torch.Tensor, low_copies: tuple[torch.Tensor, torch.Tensor] | None,
@@ -222,22 +271,8 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
         raise ValueError("sparse_adam_step implements plain Adam (no weight decay, amsgrad or maximize)")
     records = deferred.records
     n_seeds, d_sae, width = W_dec.shape
-    entries = sort_entries_by_latent([record["indices"] for record in records], d_sae)
-
-    batch = records[0]["indices"].shape[1]
-
-    def stacked(key: str, per_record: Callable[[dict], torch.Tensor], missing: Callable[[dict], torch.Tensor]) -> torch.Tensor:
-        parts = [per_record(record) if key in record else missing(record) for record in records]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-    # Per-entry weights in the sorted order; dense operands stacked along the rows (record p's rows p*B..).
-    per_entry = [stacked(key, lambda record, key=key: record[key].reshape(n_seeds, -1).float(),
-                         lambda record: torch.zeros(n_seeds, record["indices"][0].numel(), device=W_dec.device)).reshape(-1)[entries["order"]]
-                 for key in ("decoder_weights", "encoder_weights")]
-    decoder_dense, encoder_dense = (stacked(key, lambda record, key=key: record[key], lambda record: torch.zeros(n_seeds, batch, width, device=W_dec.device))
-                                    for key in ("decoder_dense", "encoder_dense"))
-    grad_dec, grad_enc, statistics = latent_gradients(entries, *per_entry, decoder_dense, encoder_dense, W_dec,
-                                                      deferred.low_precision, with_W_dec=unit_norm_decoder)
+    grad_dec, grad_enc, statistics = latent_gradients(*deferred_operands(deferred, W_dec), W_dec, deferred.low_precision,
+                                                      with_W_dec=unit_norm_decoder)
     grad_b_enc = b_enc.grad if b_enc.grad is not None else torch.zeros_like(b_enc)
     grad_b_dec = b_dec.grad if b_dec.grad is not None else torch.zeros_like(b_dec)
     clip_scale = None
@@ -267,6 +302,6 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
                  num_warps=8 if block >= 2048 else 4)
     for parameter, gradient, low in ((W_enc, grad_enc, low_enc), (b_enc, grad_b_enc, None), (b_dec, grad_b_dec, None)):
         numel = parameter.numel()
-        _adam_launch("adam_flat", optimizer, parameter, gradient.float(), low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
+        _adam_launch("adam_flat", optimizer, parameter, gradient, low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
                      numel, numel // n_seeds, BLOCK=ADAM_BLOCK)
     records.clear()
