@@ -94,7 +94,6 @@ def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) ->
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """The dtype autocast gives matrix products on this device now, or None when it is off."""
-    # torch.get_autocast_dtype since torch 2.4 (the getautocast_dtype spelling is gone from newer releases)
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
