@@ -1,8 +1,8 @@
 import os
 
-from sae_pipeline.stages.autointerp import run_autointerp
 from sae_pipeline.runtime.gpu_slots import gpu_slot_for
 from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.autointerp import run_autointerp
 
 with stage_log(snakemake.log[0], "autointerp"), gpu_slot_for(snakemake):
     run_autointerp(

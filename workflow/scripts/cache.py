@@ -1,6 +1,6 @@
-from sae_pipeline.stages.cache import cache_activations
 from sae_pipeline.runtime.gpu_slots import gpu_slot_for
 from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.cache import cache_activations
 
 with stage_log(snakemake.log[0], "cache"), gpu_slot_for(snakemake):
     cache_activations(

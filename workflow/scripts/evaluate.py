@@ -1,8 +1,8 @@
 from pathlib import Path
 
-from sae_pipeline.stages.evaluate import run_evaluation
 from sae_pipeline.runtime.gpu_slots import gpu_slot_for
 from sae_pipeline.runtime.logs import stage_log
+from sae_pipeline.stages.evaluate import run_evaluation
 
 with stage_log(snakemake.log[0], "evaluate"), gpu_slot_for(snakemake):
     run_evaluation(

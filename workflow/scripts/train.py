@@ -1,7 +1,3 @@
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: spinning OpenMP threads stall badly on a busy machine
-
 from pathlib import Path
 
 from sae_pipeline.runtime.gpu_slots import gpu_slot_for
