@@ -47,6 +47,13 @@ def load_causal_lm(model_ref: str, dtype: str = "float32", threads: int | None =
     return model, AutoTokenizer.from_pretrained(model_ref)
 
 
+def likelihood_scorer(settings: Any, model_ref: str | None) -> "LikelihoodScorer":
+    """The scorer of the ``lm_judge`` settings (:class:`~sae_pipeline.settings.LikelihoodJudgeSettings`) on ``model_ref``."""
+    if model_ref is None:
+        raise ValueError("the lm judge needs its model (lm_judge.model, or the subject model)")
+    return LikelihoodScorer(*load_causal_lm(model_ref, settings.dtype, settings.threads), token_budget=settings.token_budget)
+
+
 def _cache_argument(module: Any) -> str:
     """The keyword a transformers module takes its key/value cache under (``cache`` from 5.24 on)."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"

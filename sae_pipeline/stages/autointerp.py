@@ -228,13 +228,10 @@ def scores_table(records: Sequence[_FeatureRecord], sharedness: pd.DataFrame | N
 def likelihood_backend(lm_judge: LikelihoodJudgeSettings | Mapping[str, Any] | None, lm_model: str | None, token_text: TokenText,
                        corpus_counts: np.ndarray) -> LikelihoodBackend:
     """The in-process language-model backend on ``lm_model`` (a Hugging Face folder or Hub id)."""
-    from sae_pipeline.judges.likelihood import LikelihoodScorer, load_causal_lm
+    from sae_pipeline.judges.likelihood import likelihood_scorer
 
     judge = LikelihoodJudgeSettings.from_mapping(lm_judge)
-    if lm_model is None:
-        raise ValueError("autointerp.backend lm needs the judge model (lm_judge.model, or the subject model)")
-    model, tokenizer = load_causal_lm(lm_model, judge.dtype, judge.threads)
-    return LikelihoodBackend(LikelihoodScorer(model, tokenizer, judge.token_budget), f"{lm_model} (likelihood, {judge.dtype})", token_text, corpus_counts, judge)
+    return LikelihoodBackend(likelihood_scorer(judge, lm_model), f"{lm_model} (likelihood, {judge.dtype})", token_text, corpus_counts, judge)
 
 
 def control_tokens(sequences: np.ndarray, token_text: TokenText, count: int) -> list[int]:

@@ -25,12 +25,10 @@ def measure_judge_accuracy(output_path: str, judges: Sequence[str], embedding_th
         judge = EmbeddingJudge(threshold=embedding_threshold)
         rows += [{"judge": "embedding", "model": EMBEDDING_MODEL_NAME, **row} for row in embedding_judge_accuracy(judge)]
     if "lm" in judges:
-        from sae_pipeline.judges.likelihood import LikelihoodScorer, load_causal_lm
+        from sae_pipeline.judges.likelihood import likelihood_scorer
 
         settings = LikelihoodJudgeSettings.from_mapping(lm_judge)
-        if lm_model is None:
-            raise ValueError("the lm judge needs its model (lm_judge.model, or the subject model)")
-        scorer = LikelihoodScorer(*load_causal_lm(lm_model, settings.dtype, settings.threads), token_budget=settings.token_budget)
+        scorer = likelihood_scorer(settings, lm_model)
         rows += [{"judge": "lm", "model": f"{lm_model} ({settings.dtype})", **row}
                  for row in likelihood_judge_accuracy(scorer, settings.detection_threshold, settings.steering_margin)]
     table = pd.DataFrame(rows, columns=COLUMNS)

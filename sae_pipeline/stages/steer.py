@@ -384,12 +384,10 @@ def run_steering(
     del bridge
     scorer = None
     if "lm" in judges:
-        from sae_pipeline.judges.likelihood import LikelihoodScorer, load_causal_lm
+        from sae_pipeline.judges.likelihood import likelihood_scorer
 
         judge = LikelihoodJudgeSettings.from_mapping(lm_judge)
-        if lm_model is None:
-            raise ValueError("steer.judges includes 'lm' but no judge model was given (lm_judge.model or the subject model)")
-        scorer = LikelihoodScorer(*load_causal_lm(lm_model, judge.dtype, judge.threads), token_budget=judge.token_budget)
+        scorer = likelihood_scorer(judge, lm_model)
     for table in (rows, controls):
         if table is None or not len(table):
             continue
