@@ -14,6 +14,8 @@ for step in $STEPS; do
   echo "=== $step ($(date +%T))"
   case $step in
     check1) timeout 60 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 --steps 30 2>&1 | tee $OUT/check.log ;;
+    check1p) timeout 60 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 --steps 20 \
+              --set GRAD_ONE_PASS_ENTRIES_PER_BLOCK=0 2>&1 | tee $OUT/check_one_pass.log ;;
     check) timeout 240 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 2>&1 | tee $OUT/check.log
            timeout 240 python3 benchmarks/sparse_update_check.py --d-in 2304 --d-sae 65536 --k 64 --steps 30 2>&1 | tee -a $OUT/check.log ;;
     table1) timeout 420 python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,131072 --k 40 --profile \
@@ -27,6 +29,11 @@ for step in $STEPS; do
               --json $OUT/variants.json --best $OUT/best.txt 2>&1 | tee $OUT/variants.log ;;
     table2) timeout ${TABLE_TIMEOUT:-150} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
               --sparsify-path /tmp/sparsify --no-saelens --min-seconds 0.4 --profile --profile-d-sae 16384,262144 $(cat $OUT/best.txt 2>/dev/null) \
+              --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
+    registers) timeout 60 python3 benchmarks/issue17_registers.py 2>&1 | grep -v -i warn | tee $OUT/registers.log ;;
+    round3) timeout ${TABLE_TIMEOUT:-200} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,262144 --k 40 \
+              --sparsify-path /tmp/sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.4} --profile \
+              --variant onepass64:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=64 --variant loop9:GRAD_PROGRAM_COLUMN_BLOCKS=9 \
               --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
     quality) timeout ${QUALITY_TIMEOUT:-160} python3 benchmarks/train_quality.py --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality.log ;;
   esac

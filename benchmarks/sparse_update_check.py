@@ -132,7 +132,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (the programs in Triton's interpreter; small sizes)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a constant of sae_pipeline.sae.kernels.updates first (e.g. GRAD_ONE_PASS_ENTRIES_PER_BLOCK=0: round 1's program)")
     args = parser.parse_args()
+    if args.set:
+        import ast
+
+        from sae_pipeline.sae.kernels import updates
+
+        for assignment in args.set:
+            name, _, value = assignment.partition("=")
+            if not hasattr(updates, name):
+                parser.error(f"--set: sae_pipeline.sae.kernels.updates has no constant {name}")
+            setattr(updates, name, ast.literal_eval(value))
+        print("set: " + ", ".join(f"{name}={getattr(updates, name)!r}" for name in (part.partition("=")[0] for part in args.set)))
     device = torch.device(args.device)
     if device.type == "cpu":
         kernel_programs.INTERPRET_ON_CPU = True

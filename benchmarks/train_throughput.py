@@ -29,7 +29,9 @@ subprocess of its own, with ``--sparsify-path`` / ``--saelens-path`` prepended t
 GEMM plus torch's fused Adam over all parameters, each timed alone), every ratio, and our step's peak
 GPU memory; ``--profile`` adds a per-kernel time table of our step per size, ``--memory-d-sae`` a width
 (e.g. 1,048,576) at the largest d_in whose step is timed for memory, with the widest dictionary that
-fits estimated from two widths and tried::
+fits estimated from two widths and tried; ``--variant LABEL:NAME=VALUE,...`` (repeatable) also times our step with
+those constants of ``sae_pipeline.sae.kernels.updates`` set, back to back with the defaults at every size (the
+defaults timed again after the variants, so drift shows), profiled where the defaults are::
 
     python benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
         --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --memory-d-sae 1048576 --json results.json
@@ -504,6 +506,51 @@ def gradient_check(sizes: dict, device: torch.device) -> str:
     return f"sparse update used: {changes['kernels'][1]}; |change_sparse - change_dense| / |change_dense| after one Adam step: " + ", ".join(parts)
 
 
+def parse_variants(texts: list[str]) -> dict[str, dict]:
+    """``LABEL:NAME=VALUE,NAME=VALUE`` (values as Python literals) -> {label: {name: value}}; names must be
+    constants of :mod:`sae_pipeline.sae.kernels.updates`."""
+    import ast
+
+    from sae_pipeline.sae.kernels import updates
+
+    variants = {}
+    for text in texts:
+        label, _, assignments = text.partition(":")
+        if not label or not assignments:
+            raise ValueError(f"--variant {text!r}: expected LABEL:NAME=VALUE[,NAME=VALUE]")
+        constants = {}
+        for assignment in assignments.split(","):
+            name, _, value = assignment.partition("=")
+            if not hasattr(updates, name.strip()):
+                raise ValueError(f"--variant {text!r}: sae_pipeline.sae.kernels.updates has no constant {name.strip()}")
+            constants[name.strip()] = ast.literal_eval(value.strip())
+        variants[label] = constants
+    return variants
+
+
+@contextlib.contextmanager
+def constants_set(constants: dict):
+    """Set constants of :mod:`sae_pipeline.sae.kernels.updates` for the block, restored after."""
+    from sae_pipeline.sae.kernels import updates
+
+    saved = {name: getattr(updates, name) for name in constants}
+    try:
+        for name, value in constants.items():
+            setattr(updates, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(updates, name, value)
+
+
+def gradient_program_ms(profile: str | None) -> float | None:
+    """The gradient programs' ms/step (looping or one-pass) from a :func:`profile_table`, if listed."""
+    if not profile:
+        return None
+    total = [float(line.split()[1]) for line in profile.splitlines() if line.strip().startswith("_latent_gradients")]
+    return sum(total) if total else None
+
+
 def table_main(args: argparse.Namespace, device: torch.device) -> None:
     import itertools
     import json
@@ -517,6 +564,9 @@ def table_main(args: argparse.Namespace, device: torch.device) -> None:
     print(f"table: {len(configs)} sizes, batch {batch}, 1 seed, bf16 autocast on CUDA; >= {args.min_seconds} s and >= {args.table_steps} "
           f"steps per timing after {args.table_warmup} warm-up steps")
     rows: dict[tuple, dict] = {}
+    variants = parse_variants(args.variant)
+    if variants:
+        print("variants: " + "; ".join(f"{label}: {constants}" for label, constants in variants.items()))
     if args.check:
         print("  " + gradient_check(configs[0], device), flush=True)
     for sizes in configs:
@@ -531,6 +581,23 @@ def table_main(args: argparse.Namespace, device: torch.device) -> None:
               f"peak {ours.get('peak_bytes', 0) / 2**30:6.2f} GiB  [{time.perf_counter() - started:.0f} s]", flush=True)
         if "profile" in ours:
             print(ours["profile"], flush=True)
+        if variants:
+            profiled = "profile" in ours
+            rows[key]["variants"] = {}
+            for label, constants in variants.items():
+                with constants_set(constants):
+                    rows[key]["variants"][label] = our_measurement(sizes, device, args, profile=profiled)
+            rows[key]["ours_again"] = our_measurement(sizes, device, args)
+            parts = [f"defaults {1000 * ours['seconds_per_step']:.3f} / again {1000 * rows[key]['ours_again']['seconds_per_step']:.3f}"]
+            parts += [f"{label} {1000 * measured['seconds_per_step']:.3f}" for label, measured in rows[key]["variants"].items()]
+            print(f"    variants (ms/step): {'; '.join(parts)}", flush=True)
+            if profiled:
+                programs_ms = [("defaults", gradient_program_ms(ours.get("profile")))]
+                programs_ms += [(label, gradient_program_ms(measured.get("profile"))) for label, measured in rows[key]["variants"].items()]
+                print("    gradient program in the profile (ms/step): "
+                      + "; ".join(f"{label} {value:.3f}" if value is not None else f"{label} n/a" for label, value in programs_ms), flush=True)
+                for label, measured in rows[key]["variants"].items():
+                    print(f"    profile, {label}:\n{measured['profile']}", flush=True)
     for architecture in [name.strip() for name in (args.architectures or "").split(",") if name.strip()]:
         for sizes in configs:
             if sizes["d_in"] != d_ins[0] or sizes["k"] != ks[0] or sizes["d_sae"] > args.architectures_max_d_sae:
@@ -568,6 +635,18 @@ def table_main(args: argparse.Namespace, device: torch.device) -> None:
               f"({1000 * row['floor_gemm']:.2f} + {1000 * row['floor_adam']:.2f}) | {ours / floor:.2f}x | "
               f"{(cells[0][1] / ours) if cells[0][1] else float('nan'):.2f}x | {(cells[1][1] / ours) if cells[1][1] else float('nan'):.2f}x | "
               f"{row['ours'].get('peak_bytes', 0) / 2**30:.2f} |")
+    if variants:
+        print("\nvariants, side by side (ms/step; ratio to the defaults, the mean of their two timings):")
+        header = "| d_in | d_sae | k | defaults | again | " + " | ".join(variants) + " |"
+        print(header)
+        print("|" + "---|" * (header.count("|") - 1))
+        for key, row in rows.items():
+            if "variants" not in row:
+                continue
+            first, again = row["ours"]["seconds_per_step"], row["ours_again"]["seconds_per_step"]
+            base = (first + again) / 2
+            cells = [f"{1000 * measured['seconds_per_step']:.3f} ({measured['seconds_per_step'] / base:.3f})" for measured in row["variants"].values()]
+            print(f"| {key[0]} | {key[1]:,} | {key[2]} | {1000 * first:.3f} | {1000 * again:.3f} | " + " | ".join(cells) + " |")
     for kind, results in others.items():
         errors = sorted({result["error"] for result in results.values() if "error" in result})
         versions = sorted({result.get("version", "?") for result in results.values() if "version" in result})
@@ -657,6 +736,8 @@ def main() -> None:
     parser.add_argument("--json", help="table mode: write every figure to this file")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="set a constant of sae_pipeline.sae.kernels.updates first (tuning runs; e.g. GRAD_PROGRAM_COLUMN_BLOCKS=4)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
+                        help="table mode: also time our step with these constants of sae_pipeline.sae.kernels.updates, beside the defaults")
     parser.add_argument("--worker", choices=["sparsify", "saelens"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-configs", help=argparse.SUPPRESS)
     args = parser.parse_args()

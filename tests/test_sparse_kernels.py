@@ -174,21 +174,31 @@ def _distinct_indices(generator, n_seeds, batch, k, d_sae, heavy=3):
     return torch.stack([torch.stack(row) for row in rows])
 
 
-@pytest.mark.parametrize("low_precision,chunk,dense,columns,per_program", [
-    (False, 256, False, 64, 4), (True, 256, False, 64, 4), (False, 24, False, 64, 4), (True, 7, False, 64, 4),
-    (False, 256, True, 64, 4), (True, 256, True, 64, 4), (False, 24, False, 16, 2), (True, 256, False, 16, 1), (False, 7, False, 16, 8)])
-def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, dense, columns, per_program, monkeypatch):
+@pytest.mark.parametrize("low_precision,chunk,dense,columns,per_program,one_pass", [
+    (False, 256, False, 64, 4, None), (True, 256, False, 64, 4, None), (False, 24, False, 64, 4, None), (True, 7, False, 64, 4, None),
+    (False, 256, True, 64, 4, None), (True, 256, True, 64, 4, None), (False, 24, False, 16, 2, None), (True, 256, False, 16, 1, None),
+    (False, 7, False, 16, 8, None),
+    (False, 256, False, 64, 4, 64), (True, 256, False, 64, 4, 16), (False, 24, False, 16, 4, 16), (True, 7, False, 16, 4, 64)])
+def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, dense, columns, per_program, one_pass, monkeypatch):
     """Both weight gradients and the per-latent statistics from entries sorted by latent, for two sets of
     entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low;
     on the Triton paths the gradients are then bf16, as the dense path's bf16 products give them).
     Small ``chunk``s split most latent blocks over several work items (partial tiles added in order);
     ``dense``: past the entries-per-latent crossover the Triton path forms them by products instead;
-    ``columns`` 16: d = 70 in 5 column blocks, looped over by programs of ``per_program`` (groups of 2, 2, 1; 5 alone; 1 each)."""
+    ``columns`` 16: d = 70 in 5 column blocks, looped over by programs of ``per_program`` (groups of 2, 2, 1; 5 alone; 1 each);
+    ``one_pass``: round 1's one-pass program instead (chosen: every block average exceeds threshold 0), with that many
+    entries per product (16: several products per item; 64: one, mostly masked)."""
     monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", chunk)
     monkeypatch.setattr(kernel_updates, "GRAD_DENSE_ENTRIES_PER_LATENT", 0 if dense else 12)
     monkeypatch.setattr(kernel_updates, "GRAD_MAX_SLOTS", 4096)
     monkeypatch.setattr(kernel_updates, "GRAD_COLUMNS", columns)
     monkeypatch.setattr(kernel_updates, "GRAD_PROGRAM_COLUMN_BLOCKS", per_program)
+    monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES_PER_BLOCK", None if one_pass is None else 0)
+    if one_pass is not None:
+        monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES", one_pass)
+    launched = []
+    launch = kernel_programs.launch
+    monkeypatch.setattr(kernel_programs, "launch", lambda name, *args, **meta: (launched.append(name), launch(name, *args, **meta))[1])
     generator = torch.Generator().manual_seed(4)
     n_seeds, batch, d_sae, width = 2, 40, 100, 70  # partial latent and column blocks
     sets = [_distinct_indices(generator, n_seeds, batch, 6, d_sae), _distinct_indices(generator, n_seeds, batch, 9, d_sae, heavy=50)]
@@ -203,6 +213,8 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
     grad_dec, grad_enc, statistics = sparse_kernels.latent_gradients(
         entries, torch.cat([t.reshape(n_seeds, -1) for t in a], 1).reshape(-1)[order], torch.cat([t.reshape(n_seeds, -1) for t in c], 1).reshape(-1)[order],
         torch.cat(dec_dense, 1), torch.cat(enc_dense, 1), W_dec, low_precision)
+    if backend == "triton-interpreter" and not dense:
+        assert launched[0] == ("latent_gradients" if one_pass is None else "latent_gradients_one_pass"), launched
     rounded = (lambda t: t.bfloat16().float()) if low_precision else (lambda t: t)
     ref_dec = sum(torch.bmm(rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w)).transpose(1, 2), rounded(d)) for s, w, d in zip(sets, a, dec_dense))
     ref_enc = sum(torch.bmm(rounded(e).transpose(1, 2), rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w))) for s, w, e in zip(sets, c, enc_dense))
@@ -218,6 +230,18 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
     stored_dec, stored_enc = grad_dec.float(), grad_enc.float()  # the statistics are those of the values returned
     own = torch.stack([stored_dec.square().sum(-1), (stored_dec * W_dec).sum(-1), W_dec.square().sum(-1), stored_enc.square().sum(1)], dim=-1)
     assert torch.allclose(statistics, own, rtol=1e-5, atol=1e-5 * own.abs().max().item())
+
+
+def test_gradient_program_shape_follows_entries_per_block(monkeypatch):
+    """Round 1's one-pass program past GRAD_ONE_PASS_ENTRIES_PER_BLOCK entries per latent block on average (from
+    the shapes alone: top-k k 40, batch 4096 gives ~320 a block at 16,384 latents, 20 at 262,144); never when None."""
+    monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES_PER_BLOCK", 64)
+    blocks_16k, blocks_262k = 16384 // kernel_updates.GRAD_LATENTS, 262144 // kernel_updates.GRAD_LATENTS
+    assert kernel_updates.gradient_program_shape(4096 * 40, blocks_16k) == "one_pass"
+    assert kernel_updates.gradient_program_shape(4096 * 40, blocks_262k) == "looping"
+    assert kernel_updates.gradient_program_shape(64 * blocks_16k, blocks_16k) == "looping"  # exactly at the threshold
+    monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES_PER_BLOCK", None)
+    assert kernel_updates.gradient_program_shape(4096 * 40, blocks_16k) == "looping"
 
 
 @pytest.mark.parametrize("width", [40, 64])

@@ -218,22 +218,26 @@ def _accumulate_entries(acc_dec, acc_enc, entry_mask, row, a_operand, c_operand,
 
 def _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
                           W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents,
-                          LATENTS: tl.constexpr, WITH_W_DEC: tl.constexpr):
+                          LATENTS: tl.constexpr, WITH_W_DEC: tl.constexpr, W_DEC_FIRST: tl.constexpr):
     """Store finished tiles (``grad_dec [S, d_sae, D]``, ``grad_enc [S, D, d_sae]``, float32 or bf16: then rounded
     as a bf16 product's output is) and their per-latent statistics, of the stored values,
     ``row_statistics[column_block, s * d_sae + i] = (|g_dec|^2, <g_dec, W_dec>, |W_dec|^2, |g_enc|^2)``
-    over these columns (the W_dec terms 0 and 1 without ``WITH_W_DEC``)."""
+    over these columns (the W_dec terms 0 and 1 without ``WITH_W_DEC``). ``W_DEC_FIRST``: the W_dec tile is loaded
+    before the stores (round 2), else after them (round 1's order, :func:`_latent_gradients_one_pass_program`)."""
     acc_dec = acc_dec.to(grad_dec.dtype.element_ty).to(tl.float32)
     acc_enc = acc_enc.to(grad_enc.dtype.element_ty).to(tl.float32)
     out_mask = latent_mask[:, None] & column_mask[None, :]
     statistics = row_statistics + (column_block * total_latents + global_latents) * 4
-    if WITH_W_DEC:  # issued first: its latency overlaps the stores
-        w = tl.load(W_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    if WITH_W_DEC:
+        if W_DEC_FIRST:  # issued first: its latency overlaps the stores
+            w = tl.load(W_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], mask=out_mask, other=0.0).to(tl.float32)
     tl.store(grad_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], acc_dec.to(grad_dec.dtype.element_ty), mask=out_mask)
     tl.store(grad_enc + seed * D * d_sae + columns[:, None] * d_sae + latents[None, :], acc_enc.to(grad_enc.dtype.element_ty),
              mask=column_mask[:, None] & latent_mask[None, :])
     tl.store(statistics, tl.sum(acc_dec * acc_dec, axis=1), mask=latent_mask)
     if WITH_W_DEC:
+        if not W_DEC_FIRST:
+            w = tl.load(W_dec + (seed * d_sae + latents[:, None]) * D + columns[None, :], mask=out_mask, other=0.0).to(tl.float32)
         tl.store(statistics + 1, tl.sum(acc_dec * w, axis=1), mask=latent_mask)
         tl.store(statistics + 2, tl.sum(w * w, axis=1), mask=latent_mask)
     else:
@@ -295,12 +299,87 @@ def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, s
                                                        columns, column_mask, dense_offset, D, LOW_PRECISION, EMULATE_BF16)
             if alone:
                 _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
-                                      W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
+                                      W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC, True)
             else:
                 tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
                 tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
                 tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
                 tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
+
+
+def _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi, global_latents,
+                    columns, column_mask, dense_offset, D, LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr,
+                    LOW_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Round 1's loop (run 3, commit b68f02b): tiles of both weight gradients from the sorted entries ``lo .. hi``, the
+    decoder's ``[LATENTS, COLUMNS]`` and the encoder's ``[COLUMNS, LATENTS]`` (its layout in memory), ``ENTRIES`` at
+    a time, each step loading its entries, their dense rows and building its one-hot operands (nothing kept across steps)."""
+    acc_dec = tl.zeros([LATENTS, COLUMNS], dtype=tl.float32)
+    acc_enc = tl.zeros([COLUMNS, LATENTS], dtype=tl.float32)
+    for entry_start in range(lo, hi, ENTRIES):
+        entries = entry_start + tl.arange(0, ENTRIES)
+        entry_mask = entries < hi
+        key = tl.load(keys + entries, mask=entry_mask, other=-1).to(tl.int64)
+        row = tl.load(rows + entries, mask=entry_mask, other=0).to(tl.int64)
+        a = tl.load(decoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
+        c = tl.load(encoder_weights + entries, mask=entry_mask, other=0.0).to(tl.float32)
+        hit = key[:, None] == global_latents[None, :]
+        gather_mask = entry_mask[:, None] & column_mask[None, :]
+        offsets = dense_offset + row[:, None] * D + columns[None, :]
+        dec_rows = tl.load(decoder_dense + offsets, mask=gather_mask, other=0.0)
+        enc_rows = tl.load(encoder_dense + offsets, mask=gather_mask, other=0.0)
+        a_hot = tl.where(hit, a[:, None], 0.0)
+        c_hot = tl.where(hit, c[:, None], 0.0)
+        if LOW_PRECISION and not EMULATE_BF16:
+            acc_dec = tl.dot(tl.trans(a_hot.to(tl.bfloat16)), dec_rows.to(tl.bfloat16), acc_dec)
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.bfloat16)), c_hot.to(tl.bfloat16), acc_enc)
+        elif LOW_PRECISION:  # the same products (bf16 x bf16 is exact in float32); Triton's interpreter mis-computes bf16 dots
+            acc_dec = tl.dot(tl.trans(a_hot.to(tl.bfloat16).to(tl.float32)), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_hot.to(tl.bfloat16).to(tl.float32), acc_enc, input_precision="ieee")
+        else:
+            acc_dec = tl.dot(tl.trans(a_hot), dec_rows.to(tl.float32), acc_dec, input_precision="ieee")
+            acc_enc = tl.dot(tl.trans(enc_rows.to(tl.float32)), c_hot, acc_enc, input_precision="ieee")
+    return acc_dec, acc_enc
+
+
+def _latent_gradients_one_pass_program(item_block, item_chunk, block_items, block_slot, segments, keys, rows, decoder_weights,
+                                       encoder_weights, decoder_dense, encoder_dense, W_dec, grad_dec, grad_enc, row_statistics,
+                                       partial_dec, partial_enc, d_sae, D, n_rows, total_latents, total_blocks,
+                                       LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr, CHUNK: tl.constexpr,
+                                       LOW_PRECISION: tl.constexpr, WITH_W_DEC: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Round 1's shape of :func:`_latent_gradients_program` (run 3, commit b68f02b; stores as round 2's: bf16 under
+    autocast): one program per (work item, single block of ``COLUMNS`` columns), one pass over the item's entries
+    (:func:`_gradient_tiles`), the W_dec tile for the statistics loaded after the stores. Same inputs and outputs
+    (partial tiles of shared blocks for :func:`_combine_gradients_program`); chosen per call for latent blocks of many
+    entries (``updates.GRAD_ONE_PASS_ENTRIES_PER_BLOCK``), where the looping program did worse on the H200 (round 2)."""
+    item = tl.program_id(0)
+    column_block = tl.program_id(1).to(tl.int64)
+    block = tl.load(item_block + item).to(tl.int64)
+    if block < total_blocks:
+        chunk = tl.load(item_chunk + item)
+        n_blocks = tl.cdiv(d_sae, LATENTS)
+        seed = block // n_blocks
+        first = (block % n_blocks) * LATENTS
+        latents = first + tl.arange(0, LATENTS)
+        latent_mask = latents < d_sae
+        global_latents = seed * d_sae + latents
+        columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
+        column_mask = columns < D
+        start = tl.load(segments + seed * d_sae + first)
+        end = tl.load(segments + seed * d_sae + tl.minimum(first + LATENTS, d_sae))
+        lo = start + chunk * CHUNK
+        hi = tl.minimum(end, lo + CHUNK)
+        acc_dec, acc_enc = _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi,
+                                           global_latents, columns, column_mask, seed * n_rows * D, D,
+                                           LATENTS, ENTRIES, COLUMNS, LOW_PRECISION, EMULATE_BF16)
+        if tl.load(block_items + block) == 1:
+            _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
+                                  W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC, False)
+        else:
+            slot = (tl.load(block_slot + block) + chunk).to(tl.int64)
+            tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+            tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
+            tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+            tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
 
 
 def _combine_gradients_program(shared_blocks, block_items, block_slot, W_dec, grad_dec, grad_enc, row_statistics,
@@ -327,7 +406,7 @@ def _combine_gradients_program(shared_blocks, block_items, block_slot, W_dec, gr
             tile_t = (first_slot + part) * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
             acc_enc += tl.load(partial_enc + tile_t, mask=column_mask[:, None], other=0.0)
         _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latents < d_sae, seed * d_sae + latents, columns, column_mask,
-                              column_block, W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC)
+                              column_block, W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC, True)
 
 
 def _adam_moments(w, g, m, v, step_size, bias_correction2_sqrt, beta1, beta2, eps):
@@ -409,10 +488,11 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     # The interpreter runs helpers as plain Python (with triton.language patched); compiled programs need them jitted.
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
                for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
-                            "_entry_operands", "_accumulate_entries", "_store_gradient_tiles")}
+                            "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program),
-                 ("latent_gradients", _latent_gradients_program), ("combine_gradients", _combine_gradients_program),
+                 ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
+                 ("combine_gradients", _combine_gradients_program),
                  ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
     return helpers, programs
 

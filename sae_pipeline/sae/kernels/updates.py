@@ -31,6 +31,14 @@ GRAD_PROGRAM_COLUMN_BLOCKS = 4
 GRAD_CHUNK = 256
 GRAD_MAX_SLOTS = 1024
 GRAD_WARPS = None
+# Program shape per call: where the latent blocks average more than this many entries (entries / blocks, known
+# from the shapes, so CUDA graphs hold), round 1's one-pass program (one column block per program, GRAD_ONE_PASS_ENTRIES
+# entries per product; programs._latent_gradients_one_pass_program) instead of the looping one; None: never.
+# Top-k k 40, batch 4096: ~320 entries per block at 16,384 latents, 80 at 65,536, 20 at 262,144. Off until the two
+# shapes are timed in the same step and session (round 2 saw the gradient program at 16k go 0.19 -> 0.28 ms
+# (d_in 512) and 0.83 -> 1.12 ms (2304) with the looping shape, but across two sessions; benchmarks/ISSUE17_NOTES.md, round 3).
+GRAD_ONE_PASS_ENTRIES_PER_BLOCK = None
+GRAD_ONE_PASS_ENTRIES = 64
 # Under bf16 autocast the weight gradients are stored in bf16, rounded as the dense path's bf16 products round
 # them (half the bytes written by the gradient program and read by Adam); float32 else, or when this is off.
 GRAD_STORE_LOW_PRECISION = True
@@ -141,6 +149,15 @@ def _counting(n: int, device: torch.device) -> torch.Tensor:
     return torch.arange(1, n + 1, device=device)
 
 
+def gradient_program_shape(n_entries: int, n_blocks: int) -> str:
+    """Which gradient program :func:`latent_gradients` launches for ``n_entries`` sorted entries over ``n_blocks``
+    latent blocks: ``"one_pass"`` (round 1's shape) past ``GRAD_ONE_PASS_ENTRIES_PER_BLOCK`` entries per block on
+    average, else ``"looping"`` (``GRAD_PROGRAM_COLUMN_BLOCKS`` column blocks per program)."""
+    if GRAD_ONE_PASS_ENTRIES_PER_BLOCK is not None and n_entries > GRAD_ONE_PASS_ENTRIES_PER_BLOCK * max(1, n_blocks):
+        return "one_pass"
+    return "looping"
+
+
 def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Tensor, encoder_weights: torch.Tensor,
                      decoder_dense: torch.Tensor, encoder_dense: torch.Tensor, W_dec: torch.Tensor, low_precision: bool,
                      with_W_dec: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,9 +171,11 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     ``<grad_dec row, W_dec row>``, ``|W_dec row|^2`` (the last two 0 and 1 without ``with_W_dec``) and
     ``|grad_enc column|^2``.
 
-    On CUDA (or Triton's interpreter) one program per work item (a block of latents, or part of one) and block
-    of columns, or, past ``GRAD_DENSE_ENTRIES_PER_LATENT`` entries per latent (an AuxK step at moderate widths),
-    two dense products on the scattered entries; elsewhere ``index_add_``."""
+    On CUDA (or Triton's interpreter) one program per work item (a block of latents, or part of one) and group of
+    ``GRAD_PROGRAM_COLUMN_BLOCKS`` column blocks (or, past ``GRAD_ONE_PASS_ENTRIES_PER_BLOCK`` entries per block,
+    round 1's program, one per work item and column block: :func:`gradient_program_shape`), or, past
+    ``GRAD_DENSE_ENTRIES_PER_LATENT`` entries per latent (an AuxK step at moderate widths), two dense products on
+    the scattered entries; elsewhere ``index_add_``."""
     n_seeds, d_sae, width = W_dec.shape
     operand_dtype = torch.bfloat16 if low_precision else torch.float32
     decoder_dense = decoder_dense.to(operand_dtype).contiguous()
@@ -186,18 +205,25 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     groups = triton.cdiv(column_blocks, max(1, GRAD_PROGRAM_COLUMN_BLOCKS))
     per_program = triton.cdiv(column_blocks, groups)  # the groups as even as they come
     items = _gradient_work_items(entries["segments"], n_seeds, d_sae, entries["keys"].numel())
+    one_pass = gradient_program_shape(entries["keys"].numel(), items["total_blocks"]) == "one_pass"
     grad_dec = torch.empty(n_seeds, d_sae, width, dtype=gradient_dtype, device=W_dec.device)
     grad_enc = torch.empty(n_seeds, width, d_sae, dtype=gradient_dtype, device=W_dec.device)
     statistics = torch.empty(column_blocks, n_seeds * d_sae, 4, dtype=torch.float32, device=W_dec.device)
     partial_dec = torch.empty(items["slots"], GRAD_LATENTS, width, dtype=torch.float32, device=W_dec.device)
     partial_enc = torch.empty_like(partial_dec)
     warps = GRAD_WARPS or (8 if columns >= 128 else 4)
-    programs.launch("latent_gradients", (items["capacity"], groups), items["item_block"], items["item_chunk"], items["block_items"],
-            items["block_slot"], entries["segments"], entries["keys"], entries["rows"], decoder_weights.float().contiguous(),
-            encoder_weights.float().contiguous(), decoder_dense, encoder_dense, W_dec.contiguous(), grad_dec, grad_enc, statistics,
-            partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1], n_seeds * d_sae, items["total_blocks"], column_blocks,
-            LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"], COLUMN_BLOCKS=per_program,
-            LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
+    operands = (items["item_block"], items["item_chunk"], items["block_items"], items["block_slot"], entries["segments"], entries["keys"],
+                entries["rows"], decoder_weights.float().contiguous(), encoder_weights.float().contiguous(), decoder_dense, encoder_dense,
+                W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1],
+                n_seeds * d_sae, items["total_blocks"])
+    if one_pass:
+        programs.launch("latent_gradients_one_pass", (items["capacity"], column_blocks), *operands,
+                LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ONE_PASS_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"],
+                LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
+    else:
+        programs.launch("latent_gradients", (items["capacity"], groups), *operands, column_blocks,
+                LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"], COLUMN_BLOCKS=per_program,
+                LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
     programs.launch("combine_gradients", (items["shared_blocks"].numel(), column_blocks), items["shared_blocks"], items["block_items"],
             items["block_slot"], W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, n_seeds * d_sae,
             items["total_blocks"], LATENTS=GRAD_LATENTS, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
