@@ -34,10 +34,10 @@ GRAD_WARPS = None
 # Program shape per call: where the latent blocks average more than this many entries (entries / blocks, known
 # from the shapes, so CUDA graphs hold), round 1's one-pass program (one column block per program, GRAD_ONE_PASS_ENTRIES
 # entries per product; programs._latent_gradients_one_pass_program) instead of the looping one; None: never.
-# Top-k k 40, batch 4096: ~320 entries per block at 16,384 latents, 80 at 65,536, 20 at 262,144. Off until the two
-# shapes are timed in the same step and session (round 2 saw the gradient program at 16k go 0.19 -> 0.28 ms
-# (d_in 512) and 0.83 -> 1.12 ms (2304) with the looping shape, but across two sessions; benchmarks/ISSUE17_NOTES.md, round 3).
-GRAD_ONE_PASS_ENTRIES_PER_BLOCK = None
+# Top-k k 40, batch 4096: ~320 entries per block at 16,384 latents, 80 at 65,536, 20 at 262,144. Timed in-step, side
+# by side, on the H200 (round 3): one-pass from 64 entries makes the step 0.90x at 16k and 0.95x at 65k latents
+# (d_in 512 and 2304) and leaves 262k unchanged (benchmarks/issue17_logs/round3_table.log).
+GRAD_ONE_PASS_ENTRIES_PER_BLOCK = 64
 GRAD_ONE_PASS_ENTRIES = 64
 # Under bf16 autocast the weight gradients are stored in bf16, rounded as the dense path's bf16 products round
 # them (half the bytes written by the gradient program and read by Adam); float32 else, or when this is off.
