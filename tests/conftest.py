@@ -3,11 +3,13 @@ and a tiny activation cache made by the real cache stage. Everything is small en
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -16,6 +18,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIG_FILE = REPO_ROOT / "workflow" / "configs" / "tiny.yaml"
+
+
+def merge_configs(base: dict, override: dict) -> dict:
+    """Snakemake's --configfile semantics: nested dictionaries are merged, other values replaced."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_configs(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def tiny_experiment_config() -> dict:
+    """config.yaml with workflow/configs/tiny.yaml on top: the experiment the tests shrink further."""
+    base = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    return merge_configs(base, yaml.safe_load(TINY_CONFIG_FILE.read_text()))
 
 TINY_TEXT_SENTENCES = [
     "In the beginning the river ran past the old mill and the children played beside it.",

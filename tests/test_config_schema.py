@@ -10,7 +10,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, merge_configs
 
 SCHEMA = str(REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml")
 
@@ -25,11 +25,11 @@ def rejection_message(config: dict) -> str:
     return str(error.value)
 
 
-@pytest.mark.parametrize("path", ["config.yaml", "workflow/configs/paper.yaml"])
+@pytest.mark.parametrize("path", ["config.yaml", "workflow/configs/paper.yaml", "workflow/configs/tiny.yaml"])
 def test_shipped_configs_validate(path):
     config = load("config.yaml")
     if path != "config.yaml":
-        config = _merge(config, load(path))
+        config = merge_configs(config, load(path))
     validate(copy.deepcopy(config), SCHEMA)
 
 
@@ -63,14 +63,3 @@ def test_bad_enum_value_is_named():
     config["cache"]["dtype"] = "bfloat17"
     message = rejection_message(config)
     assert "bfloat17" in message and "dtype" in message
-
-
-def _merge(base: dict, override: dict) -> dict:
-    """Snakemake's --configfile semantics: nested dictionaries are merged, other values replaced."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged

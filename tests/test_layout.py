@@ -6,7 +6,6 @@ import copy
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sae_pipeline.layout import (
     Condition,
@@ -19,11 +18,12 @@ from sae_pipeline.layout import (
     seed_groups,
     variant_name,
 )
-from tests.conftest import REPO_ROOT
+from tests.conftest import tiny_experiment_config
 
 
 def default_config() -> dict:
-    return yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    """The tiny experiment: one architecture (topk, k 16) and two weight-penalty conditions."""
+    return tiny_experiment_config()
 
 
 @pytest.mark.parametrize(

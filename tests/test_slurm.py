@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, tiny_documents
+from tests.conftest import REPO_ROOT, tiny_documents, tiny_experiment_config
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -59,8 +59,8 @@ def slurm_env(tmp_path_factory):
 
 
 def tiny_config(corpus_file: Path) -> dict:
-    """The repository config with the corpus, subject model and cache shrunk to seconds on CPU."""
-    config = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    """The tiny experiment with the corpus, subject model and cache shrunk to seconds on CPU."""
+    config = tiny_experiment_config()
     config["results_dir"] = "results"
     config["corpus"].update(source="text_files", text_files=[str(corpus_file)], max_documents=None, heldout_fraction=0.1)
     config["subject_model"]["hook_name"] = "blocks.1.hook_resid_post"

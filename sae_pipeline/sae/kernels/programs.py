@@ -4,6 +4,9 @@ The programs and the helpers they call live in this one module: :func:`launch` c
 (``triton.jit``, or plain Python in Triton's CPU interpreter) and a program finds its helpers among
 this module's globals. :func:`triton_usable` says whether the programs run on a tensor; tests switch
 the CPU interpreter on with ``INTERPRET_ON_CPU`` (and ``TRITON_INTERPRET=1`` set before Triton is imported).
+
+Longer than 500 lines because a Triton program finds the helpers it calls among its own module's
+globals: splitting the programs over modules would mean importing every helper into each of them.
 """
 
 import functools
