@@ -15,6 +15,7 @@ from sae_pipeline.features.mining import token_indicator_examples
 from sae_pipeline.judges.accuracy import auroc, balanced_accuracy_at, judge_accuracy
 from sae_pipeline.judges.cases import TOPICS, detection_cases, ranking_cases, steering_cases
 from sae_pipeline.settings import LikelihoodJudgeSettings, MiningSettings
+from sae_pipeline.stages.autointerp import control_tokens
 from sae_pipeline.stages.cache import outlier_rows
 from sae_pipeline.stages.export_corpus import export_documents
 
@@ -101,6 +102,17 @@ def test_planted_single_token_feature_fires_exactly_on_its_token():
                 assert value == (1.0 if inside and sequences[doc, position] == 5 else 0.0)
     for doc, start in zip(examples.non_activating.doc_id, examples.non_activating.start):
         assert 5 not in sequences[doc, start : start + settings.window]
+
+
+def test_control_tokens_are_the_commonest_content_words(tmp_path):
+    """Function words (commoner here) and words under 4 letters are passed over; the nouns come commonest first."""
+    wordnet_dir = write_mini_wordnet(tmp_path / "wordnet")
+    with open(wordnet_dir / "index.noun", "a") as index:  # a second 4+ letter noun (its synset does not matter here)
+        index.write("river n 1 0 1 0 00000000  \n")
+    texts = {1: " that", 2: " river", 3: " with", 4: " bread", 5: " dog", 6: "bread", 7: "<bos>"}
+    sequences = np.array([[7, 1, 1, 1, 3, 3, 4, 4], [7, 1, 1, 3, 3, 4, 5, 5], [7, 6, 6, 6, 6, 6, 2, 5]])
+    assert control_tokens(sequences, texts.__getitem__, count=3, wordnet_dir=wordnet_dir) == [4, 2]
+    assert control_tokens(sequences, texts.__getitem__, count=1, wordnet_dir=wordnet_dir) == [4]
 
 
 def test_judge_accuracy_of_an_oracle_is_one_and_of_a_coin_is_chance():

@@ -83,3 +83,11 @@ def word_categories(word: str, wordnet_dir: str | os.PathLike = DEFAULT_WORDNET_
             if phrase not in categories:
                 categories.append(phrase)
     return categories
+
+
+def is_noun_or_verb(word: str, wordnet_dir: str | os.PathLike = DEFAULT_WORDNET_DIR) -> bool:
+    """Whether WordNet lists ``word`` (its lemma as written) as a noun or a verb: an open-class word, which
+    function words such as "that", "with" or "from" are not."""
+    lemma = word.strip().lower().replace(" ", "_")
+    index = _index(str(wordnet_dir))
+    return lemma in index["noun"] or lemma in index["verb"]

@@ -32,6 +32,7 @@ import torch
 from sae_pipeline.data.atomic import json_default, write_dataframe, write_text
 from sae_pipeline.data.checkpoint import load_sae
 from sae_pipeline.data.shards import ActivationStore
+from sae_pipeline.data.wordnet import DEFAULT_WORDNET_DIR, is_noun_or_verb
 from sae_pipeline.features.contexts import ExampleSplit, TokenText, split_examples
 from sae_pipeline.features.mining import FeatureExamples, mine_examples, token_indicator_examples
 from sae_pipeline.judges.backends import LikelihoodBackend, LLMBackend, OfflineTokenBaseline
@@ -234,15 +235,17 @@ def likelihood_backend(lm_judge: LikelihoodJudgeSettings | Mapping[str, Any] | N
     return LikelihoodBackend(likelihood_scorer(judge, lm_model), f"{lm_model} (likelihood, {judge.dtype})", token_text, corpus_counts, judge)
 
 
-def control_tokens(sequences: np.ndarray, token_text: TokenText, count: int) -> list[int]:
-    """The ``count`` commonest tokens (BOS positions excluded) that are whole alphabetic words of 4+ letters."""
+def control_tokens(sequences: np.ndarray, token_text: TokenText, count: int, wordnet_dir: str | os.PathLike = DEFAULT_WORDNET_DIR) -> list[int]:
+    """The ``count`` commonest tokens (BOS positions excluded) that are whole alphabetic words of 4+ letters
+    which WordNet lists as nouns or verbs (content words: a function word such as " that" has no meaning an
+    explanation could name, so it would test the judge's lexical matching rather than its reading)."""
     counts = np.bincount(sequences[:, 1:].reshape(-1))
     chosen = []
     for token_id in np.argsort(-counts, kind="stable"):
         if len(chosen) == count or counts[token_id] == 0:
             break
         text = token_text(int(token_id))
-        if text.startswith(" ") and text.strip().isalpha() and len(text.strip()) >= 4:
+        if text.startswith(" ") and text.strip().isalpha() and len(text.strip()) >= 4 and is_noun_or_verb(text, wordnet_dir):
             chosen.append(int(token_id))
     return chosen
 
