@@ -49,7 +49,10 @@ _BOOLEAN_ABBREVIATIONS = {"tied_init": "tied", "unit_norm_decoder": "unit"}
 # What each stage writes (file names inside its folder).
 SAE_CURVES = "curves.parquet"
 SAE_METRICS = "metrics.json"
-MATCH_OUTPUTS = {"pairs": "pairs.csv", "features": "features.parquet", "summary": "summary.json", "histogram": "max_cosine_hist.png"}
+MATCH_OUTPUTS = {
+    "pairs": "pairs.csv", "features": "features.parquet", "summary": "summary.json", "histogram": "max_cosine_hist.png",
+    "threshold_curve": "threshold_curve.csv", "threshold_plot": "threshold_curve.png",
+}
 AUTOINTERP_OUTPUTS = {"scores": "scores.parquet", "audit": "audit.jsonl", "controls": "controls.parquet"}
 STEER_OUTPUTS = {"rows": "rows.parquet", "features": "features.csv", "controls": "controls.parquet"}
 EVALUATE_OUTPUTS = {

@@ -375,6 +375,8 @@ class MatchSettings(Settings):
     solver: str = "auto"
     candidates: int = 8
     device: str = "auto"
+    subspace_ranks: tuple[int, ...] = (8, 32, 128)
+    seed_resamples: int = 1000
 
 
 # ----------------------------------------------------------------------------------------------

@@ -162,3 +162,13 @@ def test_report_gathers_plots_and_tables(finished_run):
     html = report.read_text(errors="replace")
     for item in ("summary.html", "coefficients.csv", "shared_fraction.png", "k_robustness.png", "stability.png"):
         assert item in html
+
+
+def test_five_seed_config_trains_and_matches_five_seeds(tmp_path):
+    """workflow/configs/five_seeds.yaml: one train job of five seeds per variant, each match job over all five."""
+    configfile = REPO_ROOT / "workflow" / "configs" / "five_seeds.yaml"
+    counts = planned_jobs("--configfile", str(configfile), "--config", f"results_dir={tmp_path}")
+    default = planned_jobs("--config", f"results_dir={tmp_path}")
+    assert counts["match"] == default["match"] and counts["train"] == default["train"]
+    output = snakemake("--dry-run", "--configfile", str(configfile), "--config", f"results_dir={tmp_path}").stdout
+    assert f"{tmp_path}/lm/sae/topk-k32-l2w0-noreg/seeds0-1-2-3-4" in output

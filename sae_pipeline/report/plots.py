@@ -204,6 +204,22 @@ def plot_max_cosines(result: MatchResult, path: str | os.PathLike, title: str) -
     save_figure(figure, path)
 
 
+def plot_threshold_curve(curve: pd.DataFrame, threshold: float, path: str | os.PathLike, title: str) -> None:
+    """Shared fraction against the cosine threshold (mean over seed pairs, range shaded), the paper's threshold marked."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(curve["threshold"], curve["fraction_shared"], marker="o", markersize=3, label="shared (decoder + encoder)")
+    axis.fill_between(curve["threshold"], curve["fraction_shared_min"], curve["fraction_shared_max"], alpha=0.25, label="range over seed pairs")
+    axis.plot(curve["threshold"], curve["fraction_matched_decoder"], linestyle=":", color="grey", label="matched decoder |cos| above")
+    axis.axvline(threshold, color="black", linestyle="--", linewidth=1, label=f"match.threshold {threshold:g}")
+    axis.set_xlabel("cosine threshold")
+    axis.set_ylabel("share of latents")
+    axis.set_ylim(0, 1.02)
+    axis.set_title(title)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
 def plot_stability(table: pd.DataFrame, path: str | os.PathLike, dataset: str) -> None:
     """Grouped bars per penalty: shared fraction and decoder MMCS for the four tied/unit combinations."""
     plt = pyplot()

@@ -175,6 +175,40 @@ def _section_claim2(shared: pd.DataFrame, success: Mapping[str, pd.DataFrame], a
     return lines
 
 
+def _section_stability(stability: pd.DataFrame | None) -> list[str]:
+    """Threshold-free, per-feature and subspace stability per condition (README "Stability measures")."""
+    lines = ["## Stability beyond the shared fraction: PW-MCC, reappearance, subspaces\n"]
+    if stability is None or stability.empty:
+        lines.append("No stability measures in this run's match outputs.\n")
+        return lines
+    lines.append(
+        "PW-MCC: mean |cos| of latents matched one-to-one (optimal assignment), over seed pairs; shared per pair at "
+        "the match threshold; brackets are 95% intervals from resampling seeds (with 3 seeds they span the pairs' "
+        "own spread). Reappearance: share of the other seeds in which a reference feature is shared, with Spearman's "
+        "rho against log firing frequency and against the autointerp detection score.\n"
+    )
+    rows = [
+        [row.condition, row.n_seeds, format_interval(row.pw_mcc_decoder, row.pw_mcc_decoder_low, row.pw_mcc_decoder_high),
+         format_interval(row.pw_mcc_encoder, row.pw_mcc_encoder_low, row.pw_mcc_encoder_high),
+         format_interval(row.pair_fraction_shared, row.pair_fraction_shared_low, row.pair_fraction_shared_high),
+         format_interval(row.reappearance_mean), format_interval(row.rho_firing_frequency, digits=2), format_interval(row.rho_interp_score, digits=2)]
+        for row in stability.itertuples()
+    ]
+    lines.append(markdown_table(["condition", "seeds", "PW-MCC decoder", "PW-MCC encoder", "shared per pair", "reappearance (mean)",
+                                 "rho vs firing freq.", "rho vs interp score"], rows))
+    ranks = sorted({int(column[len("overlap_r"):]) for column in stability.columns if column.startswith("overlap_r") and column[len("overlap_r"):].isdigit()})
+    if ranks:
+        lines.append("Subspace overlap of the features *not* shared in a pair, (1/r)||U_a^T U_b||_F^2 of their top-r decoder "
+                     "subspaces (1 = the same subspace; random subspaces give r/d), mean over pairs [seed-resampled 95%]:\n")
+        rows = [
+            [row["condition"]] + [f"{format_interval(row[f'overlap_r{rank}'], row[f'overlap_r{rank}_low'], row[f'overlap_r{rank}_high'])} (random {row[f'overlap_r{rank}_baseline']:.3f})"
+                                  if pd.notna(row.get(f"overlap_r{rank}")) else "n/a" for rank in ranks]
+            for _, row in stability.iterrows()
+        ]
+        lines.append(markdown_table(["condition"] + [f"r = {rank}" for rank in ranks], rows))
+    return lines
+
+
 def _section_claim3(coefficients: pd.DataFrame, judges: Sequence[str]) -> list[str]:
     lines = ["## Claim 3: with regularization, steering success is better predicted by the autointerp score\n"]
     lines.append(
@@ -272,6 +306,7 @@ def write_summary(
     html_path: str | Path | None = None,
     digits_verdict: Mapping[str, Any] | None = None,
     judges_report: "JudgesReport | None" = None,
+    stability: pd.DataFrame | None = None,
 ) -> str:
     """Write the markdown summary of every claim (and, with ``html_path``, the same as an HTML page); return the markdown."""
     lines = ["# sae-stability: results summary\n"]
@@ -280,6 +315,7 @@ def write_summary(
     lines += _section_judges(judges_report or JudgesReport(), judges)
     lines += _section_claim1(digits, digits_verdict)
     lines += _section_claim2(shared, success, autointerp, reference)
+    lines += _section_stability(stability)
     lines += _section_claim3(coefficients, judges)
     lines += _section_claim4(claim4, robustness, probing, reference)
     text = re.sub(r"(?m)^(- .*)\n\n(?=- )", r"\1\n", "\n".join(lines))  # bullets of one list on consecutive lines

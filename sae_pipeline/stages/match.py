@@ -20,10 +20,11 @@ from sae_pipeline.data.checkpoint import (
     load_sae_config,
 )
 from sae_pipeline.layout import MATCH_OUTPUTS
-from sae_pipeline.report.plots import plot_max_cosines
+from sae_pipeline.report.plots import plot_max_cosines, plot_threshold_curve
 from sae_pipeline.runtime.devices import resolve_device
 from sae_pipeline.settings import MatchSettings
 from sae_pipeline.stability.matching import dead_mask, match_dictionaries
+from sae_pipeline.stability.measures import reappearance, stability_measures
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ def run_match(sae_dirs: Mapping[int, str], output_dir: str, settings: MatchSetti
     Args:
         sae_dirs: ``{seed: SAE folder}`` (``cfg.json`` + ``sae_weights.safetensors``, optionally
             ``sparsity.safetensors`` with firing frequencies).
-        output_dir: gets ``pairs.csv``, ``features.parquet``, ``summary.json``, ``max_cosine_hist.png``.
+        output_dir: gets ``pairs.csv``, ``features.parquet`` (with ``reappearance``), ``summary.json`` (with the
+            ``stability`` section of :mod:`sae_pipeline.stability.measures`), ``max_cosine_hist.png``,
+            ``threshold_curve.csv`` and ``threshold_curve.png``.
         settings: the config's ``match`` section: threshold, exclude_dead, dead_frequency_threshold,
             reference_seed (null = first seed), solver, candidates, device.
         title: label for the plot and summary (e.g. ``lm/topk-k16-l2w0-noreg``).
@@ -67,6 +70,8 @@ def run_match(sae_dirs: Mapping[int, str], output_dir: str, settings: MatchSetti
     features.insert(3, "dead", dead[reference_index])
     frequency = frequencies[reference_index]
     features.insert(4, "firing_frequency", frequency if frequency is not None else np.full(len(features), np.nan))
+    features.insert(features.columns.get_loc("category") + 1, "reappearance", reappearance(features, len(seeds)))
+    stability, curve = stability_measures(result, decoders, features, frequency, settings.subspace_ranks, int(settings.seed_resamples))
     summary = result.summary(reference, features)
     summary = {
         "title": title,
@@ -77,6 +82,7 @@ def run_match(sae_dirs: Mapping[int, str], output_dir: str, settings: MatchSetti
         "n_dead": {str(seed): int(mask.sum()) for seed, mask in zip(seeds, dead)},
         "firing_frequency_available": {str(seed): frequency is not None for seed, frequency in zip(seeds, frequencies)},
         **summary,
+        "stability": stability,
         "reference_dead_latents": {
             "count": int(dead[reference_index].sum()),
             "share_count_mean": float(features.loc[features["dead"], "share_count"].mean()) if dead[reference_index].any() else None,
@@ -86,6 +92,8 @@ def run_match(sae_dirs: Mapping[int, str], output_dir: str, settings: MatchSetti
     write_dataframe(output / MATCH_OUTPUTS["pairs"], result.pair_table)
     write_dataframe(output / MATCH_OUTPUTS["features"], features)
     plot_max_cosines(result, output / MATCH_OUTPUTS["histogram"], title or "")
+    write_dataframe(output / MATCH_OUTPUTS["threshold_curve"], curve)
+    plot_threshold_curve(curve, threshold, output / MATCH_OUTPUTS["threshold_plot"], title or "")
     write_json(output / MATCH_OUTPUTS["summary"], summary)
     return summary
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
+from scipy.stats import spearmanr
 
 from sae_pipeline.data.atomic import write_dataframe
 from sae_pipeline.layout import reference_condition
@@ -91,6 +92,50 @@ def shared_fraction_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]
             row[column] = float(pair_means[key]) if isinstance(pair_means.get(key), (int, float)) else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def stability_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Per variant, the match summary's ``stability`` section as one row (:mod:`sae_pipeline.stability.measures`):
+    PW-MCC (decoder, encoder) and the pairwise shared fraction with seed-resampled 95% intervals, mean
+    reappearance probability and Spearman's rho with log firing frequency and with the autointerp detection
+    score (reference-seed features that autointerp scored), and the non-shared subspace overlap per rank
+    with its random baseline r / d."""
+    rows = []
+    for variant, inputs in variant_inputs.items():
+        if not inputs.get("match_summary"):
+            continue
+        summary = json.loads(Path(inputs["match_summary"]).read_text())
+        stability = summary.get("stability")
+        if not stability:
+            continue
+        row: dict[str, Any] = {"variant": variant, "condition": inputs["condition"], "n_seeds": len(summary.get("seeds", []))}
+        for name, measure in (("pw_mcc_decoder", stability["pw_mcc"]["decoder"]), ("pw_mcc_encoder", stability["pw_mcc"]["encoder"])):
+            resampled = measure["seed_resampled"]
+            row.update({name: measure["mean"], f"{name}_sd": measure["sd"], f"{name}_low": resampled["low"], f"{name}_high": resampled["high"]})
+        shared = stability["fraction_shared_seed_resampled"]
+        row.update({"pair_fraction_shared": shared["mean"], "pair_fraction_shared_low": shared["low"], "pair_fraction_shared_high": shared["high"]})
+        row["reappearance_mean"] = stability["reappearance"]["mean"]
+        row["rho_firing_frequency"] = stability["reappearance"]["by_log10_firing_frequency"]["spearman_rho"]
+        row["rho_interp_score"] = _reappearance_interp_rho(inputs)
+        for rank, overlap in stability["subspace_overlap"].items():
+            row.update({f"overlap_r{rank}": overlap["overlap_mean"], f"overlap_r{rank}_baseline": overlap["random_baseline"],
+                        f"overlap_r{rank}_low": overlap["seed_resampled"]["low"], f"overlap_r{rank}_high": overlap["seed_resampled"]["high"]})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _reappearance_interp_rho(inputs: Mapping[str, Any]) -> float | None:
+    """Spearman's rho between reappearance and detection score over the features autointerp scored (None if < 3)."""
+    if not inputs.get("match_features") or not inputs.get("autointerp_scores"):
+        return None
+    features = pd.read_parquet(inputs["match_features"])
+    if "reappearance" not in features.columns:
+        return None
+    scores = pd.read_parquet(inputs["autointerp_scores"])[["feature", "detection_score"]]
+    joined = features[["feature", "reappearance"]].merge(scores, on="feature").dropna()
+    if len(joined) < 3 or joined["reappearance"].nunique() < 2 or joined["detection_score"].nunique() < 2:
+        return None
+    return float(spearmanr(joined["reappearance"], joined["detection_score"]).statistic)
 
 
 def autointerp_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
@@ -247,6 +292,7 @@ def run_regression(
         for judge in judges
     }
     shared = shared_fraction_by_condition(variant_inputs)
+    stability = _in_condition_order(stability_by_condition(variant_inputs), order)
     digits = shared_fraction_by_condition(digits_inputs or {})
     digits_verdict = json.loads(Path(digits_summary).read_text()) if digits_summary else None
     autointerp = _in_condition_order(autointerp_by_condition(variant_inputs), order)
@@ -273,5 +319,5 @@ def run_regression(
     plot_k_robustness(outputs["plot_k_robustness"], robustness)
     plot_probing(outputs["plot_probing"], probing)
     write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges, outputs.get("summary_html"), digits_verdict,
-                  judges_report)
+                  judges_report, stability)
     return coefficients

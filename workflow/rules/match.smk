@@ -3,7 +3,8 @@
 
 rule match:
     """MMCS, fraction paired and decoder+encoder Hungarian sharing for every seed pair of one variant;
-    per-feature share_count and category of the reference seed; histogram of max cosines."""
+    per-feature share_count, category and reappearance of the reference seed; histogram of max cosines;
+    PW-MCC, the threshold curve, non-shared subspace overlap and seed-resampled intervals."""
     input:
         lambda wildcards: EXPERIMENT.sae_group_dirs(wildcards.experiment, wildcards.variant),
     output:
@@ -13,6 +14,13 @@ rule match:
         histogram=report(
             LAYOUT.match_file("{experiment}", "{variant}", "histogram"),
             caption="../report/max_cosine_hist.rst",
+            category="Feature matching",
+            labels={"experiment": "{experiment}", "variant": "{variant}"},
+        ),
+        threshold_curve=LAYOUT.match_file("{experiment}", "{variant}", "threshold_curve"),
+        threshold_plot=report(
+            LAYOUT.match_file("{experiment}", "{variant}", "threshold_plot"),
+            caption="../report/threshold_curve.rst",
             category="Feature matching",
             labels={"experiment": "{experiment}", "variant": "{variant}"},
         ),
