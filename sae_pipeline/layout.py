@@ -438,6 +438,7 @@ class Experiment:
                 "evaluate_metrics": layout.evaluate_file(variant, seeds["evaluate"], "metrics"),
                 "evaluate_k_robustness": layout.evaluate_file(variant, seeds["evaluate"], "k_robustness"),
                 "evaluate_probing": layout.evaluate_file(variant, seeds["evaluate"], "probing"),
+                "evaluate_latents": layout.evaluate_file(variant, seeds["evaluate"], "latents"),
                 "sae_group_dirs": self.sae_group_dirs(LANGUAGE_MODEL, variant),
                 "training_curves": self.curves_files(LANGUAGE_MODEL, variant),
                 "autointerp_controls": layout.autointerp_file(variant, seeds["autointerp"], "controls"),

@@ -534,6 +534,7 @@ class AutointerpSettings(Settings):
     offline: OfflineBaselineSettings = field(default_factory=OfflineBaselineSettings)
     llm: JudgeSettings = field(default_factory=JudgeSettings)
     controls: AutointerpControlSettings = field(default_factory=AutointerpControlSettings)
+    partner_seeds: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -275,3 +275,25 @@ def test_evaluation_uses_the_training_holdout(tmp_path, tiny_cache, tiny_topk_sa
     assert metrics["n_tokens"] == int((~last["is_bos"]).sum())
     assert metrics["evaluation_rows"].startswith("training hold-out")
     assert pd.read_csv(outputs["k_robustness"])["ce_sequences"].tolist() == [6]
+
+
+def test_reconstruction_contribution_is_the_exact_drop_one_variance_loss():
+    """Against brute force: zero one latent's code, decode, and measure the added squared error over the total variance."""
+    from sae_pipeline.sae.model import SparseAutoencoder
+    from sae_pipeline.stages.evaluate import _native_pass
+
+    generator = torch.Generator().manual_seed(0)
+    d_in, d_sae = 6, 10
+    tensors = {"W_enc": torch.randn(d_in, d_sae, generator=generator), "W_dec": torch.randn(d_sae, d_in, generator=generator),
+               "b_enc": torch.zeros(d_sae), "b_dec": 0.1 * torch.randn(d_in, generator=generator)}
+    sae = SparseAutoencoder({"architecture": "topk", "k": 3}, tensors)
+    x = torch.randn(40, d_in, generator=generator)
+    native = _native_pass(sae, x, np.zeros(40, dtype=np.int64), batch_size=16)
+    codes = sae.encode(x).double()
+    base_error = ((x.double() - (codes @ sae.W_dec.double() + sae.b_dec.double())) ** 2).sum()
+    total = ((x.double() - x.double().mean(dim=0)) ** 2).sum()
+    for latent in range(d_sae):
+        dropped = codes.clone()
+        dropped[:, latent] = 0
+        error = ((x.double() - (dropped @ sae.W_dec.double() + sae.b_dec.double())) ** 2).sum()
+        assert native["reconstruction_contribution"][latent] == pytest.approx(float((error - base_error) / total), rel=1e-4, abs=1e-7)  # float32 decode

@@ -104,6 +104,12 @@ def test_full_run_produces_every_stage_output(finished_run):
     assert len(list(results.glob("lm/match/*/summary.json"))) == LM_VARIANTS_E2E
     scores = pd.concat(pd.read_parquet(path) for path in results.glob("lm/autointerp/*/seed0/scores.parquet"))
     assert {"feature", "explanation", "detection_score", "fuzzing_score"} <= set(scores.columns)
+    # autointerp.partner_seeds [1, 2]: the matched partners are explained and compared (cosine of unit embeddings).
+    explained = scores[scores["explanation"].notna() & (scores["partner_seed1"] >= 0)]
+    agreement = explained["explanation_agreement_seed1"].dropna()
+    assert len(agreement) and agreement.between(-1.0001, 1.0001).all()
+    assert {"partner_explanation_seed2", "explanation_agreement"} <= set(scores.columns)
+    assert "Stability beyond the shared fraction" in (results / "lm/regress/summary.md").read_text()
     rows = pd.concat(pd.read_parquet(path) for path in results.glob("lm/steer/*/seed0/rows.parquet"))
     assert {"original", "steered", "strength", "embedding_score", "embedding_success"} <= set(rows.columns)
     assert len(list(results.glob("lm/evaluate/*/seed0/metrics.json"))) == LM_VARIANTS_E2E

@@ -185,17 +185,26 @@ def _section_stability(stability: pd.DataFrame | None) -> list[str]:
         "PW-MCC: mean |cos| of latents matched one-to-one (optimal assignment), over seed pairs; shared per pair at "
         "the match threshold; brackets are 95% intervals from resampling seeds (with 3 seeds they span the pairs' "
         "own spread). Reappearance: share of the other seeds in which a reference feature is shared, with Spearman's "
-        "rho against log firing frequency and against the autointerp detection score.\n"
+        "rho against log firing frequency, the autointerp detection score and the latent's reconstruction "
+        "contribution (share of the variance lost when it alone is dropped; evaluate stage, same seed).\n"
     )
     rows = [
         [row.condition, row.n_seeds, format_interval(row.pw_mcc_decoder, row.pw_mcc_decoder_low, row.pw_mcc_decoder_high),
          format_interval(row.pw_mcc_encoder, row.pw_mcc_encoder_low, row.pw_mcc_encoder_high),
          format_interval(row.pair_fraction_shared, row.pair_fraction_shared_low, row.pair_fraction_shared_high),
-         format_interval(row.reappearance_mean), format_interval(row.rho_firing_frequency, digits=2), format_interval(row.rho_interp_score, digits=2)]
+         format_interval(row.reappearance_mean), format_interval(row.rho_firing_frequency, digits=2), format_interval(row.rho_interp_score, digits=2),
+         format_interval(row.rho_reconstruction_contribution, digits=2)]
         for row in stability.itertuples()
     ]
     lines.append(markdown_table(["condition", "seeds", "PW-MCC decoder", "PW-MCC encoder", "shared per pair", "reappearance (mean)",
-                                 "rho vs firing freq.", "rho vs interp score"], rows))
+                                 "rho vs firing freq.", "rho vs interp score", "rho vs reconstruction contribution"], rows))
+    if "agreement_shared" in stability.columns:
+        lines.append("Explanation agreement: cosine (all-MiniLM-L6-v2) between a feature's explanation and those of its one-to-one "
+                     "decoder partners in the other seeds (`autointerp.partner_seeds`), mean over interpreted features [normal 95%]:\n")
+        rows = [[row["condition"], f"{format_interval(row['agreement_shared'], row['agreement_shared_low'], row['agreement_shared_high'])} (n={row['agreement_shared_n']})",
+                 f"{format_interval(row['agreement_never'], row['agreement_never_low'], row['agreement_never_high'])} (n={row['agreement_never_n']})"]
+                for _, row in stability.iterrows()]
+        lines.append(markdown_table(["condition", "shared in some pair", "never shared"], rows))
     ranks = sorted({int(column[len("overlap_r"):]) for column in stability.columns if column.startswith("overlap_r") and column[len("overlap_r"):].isdigit()})
     if ranks:
         lines.append("Subspace overlap of the features *not* shared in a pair, (1/r)||U_a^T U_b||_F^2 of their top-r decoder "

@@ -137,8 +137,10 @@ def interpret_features(
     settings: Mapping[str, Any],
     random_seed: int,
     audit: list[dict[str, Any]],
+    explain_only: bool = False,
 ) -> list[_FeatureRecord]:
     """Explain and score every feature in ``examples`` with ``backend``; appends audit records to ``audit``.
+    With ``explain_only`` the explanations are not scored.
 
     ``settings`` is the whole autointerp section (uses ``explain``, ``score``, ``mining``).
     Features with fewer than ``score.min_activating_contexts`` activating contexts are not sent to
@@ -172,6 +174,8 @@ def interpret_features(
         else:
             record.explanation = outcome.value
 
+    if explain_only:
+        return [records[feature] for feature in examples]
     tasks = [
         task
         for feature in ready
@@ -267,6 +271,49 @@ def control_scores(sequences: np.ndarray, token_text: TokenText, backend: Any, s
     return table
 
 
+def partner_explanations(store: ActivationStore, sequences: np.ndarray, table: pd.DataFrame, sharedness_path: str | os.PathLike,
+                         partner_sae_dirs: Mapping[int, str | os.PathLike], backend: Any, settings: AutointerpSettings, random_seed: int,
+                         audit: list[dict[str, Any]], device: str) -> pd.DataFrame:
+    """Explanation agreement across seeds: each interpreted feature's one-to-one decoder partner in every seed of
+    ``partner_sae_dirs`` (``decoder_partner_seed{s}`` of the match stage's table) is mined and explained by the same
+    backend, and the two explanations compared by the sentence model's cosine (all-MiniLM-L6-v2).
+
+    Returns ``table`` with ``partner_seed{s}``, ``partner_explanation_seed{s}``, ``explanation_agreement_seed{s}`` per
+    partner seed and ``explanation_agreement`` (their mean), NaN where a partner is missing or was not explained.
+    """
+    from sae_pipeline.judges.embedding import EmbeddingJudge
+
+    matched = pd.read_parquet(sharedness_path)
+    judge = EmbeddingJudge(device="cpu")
+    agreement_columns = []
+    for seed, folder in partner_sae_dirs.items():
+        column = f"decoder_partner_seed{seed}"
+        if column not in matched.columns:
+            raise ValueError(f"{sharedness_path} has no column {column}: autointerp.partner_seeds {seed} is not a matched seed of this variant")
+        partner_of = dict(zip(matched["feature"].astype(int), matched[column].astype(int)))
+        partners = {feature: partner_of.get(int(feature), -1) for feature in table["feature"] if table.loc[table["feature"] == feature, "explanation"].notna().any()}
+        wanted = sorted({partner for partner in partners.values() if partner >= 0})
+        partner_sae = load_sae(folder, device)
+        examples = mine_examples(store, partner_sae, wanted, settings.mining, random_seed)
+        partner_audit: list[dict[str, Any]] = []
+        records = {record.feature: record for record in interpret_features(examples, sequences, backend, settings, random_seed, partner_audit, explain_only=True)}
+        audit.extend({**entry, "partner_seed": int(seed)} for entry in partner_audit)
+        explanations = [records[partners[feature]].explanation if partners.get(feature, -1) in records else None for feature in table["feature"]]
+        own = table["explanation"].tolist()
+        pairs = [(index, str(mine), str(theirs)) for index, (mine, theirs) in enumerate(zip(own, explanations)) if isinstance(mine, str) and isinstance(theirs, str)]
+        agreement = np.full(len(table), np.nan)
+        if pairs:
+            first, second = judge.embed([mine for _, mine, _ in pairs]), judge.embed([theirs for _, _, theirs in pairs])
+            agreement[[index for index, _, _ in pairs]] = np.sum(first * second, axis=1)
+        table[f"partner_seed{seed}"] = pd.array([partners.get(feature, -1) for feature in table["feature"]], dtype="Int64")
+        table[f"partner_explanation_seed{seed}"] = pd.array(explanations, dtype="string")
+        table[f"explanation_agreement_seed{seed}"] = agreement
+        agreement_columns.append(f"explanation_agreement_seed{seed}")
+        logger.info("autointerp: partners in seed %d explained for %d features; mean explanation agreement %.3f", seed, len(pairs), float(np.nanmean(agreement)) if pairs else float("nan"))
+    table["explanation_agreement"] = table[agreement_columns].mean(axis=1) if agreement_columns else np.nan
+    return table
+
+
 def corpus_token_counts(sequences: np.ndarray, vocab_size: int) -> np.ndarray:
     """Occurrences of each token id in the cached sequences, BOS positions excluded: [vocab_size] int64."""
     return np.bincount(sequences[:, 1:].reshape(-1), minlength=vocab_size).astype(np.int64)
@@ -284,6 +331,7 @@ def run_autointerp(
     controls_path: str | os.PathLike | None = None,
     lm_judge: LikelihoodJudgeSettings | Mapping[str, Any] | None = None,
     lm_model: str | None = None,
+    partner_sae_dirs: Mapping[int, str | os.PathLike] | None = None,
 ) -> pd.DataFrame:
     """The ``autointerp`` rule: select features, mine, explain, score; write ``scores.parquet`` and ``audit.jsonl``.
 
@@ -298,6 +346,8 @@ def run_autointerp(
             single-token features (``controls.n_tokens`` of the commonest words), explained and scored
             by the same backend; a working judge scores them high.
         lm_judge, lm_model: the ``lm_judge`` section and the judge model (Hub id or folder), backend ``lm`` only.
+        partner_sae_dirs: ``{seed: SAE folder}`` of ``autointerp.partner_seeds``: their matched partners of the
+            interpreted features are explained too, for explanation agreement (:func:`partner_explanations`).
 
     Returns the scores table as written.
     """
@@ -345,6 +395,10 @@ def run_autointerp(
     audit: list[dict[str, Any]] = []
     records = interpret_features(examples, sequences, backend, settings, random_seed, audit)
     table = scores_table(records, sharedness, backend)
+    if partner_sae_dirs:
+        if sharedness_path is None:
+            raise ValueError("autointerp.partner_seeds needs the match stage's features table (their partners come from it)")
+        table = partner_explanations(store, sequences, table, sharedness_path, partner_sae_dirs, backend, settings, random_seed, audit, device)
     failure_steps = [failure["step"] for record in records for failure in record.failures]
     summary = {
         "task": "run_summary",

@@ -96,14 +96,25 @@ def evaluation_set(store: ActivationStore, holdout_rows: int, max_tokens: int, c
 
 
 def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray, batch_size: int) -> dict[str, Any]:
-    """One pass at the trained sparsity: firing counts, code concentration, and nonzero (latent, token, value) triplets."""
+    """One pass at the trained sparsity: firing counts, code concentration, nonzero (latent, token, value)
+    triplets, and each latent's reconstruction contribution.
+
+    The contribution of latent ``i`` is the share of the total variance ``sum_t ||x_t - mean||^2`` that the
+    reconstruction loses when that latent alone is dropped (codes of the others kept):
+    ``sum_t ||z_ti d_i||^2 + 2 z_ti d_i . (x_t - x_hat_t)`` over the evaluation rows, divided by the total.
+    """
     fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=x.device)
+    drop_one = torch.zeros(sae.d_sae, dtype=torch.float64, device=x.device)
+    total_variance = float(((x.double() - x.double().mean(dim=0)) ** 2).sum())
+    decoder_norms_squared = (sae.W_dec.double() ** 2).sum(dim=1)
     effective, ratio, zero_rows = [], [], 0
     latents, tokens, values = [], [], []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
             codes = sae.encode(x[start : start + batch_size])
             fires += (codes > 0).sum(dim=0).double()
+            error = (x[start : start + batch_size] - sae.decode(codes)).double()
+            drop_one += (codes.double() ** 2).sum(dim=0) * decoder_norms_squared + 2 * (codes.double() * (error @ sae.W_dec.double().T)).sum(dim=0)
             batch_effective, batch_ratio = code_concentration(codes)
             effective.append(batch_effective.cpu())
             ratio.append(batch_ratio.cpu())
@@ -114,6 +125,7 @@ def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray,
             values.append(codes[row, column].cpu().numpy())
     return {
         "frequency": (fires / x.shape[0]).cpu().numpy(),
+        "reconstruction_contribution": (drop_one / max(total_variance, 1e-30)).cpu().numpy(),
         "effective_latents": torch.cat(effective).numpy(),
         "l1_over_l2": torch.cat(ratio).numpy(),
         "zero_code_rows": zero_rows,
@@ -247,6 +259,7 @@ def run_evaluation(
     token_strings = _decode_vocabulary(bridge.tokenizer, int(bridge.cfg.d_vocab))
     latents = monosemanticity_proxies(native["latent"], native["token_id"], native["value"], sae.d_sae, settings.top_activations)
     latents.insert(1, "firing_frequency", native["frequency"])
+    latents.insert(2, "reconstruction_contribution", native["reconstruction_contribution"])
     latents["top_token"] = [token_strings[index] if 0 <= index < len(token_strings) else "" for index in latents["top_token_id"]]
     latents["scored"] = latents["n_activations"] >= settings.min_activations
     for key, value in identity.items():

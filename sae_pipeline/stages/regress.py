@@ -97,8 +97,8 @@ def shared_fraction_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]
 def stability_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Per variant, the match summary's ``stability`` section as one row (:mod:`sae_pipeline.stability.measures`):
     PW-MCC (decoder, encoder) and the pairwise shared fraction with seed-resampled 95% intervals, mean
-    reappearance probability and Spearman's rho with log firing frequency and with the autointerp detection
-    score (reference-seed features that autointerp scored), and the non-shared subspace overlap per rank
+    reappearance probability and Spearman's rho with log firing frequency, with the autointerp detection
+    score (reference-seed features that autointerp scored) and with the reconstruction contribution (evaluate), and the non-shared subspace overlap per rank
     with its random baseline r / d."""
     rows = []
     for variant, inputs in variant_inputs.items():
@@ -116,7 +116,9 @@ def stability_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> p
         row.update({"pair_fraction_shared": shared["mean"], "pair_fraction_shared_low": shared["low"], "pair_fraction_shared_high": shared["high"]})
         row["reappearance_mean"] = stability["reappearance"]["mean"]
         row["rho_firing_frequency"] = stability["reappearance"]["by_log10_firing_frequency"]["spearman_rho"]
-        row["rho_interp_score"] = _reappearance_interp_rho(inputs)
+        row["rho_interp_score"] = _reappearance_rho(inputs, "autointerp_scores", "feature", "detection_score")
+        row["rho_reconstruction_contribution"] = _reappearance_rho(inputs, "evaluate_latents", "latent", "reconstruction_contribution")
+        row.update(_explanation_agreement(inputs))
         for rank, overlap in stability["subspace_overlap"].items():
             row.update({f"overlap_r{rank}": overlap["overlap_mean"], f"overlap_r{rank}_baseline": overlap["random_baseline"],
                         f"overlap_r{rank}_low": overlap["seed_resampled"]["low"], f"overlap_r{rank}_high": overlap["seed_resampled"]["high"]})
@@ -124,18 +126,40 @@ def stability_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> p
     return pd.DataFrame(rows)
 
 
-def _reappearance_interp_rho(inputs: Mapping[str, Any]) -> float | None:
-    """Spearman's rho between reappearance and detection score over the features autointerp scored (None if < 3)."""
-    if not inputs.get("match_features") or not inputs.get("autointerp_scores"):
+def _explanation_agreement(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Mean explanation agreement (autointerp ``explanation_agreement``: cosine of a feature's explanation and its
+    partners' in the other seeds) over features shared in some pair and over never-shared ones, normal 95% intervals."""
+    if not inputs.get("autointerp_scores"):
+        return {}
+    scores = pd.read_parquet(inputs["autointerp_scores"])
+    if "explanation_agreement" not in scores.columns:
+        return {}
+    agreement = pd.to_numeric(scores["explanation_agreement"], errors="coerce")
+    shared = pd.to_numeric(scores["share_count"], errors="coerce").fillna(0) > 0
+    row = {}
+    for name, mask in (("shared", shared), ("never", ~shared & (scores["category"] == "never"))):
+        interval = mean_with_interval(agreement[mask].dropna().to_numpy())
+        row.update({f"agreement_{name}": interval["mean"], f"agreement_{name}_low": interval["ci_low"], f"agreement_{name}_high": interval["ci_high"],
+                    f"agreement_{name}_n": interval["n"]})
+    return row
+
+
+def _reappearance_rho(inputs: Mapping[str, Any], table_key: str, id_column: str, value_column: str) -> float | None:
+    """Spearman's rho between the reference seed's reappearance (match ``features.parquet``) and a per-latent
+    value of the same seed's SAE in another stage's table (``inputs[table_key]``: its ``id_column`` holds the
+    latent, ``seed`` if present must be the match's reference seed); None when fewer than 3 latents join."""
+    if not inputs.get("match_features") or not inputs.get(table_key):
         return None
     features = pd.read_parquet(inputs["match_features"])
-    if "reappearance" not in features.columns:
+    other = pd.read_parquet(inputs[table_key])
+    if "reappearance" not in features.columns or value_column not in other.columns:
         return None
-    scores = pd.read_parquet(inputs["autointerp_scores"])[["feature", "detection_score"]]
-    joined = features[["feature", "reappearance"]].merge(scores, on="feature").dropna()
-    if len(joined) < 3 or joined["reappearance"].nunique() < 2 or joined["detection_score"].nunique() < 2:
+    if "seed" in other.columns and len(features) and set(other["seed"].unique()) != {features["seed"].iloc[0]}:
         return None
-    return float(spearmanr(joined["reappearance"], joined["detection_score"]).statistic)
+    joined = features[["feature", "reappearance"]].merge(other[[id_column, value_column]].rename(columns={id_column: "feature"}), on="feature").dropna()
+    if len(joined) < 3 or joined["reappearance"].nunique() < 2 or joined[value_column].nunique() < 2:
+        return None
+    return float(spearmanr(joined["reappearance"], joined[value_column]).statistic)
 
 
 def autointerp_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:

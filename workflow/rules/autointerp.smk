@@ -7,6 +7,7 @@ rule autointerp:
         manifest=LAYOUT.cache_manifest(LANGUAGE_MODEL),
         sae_group=lambda wildcards: EXPERIMENT.sae_group_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
         sharedness=LAYOUT.match_file(LANGUAGE_MODEL, "{variant}", "features"),
+        partner_sae_groups=lambda wildcards: sorted({EXPERIMENT.sae_group_dir_of(LANGUAGE_MODEL, wildcards.variant, seed) for seed in config["autointerp"].get("partner_seeds", [])}),
         lm_model=lm_judge_inputs(config["autointerp"]["backend"] == "lm"),
     output:
         scores=LAYOUT.autointerp_file("{variant}", "{seed}", "scores"),
@@ -15,6 +16,7 @@ rule autointerp:
     params:
         settings=autointerp_settings(),
         sae=lambda wildcards: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
+        partner_sae_dirs=lambda wildcards: {seed: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, seed) for seed in config["autointerp"].get("partner_seeds", [])},
         judge_cache_dir=autointerp_judge_cache_dir() if config["autointerp"]["backend"] == "llm" else None,
         # the in-process judge's settings only when it is the backend, so they do not rerun other backends' jobs
         lm_judge=config.get("lm_judge", {}) if config["autointerp"]["backend"] == "lm" else None,

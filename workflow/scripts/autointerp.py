@@ -17,4 +17,5 @@ with stage_log(snakemake.log[0], "autointerp"), gpu_slot_for(snakemake):
         controls_path=snakemake.output.controls,
         lm_judge=snakemake.params.lm_judge,
         lm_model=snakemake.params.lm_model,
+        partner_sae_dirs=snakemake.params.partner_sae_dirs,
     )
