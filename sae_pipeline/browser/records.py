@@ -116,19 +116,19 @@ def partner_columns(features: pd.DataFrame, seeds: Sequence[int], reference_seed
     return columns
 
 
-def steering_examples(rows: pd.DataFrame | None, feature: int, judges: Sequence[str]) -> list[dict[str, Any]]:
-    """The steered vs unsteered continuations of ``feature``: prompt, both texts, strength, each judge's score and verdict."""
+def steering_examples(rows: pd.DataFrame | None, judges: Sequence[str]) -> dict[int, list[dict[str, Any]]]:
+    """Per steered feature, its steered vs unsteered continuations: prompt, both texts, strength, each judge's score and verdict."""
     if rows is None or rows.empty:
-        return []
-    examples = []
-    for row in rows[rows["feature"] == feature].itertuples(index=False):
+        return {}
+    examples: dict[int, list[dict[str, Any]]] = {}
+    for row in rows.itertuples(index=False):
         row = row._asdict()
         verdicts = {
             judge: {"score": _number(row.get(f"{judge}_score")), "success": None if pd.isna(row.get(f"{judge}_success")) else bool(row.get(f"{judge}_success"))}
             for judge in judges
             if f"{judge}_success" in row
         }
-        examples.append({"prompt": row["prompt"], "unsteered": row["original"], "steered": row["steered"], "strength": _number(row.get("strength")), "judges": verdicts})
+        examples.setdefault(int(row["feature"]), []).append({"prompt": row["prompt"], "unsteered": row["original"], "steered": row["steered"], "strength": _number(row.get("strength")), "judges": verdicts})
     return examples
 
 
@@ -168,9 +168,11 @@ def gather_records(inputs: Mapping[str, Any], settings: BrowserSettings | Mappin
         partner_contexts[seed] = miner(sae_dirs[seed], wanted)
     top_tokens = latents.set_index("latent")["top_token"] if latents is not None and "top_token" in latents else None
     explained = scores.set_index("feature") if scores is not None and not scores.empty else None
+    listed = table.set_index("feature")
+    steering = steering_examples(rows, judges)
     pages = {}
     for feature in chosen:
-        entry = table[table["feature"] == feature].iloc[0]
+        entry = listed.loc[feature]
         page: dict[str, Any] = {
             "feature": feature,
             "category": entry["category"],
@@ -182,7 +184,7 @@ def gather_records(inputs: Mapping[str, Any], settings: BrowserSettings | Mappin
             "steering_success": entry["steering_success"],
             "top_token": None if top_tokens is None or feature not in top_tokens.index else str(top_tokens[feature]),
             "contexts": own_contexts.get(feature, {}),
-            "steering": steering_examples(rows, feature, judges),
+            "steering": steering.get(feature, []),
             "partners": [],
         }
         for seed, names in partners.items():
