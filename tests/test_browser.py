@@ -17,7 +17,15 @@ from sae_pipeline.layout import ResultsLayout
 from sae_pipeline.settings import BrowserSettings
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 SEEDS = (0, 1, 2)
 N_FEATURES = 12
 VARIANTS = {"topk-k4-l2w0-noreg": "l2w0+noreg", "topk-k4-l2w1e-03-noreg": "l2w1e-03+noreg"}
@@ -32,15 +40,23 @@ def match_features_table() -> pd.DataFrame:
     for feature in range(N_FEATURES):
         share_count = 0 if feature == 11 else feature % 4
         row = {
-            "seed": 0, "feature": feature, "included": feature != 11, "dead": feature == 11, "firing_frequency": 0.001 * (feature + 1),
-            "share_count": share_count, "direct_share_count": share_count,
+            "seed": 0,
+            "feature": feature,
+            "included": feature != 11,
+            "dead": feature == 11,
+            "firing_frequency": 0.001 * (feature + 1),
+            "share_count": share_count,
+            "direct_share_count": share_count,
             "category": "dead" if feature == 11 else {0: "never", 3: "always"}.get(share_count, "sometimes"),
         }
         for seed in SEEDS[1:]:
             row |= {
-                f"decoder_partner_seed{seed}": (feature + seed) % N_FEATURES, f"decoder_cosine_seed{seed}": 0.5 + 0.04 * feature,
-                f"encoder_partner_seed{seed}": (feature + seed) % N_FEATURES, f"encoder_cosine_seed{seed}": 0.4 + 0.04 * feature,
-                f"max_decoder_cosine_seed{seed}": 0.5 + 0.04 * feature, f"max_encoder_cosine_seed{seed}": 0.4 + 0.04 * feature,
+                f"decoder_partner_seed{seed}": (feature + seed) % N_FEATURES,
+                f"decoder_cosine_seed{seed}": 0.5 + 0.04 * feature,
+                f"encoder_partner_seed{seed}": (feature + seed) % N_FEATURES,
+                f"encoder_cosine_seed{seed}": 0.4 + 0.04 * feature,
+                f"max_decoder_cosine_seed{seed}": 0.5 + 0.04 * feature,
+                f"max_encoder_cosine_seed{seed}": 0.4 + 0.04 * feature,
             }
         row |= {"shared_seeds0-1": share_count >= 2, "shared_seeds0-2": share_count == 3, "shared_seeds1-2": False}
         rows.append(row)
@@ -51,25 +67,61 @@ def write_stage_outputs(root: Path) -> ResultsLayout:
     """Match, autointerp, steer and evaluate outputs of two variants in the files and columns those stages write."""
     layout = ResultsLayout(str(root))
     for variant in VARIANTS:
-        for path in (layout.match_file("lm", variant, "features"), layout.autointerp_file(variant, 0, "scores"), layout.steer_file(variant, 0, "rows"), layout.evaluate_file(variant, 0, "latents")):
+        for path in (
+            layout.match_file("lm", variant, "features"),
+            layout.autointerp_file(variant, 0, "scores"),
+            layout.steer_file(variant, 0, "rows"),
+            layout.evaluate_file(variant, 0, "latents"),
+        ):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         match_features_table().to_parquet(layout.match_file("lm", variant, "features"))
-        summary = {"seeds": list(SEEDS), "reference_seed": 0, "threshold": 0.7, "mean_over_pairs": {"mmcs_decoder": 0.61, "fraction_shared": 0.25},
-                   "reference_counts": {"always": 3, "sometimes": 5, "never": 3, "dead": 1}}
+        summary = {
+            "seeds": list(SEEDS),
+            "reference_seed": 0,
+            "threshold": 0.7,
+            "mean_over_pairs": {"mmcs_decoder": 0.61, "fraction_shared": 0.25},
+            "reference_counts": {"always": 3, "sometimes": 5, "never": 3, "dead": 1},
+        }
         Path(layout.match_file("lm", variant, "summary")).write_text(json.dumps(summary))
-        pd.DataFrame({
-            "feature": [2, 3, 7], "category": ["sometimes", "always", "always"], "share_count": pd.array([2, 3, 3], dtype="Int64"),
-            "explanation": ["cats and dogs", "the word </script>", "sheep"], "detection_score": [0.9, 0.7, 0.55], "fuzzing_score": [0.8, 0.6, 0.5],
-            "n_examples": [20, 20, 20], "tokens_spent": [0, 0, 0], "judge_model": ["offline"] * 3, "backend": ["offline"] * 3, "failures": ["[]"] * 3,
-        }).to_parquet(layout.autointerp_file(variant, 0, "scores"))
-        pd.DataFrame({
-            "feature": [3, 3, 3, 7, 7], "category": ["always"] * 5, "share_count": pd.array([3] * 5, dtype="Int64"), "interp_score": [0.7] * 3 + [0.55] * 2,
-            "fuzzing_score": [0.6] * 5, "explanation": ["x"] * 5, "prompt": ["In recent years,", "A common example of", "Many people", "In recent years,", "A common example of"],
-            "original": ["plain text"] * 5, "steered": ["steered text"] * 5, "strength": [8.0] * 5, "strength_mode": ["resid_rms"] * 5,
-            "embedding_score": [0.3, 0.1, 0.2, 0.0, 0.4], "embedding_success": pd.array([True, False, True, False, False], dtype="boolean"),
-            "lm_score": [np.nan] * 5, "lm_success": pd.array([None] * 5, dtype="boolean"), "sampling_seed": [0] * 5, "greedy": [False] * 5,
-        }).to_parquet(layout.steer_file(variant, 0, "rows"))
-        pd.DataFrame({"latent": range(N_FEATURES), "top_token": [f" tok{feature}" for feature in range(N_FEATURES)]}).to_parquet(layout.evaluate_file(variant, 0, "latents"))
+        pd.DataFrame(
+            {
+                "feature": [2, 3, 7],
+                "category": ["sometimes", "always", "always"],
+                "share_count": pd.array([2, 3, 3], dtype="Int64"),
+                "explanation": ["cats and dogs", "the word </script>", "sheep"],
+                "detection_score": [0.9, 0.7, 0.55],
+                "fuzzing_score": [0.8, 0.6, 0.5],
+                "n_examples": [20, 20, 20],
+                "tokens_spent": [0, 0, 0],
+                "judge_model": ["offline"] * 3,
+                "backend": ["offline"] * 3,
+                "failures": ["[]"] * 3,
+            }
+        ).to_parquet(layout.autointerp_file(variant, 0, "scores"))
+        pd.DataFrame(
+            {
+                "feature": [3, 3, 3, 7, 7],
+                "category": ["always"] * 5,
+                "share_count": pd.array([3] * 5, dtype="Int64"),
+                "interp_score": [0.7] * 3 + [0.55] * 2,
+                "fuzzing_score": [0.6] * 5,
+                "explanation": ["x"] * 5,
+                "prompt": ["In recent years,", "A common example of", "Many people", "In recent years,", "A common example of"],
+                "original": ["plain text"] * 5,
+                "steered": ["steered text"] * 5,
+                "strength": [8.0] * 5,
+                "strength_mode": ["resid_rms"] * 5,
+                "embedding_score": [0.3, 0.1, 0.2, 0.0, 0.4],
+                "embedding_success": pd.array([True, False, True, False, False], dtype="boolean"),
+                "lm_score": [np.nan] * 5,
+                "lm_success": pd.array([None] * 5, dtype="boolean"),
+                "sampling_seed": [0] * 5,
+                "greedy": [False] * 5,
+            }
+        ).to_parquet(layout.steer_file(variant, 0, "rows"))
+        pd.DataFrame({"latent": range(N_FEATURES), "top_token": [f" tok{feature}" for feature in range(N_FEATURES)]}).to_parquet(
+            layout.evaluate_file(variant, 0, "latents")
+        )
     return layout
 
 
@@ -78,9 +130,12 @@ def fake_miner(sae_folder: str, features: list[int]) -> dict[int, dict]:
     seed = Path(sae_folder).name
     return {
         feature: {
-            "top": [{"tokens": ["The", f" {seed}f{feature}", " end"], "activations": [0.0, float(feature + 1), 0.25 * (feature + 1)]}],
+            "top": [
+                {"tokens": ["The", f" {seed}f{feature}", " end"], "activations": [0.0, float(feature + 1), 0.25 * (feature + 1)]}
+            ],
             "quantiles": [[{"tokens": ["low", f" q{feature}"], "activations": [0.0, 0.5]}], []],
-            "max_activation": float(feature + 1), "n_firing_tokens": 10 * (feature + 1),
+            "max_activation": float(feature + 1),
+            "n_firing_tokens": 10 * (feature + 1),
         }
         for feature in features
     }
@@ -88,10 +143,14 @@ def fake_miner(sae_folder: str, features: list[int]) -> dict[int, dict]:
 
 def browser_inputs(layout: ResultsLayout, variant: str) -> dict:
     return {
-        "variant": variant, "condition": VARIANTS[variant],
-        "match_features": layout.match_file("lm", variant, "features"), "match_summary": layout.match_file("lm", variant, "summary"),
-        "match_histogram": layout.match_file("lm", variant, "histogram"), "autointerp_scores": layout.autointerp_file(variant, 0, "scores"),
-        "steer_rows": layout.steer_file(variant, 0, "rows"), "evaluate_latents": layout.evaluate_file(variant, 0, "latents"),
+        "variant": variant,
+        "condition": VARIANTS[variant],
+        "match_features": layout.match_file("lm", variant, "features"),
+        "match_summary": layout.match_file("lm", variant, "summary"),
+        "match_histogram": layout.match_file("lm", variant, "histogram"),
+        "autointerp_scores": layout.autointerp_file(variant, 0, "scores"),
+        "steer_rows": layout.steer_file(variant, 0, "rows"),
+        "evaluate_latents": layout.evaluate_file(variant, 0, "latents"),
         "sae_dirs": {str(seed): layout.sae_dir("lm", variant, "seeds0-1-2", seed) for seed in SEEDS},
     }
 
@@ -108,8 +167,13 @@ def site(tmp_path_factory) -> Path:
 
 
 def test_steering_success_takes_the_first_judge_with_verdicts():
-    rows = pd.DataFrame({"feature": [3, 3, 3, 7], "lm_success": pd.array([None] * 4, dtype="boolean"),
-                         "embedding_success": pd.array([True, False, True, False], dtype="boolean")})
+    rows = pd.DataFrame(
+        {
+            "feature": [3, 3, 3, 7],
+            "lm_success": pd.array([None] * 4, dtype="boolean"),
+            "embedding_success": pd.array([True, False, True, False], dtype="boolean"),
+        }
+    )
     rates, judge = steering_success(rows, ["lm", "embedding"])
     assert judge == "embedding" and rates == pytest.approx({3: 2 / 3, 7: 0.0})
 
@@ -120,33 +184,58 @@ def test_records_list_every_feature_and_give_pages_to_studied_features_first(tmp
     records = gather_records(browser_inputs(layout, variant), SETTINGS, ["lm", "embedding"], fake_miner)
     rows = {row[0]: dict(zip(records["list"]["columns"], row)) for row in records["list"]["rows"]}
     assert len(rows) == N_FEATURES
-    assert rows[3]["interp_score"] == 0.7 and rows[3]["steering_success"] == pytest.approx(2 / 3, abs=1e-4) and rows[3]["category"] == "always"
+    assert (
+        rows[3]["interp_score"] == 0.7
+        and rows[3]["steering_success"] == pytest.approx(2 / 3, abs=1e-4)
+        and rows[3]["category"] == "always"
+    )
     assert rows[0]["interp_score"] is None and rows[0]["steering_success"] is None
     # explained or steered first: 7, 3 (share count 3; frequency 0.008 > 0.004), 2 (share count 2); then the
     # others by share count and frequency: 10, 6 (share count 2); the dead 11 never
     assert list(records["pages"]) == ["7", "3", "2", "10", "6"]
     page = records["pages"]["3"]
     assert page["explanation"] == "the word </script>" and page["fuzzing_score"] == 0.6 and page["top_token"] == " tok3"
-    assert [(partner["seed"], partner["feature"], partner["shared"]) for partner in page["partners"]] == [(1, 4, True), (2, 5, True)]
-    assert page["partners"][0]["decoder_cosine"] == pytest.approx(0.62) and page["partners"][1]["contexts"]["top"][0]["tokens"][1] == " seed2f5"
+    assert [(partner["seed"], partner["feature"], partner["shared"]) for partner in page["partners"]] == [
+        (1, 4, True),
+        (2, 5, True),
+    ]
+    assert (
+        page["partners"][0]["decoder_cosine"] == pytest.approx(0.62)
+        and page["partners"][1]["contexts"]["top"][0]["tokens"][1] == " seed2f5"
+    )
     assert len(page["steering"]) == 3 and page["steering"][0]["judges"]["embedding"] == {"score": 0.3, "success": True}
 
 
 def test_page_order_skips_dead_latents_and_caps_the_count():
-    table = pd.DataFrame({"feature": [0, 1, 2, 3], "category": ["dead", "never", "always", "never"], "share_count": [0, 0, 3, 0],
-                          "firing_frequency": [0.0, 0.2, 0.01, 0.3], "interp_score": [None, None, None, 0.5], "steering_success": [None] * 4})
+    table = pd.DataFrame(
+        {
+            "feature": [0, 1, 2, 3],
+            "category": ["dead", "never", "always", "never"],
+            "share_count": [0, 0, 3, 0],
+            "firing_frequency": [0.0, 0.2, 0.01, 0.3],
+            "interp_score": [None, None, None, 0.5],
+            "steering_success": [None] * 4,
+        }
+    )
     assert page_features(table, 3) == [3, 2, 1]
     assert page_features(table, 1) == [3]
 
 
 def test_contexts_of_shows_top_contexts_and_one_draw_per_quantile():
     sequences = np.arange(40, dtype=np.int64).reshape(4, 10)
-    sampled = ContextSet(np.array([0, 1, 2, 3]), np.array([2, 2, 2, 2]), np.array([[0, 1, 0], [0, 2, 0], [0, 3, 0], [0, 4, 0]], dtype=np.float32))
+    sampled = ContextSet(
+        np.array([0, 1, 2, 3]), np.array([2, 2, 2, 2]), np.array([[0, 1, 0], [0, 2, 0], [0, 3, 0], [0, 4, 0]], dtype=np.float32)
+    )
     top = ContextSet(np.array([3, 2, 1]), np.array([0, 4, 4]), np.array([[0, 9, 1], [0, 8, 0], [7, 0, 0]], dtype=np.float32))
-    examples = FeatureExamples(5, top, sampled, ContextSet(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.float32)), 11, 9.0)
+    examples = FeatureExamples(
+        5, top, sampled, ContextSet(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3), np.float32)), 11, 9.0
+    )
     shown = contexts_of(examples, sequences, lambda token: f"<{token}>", SETTINGS, 0)
     # top context of doc 3 starts at 0: slot 0 is BOS and dropped, so tokens 31, 32 with activations 9, 1
-    assert shown["top"] == [{"tokens": ["<31>", "<32>"], "activations": [9.0, 1.0]}, {"tokens": ["<24>", "<25>", "<26>"], "activations": [0.0, 8.0, 0.0]}]
+    assert shown["top"] == [
+        {"tokens": ["<31>", "<32>"], "activations": [9.0, 1.0]},
+        {"tokens": ["<24>", "<25>", "<26>"], "activations": [0.0, 8.0, 0.0]},
+    ]
     assert len(shown["quantiles"]) == 2 and [len(part) for part in shown["quantiles"]] == [1, 1]
     low, high = (max(part[0]["activations"]) for part in shown["quantiles"])
     assert low in (1.0, 2.0) and high in (3.0, 4.0)
@@ -155,7 +244,12 @@ def test_contexts_of_shows_top_contexts_and_one_draw_per_quantile():
 
 def test_site_files_chunks_and_safe_literals(site):
     data = site.parent / "data"
-    assert sorted(path.name for path in (data / "topk-k4-l2w0-noreg").iterdir()) == ["chunk-0.js", "chunk-1.js", "chunk-2.js", "list.js"]
+    assert sorted(path.name for path in (data / "topk-k4-l2w0-noreg").iterdir()) == [
+        "chunk-0.js",
+        "chunk-1.js",
+        "chunk-2.js",
+        "list.js",
+    ]
     assert [list(chunk) for chunk in chunk_pages({"a": 1, "b": 2, "c": 3}, 2)] == [["a", "b"], ["c"]]
     assert "</script>" not in (data / "topk-k4-l2w0-noreg" / "chunk-0.js").read_text()
     assert script_literal("</script>") == '"<\\/script>"'
@@ -186,7 +280,10 @@ class GuardedPage:
         self.network: list[str] = []
         self.page.on("console", lambda message: self.errors.append(message.text) if message.type == "error" else None)
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
-        self.page.on("request", lambda request: None if request.url.startswith(("file://", "data:", "about:")) else self.network.append(request.url))
+        self.page.on(
+            "request",
+            lambda request: None if request.url.startswith(("file://", "data:", "about:")) else self.network.append(request.url),
+        )
         self.page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file://") else route.abort())
 
     def check_clean(self):
@@ -194,7 +291,9 @@ class GuardedPage:
 
 
 def shown_ids(page) -> list[int]:
-    return [int(value) for value in page.locator("#features tbody tr").evaluate_all("rows => rows.map(row => row.dataset.feature)")]
+    return [
+        int(value) for value in page.locator("#features tbody tr").evaluate_all("rows => rows.map(row => row.dataset.feature)")
+    ]
 
 
 def test_index_loads_searches_and_sorts_offline(site, browser):

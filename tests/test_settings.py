@@ -10,9 +10,9 @@ import yaml
 
 from sae_pipeline import settings as settings_module
 from sae_pipeline.settings import (
-    BrowserSettings,
     SCHEMA_ENUMS,
     AutointerpSettings,
+    BrowserSettings,
     CacheSettings,
     CorpusSettings,
     DigitsDataSettings,

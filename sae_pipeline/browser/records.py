@@ -30,7 +30,16 @@ from sae_pipeline.settings import BrowserSettings, MiningSettings
 logger = logging.getLogger(__name__)
 
 # Columns of the feature list, in the order the index shows them.
-LIST_COLUMNS = ("feature", "category", "share_count", "firing_frequency", "interp_score", "steering_success", "explanation", "page")
+LIST_COLUMNS = (
+    "feature",
+    "category",
+    "share_count",
+    "firing_frequency",
+    "interp_score",
+    "steering_success",
+    "explanation",
+    "page",
+)
 
 # (features of one seed) -> {feature: {"top": [context], "quantiles": [[context]], "max_activation", "n_firing_tokens"}};
 # a context is {"tokens": [text], "activations": [float]}.
@@ -76,9 +85,13 @@ def feature_list(features: pd.DataFrame, scores: pd.DataFrame | None, success: M
     table = features[["feature", "category", "share_count", "firing_frequency"]].copy()
     table["feature"] = table["feature"].astype(int)
     explained = scores.set_index("feature") if scores is not None and not scores.empty else None
-    table["interp_score"] = [_number(explained["detection_score"].get(feature)) if explained is not None else None for feature in table["feature"]]
+    table["interp_score"] = [
+        _number(explained["detection_score"].get(feature)) if explained is not None else None for feature in table["feature"]
+    ]
     table["explanation"] = [
-        str(explained["explanation"].get(feature)) if explained is not None and pd.notna(explained["explanation"].get(feature)) else ""
+        str(explained["explanation"].get(feature))
+        if explained is not None and pd.notna(explained["explanation"].get(feature))
+        else ""
         for feature in table["feature"]
     ]
     table["steering_success"] = [_number(success.get(feature)) for feature in table["feature"]]
@@ -91,7 +104,9 @@ def page_features(table: pd.DataFrame, max_pages: int) -> list[int]:
     frequency (both descending), dead latents never; at most ``max_pages``, in that order."""
     alive = table[table["category"] != "dead"].copy()
     alive["studied"] = alive["interp_score"].notna() | alive["steering_success"].notna()
-    ordered = alive.sort_values(["studied", "share_count", "firing_frequency", "feature"], ascending=[False, False, False, True], kind="stable")
+    ordered = alive.sort_values(
+        ["studied", "share_count", "firing_frequency", "feature"], ascending=[False, False, False, True], kind="stable"
+    )
     return [int(feature) for feature in ordered["feature"].head(int(max_pages))]
 
 
@@ -124,15 +139,28 @@ def steering_examples(rows: pd.DataFrame | None, judges: Sequence[str]) -> dict[
     for row in rows.itertuples(index=False):
         row = row._asdict()
         verdicts = {
-            judge: {"score": _number(row.get(f"{judge}_score")), "success": None if pd.isna(row.get(f"{judge}_success")) else bool(row.get(f"{judge}_success"))}
+            judge: {
+                "score": _number(row.get(f"{judge}_score")),
+                "success": None if pd.isna(row.get(f"{judge}_success")) else bool(row.get(f"{judge}_success")),
+            }
             for judge in judges
             if f"{judge}_success" in row
         }
-        examples.setdefault(int(row["feature"]), []).append({"prompt": row["prompt"], "unsteered": row["original"], "steered": row["steered"], "strength": _number(row.get("strength")), "judges": verdicts})
+        examples.setdefault(int(row["feature"]), []).append(
+            {
+                "prompt": row["prompt"],
+                "unsteered": row["original"],
+                "steered": row["steered"],
+                "strength": _number(row.get("strength")),
+                "judges": verdicts,
+            }
+        )
     return examples
 
 
-def gather_records(inputs: Mapping[str, Any], settings: BrowserSettings | Mapping[str, Any] | None, judges: Sequence[str], miner: ContextMiner) -> dict[str, Any]:
+def gather_records(
+    inputs: Mapping[str, Any], settings: BrowserSettings | Mapping[str, Any] | None, judges: Sequence[str], miner: ContextMiner
+) -> dict[str, Any]:
     """Everything the browser shows about one variant.
 
     Args:
@@ -189,17 +217,19 @@ def gather_records(inputs: Mapping[str, Any], settings: BrowserSettings | Mappin
         }
         for seed, names in partners.items():
             partner = int(by_feature.at[feature, names["decoder_partner"]])
-            page["partners"].append({
-                "seed": seed,
-                "feature": partner,
-                "decoder_cosine": _number(by_feature.at[feature, names["decoder_cosine"]]),
-                "encoder_partner": int(by_feature.at[feature, names["encoder_partner"]]),
-                "encoder_cosine": _number(by_feature.at[feature, names["encoder_cosine"]]),
-                "shared": bool(by_feature.at[feature, names["shared"]]),
-                "contexts": partner_contexts[seed].get(partner, {}),
-                # autointerp explains one seed (autointerp.seed); the partners' seeds have no explanation
-                "explanation": None,
-            })
+            page["partners"].append(
+                {
+                    "seed": seed,
+                    "feature": partner,
+                    "decoder_cosine": _number(by_feature.at[feature, names["decoder_cosine"]]),
+                    "encoder_partner": int(by_feature.at[feature, names["encoder_partner"]]),
+                    "encoder_cosine": _number(by_feature.at[feature, names["encoder_cosine"]]),
+                    "shared": bool(by_feature.at[feature, names["shared"]]),
+                    "contexts": partner_contexts[seed].get(partner, {}),
+                    # autointerp explains one seed (autointerp.seed); the partners' seeds have no explanation
+                    "explanation": None,
+                }
+            )
         pages[str(feature)] = page
     return {
         "variant": inputs["variant"],
@@ -230,14 +260,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def contexts_of(examples: Any, sequences: np.ndarray, token_text: Callable[[int], str], settings: BrowserSettings, random_seed: int) -> dict[str, Any]:
+def contexts_of(
+    examples: Any, sequences: np.ndarray, token_text: Callable[[int], str], settings: BrowserSettings, random_seed: int
+) -> dict[str, Any]:
     """One feature's mined examples as the page shows them: the top contexts and ``quantile_contexts`` drawn
     from each of ``n_quantiles`` equal-count activation quantiles of the sampled activating contexts (lowest first)."""
     from sae_pipeline.features.contexts import build_contexts
 
     def shown(context_set: Any) -> list[dict[str, Any]]:
         return [
-            {"tokens": [token_text(token) for token in context.token_ids], "activations": [_number(value, 3) for value in context.activations]}
+            {
+                "tokens": [token_text(token) for token in context.token_ids],
+                "activations": [_number(value, 3) for value in context.activations],
+            }
             for context in build_contexts(context_set, sequences)
         ]
 
@@ -255,7 +290,9 @@ def contexts_of(examples: Any, sequences: np.ndarray, token_text: Callable[[int]
     }
 
 
-def mine_page_contexts(cache_dir: str, mining: MiningSettings | Mapping[str, Any] | None, settings: BrowserSettings | Mapping[str, Any] | None) -> ContextMiner:
+def mine_page_contexts(
+    cache_dir: str, mining: MiningSettings | Mapping[str, Any] | None, settings: BrowserSettings | Mapping[str, Any] | None
+) -> ContextMiner:
     """A :data:`ContextMiner` over the activation cache at ``cache_dir``: one streaming pass per call
     (:func:`sae_pipeline.features.mining.mine_examples`), windows as ``autointerp.mining`` sets them."""
     from transformers import AutoTokenizer
@@ -268,12 +305,14 @@ def mine_page_contexts(cache_dir: str, mining: MiningSettings | Mapping[str, Any
 
     settings = BrowserSettings.from_mapping(settings)
     mining = MiningSettings.from_mapping(mining)
-    mining = MiningSettings.from_mapping({
-        **mining.as_dict(),
-        "n_top": int(settings.top_contexts),
-        "n_activating_sample": max(int(settings.n_quantiles) * int(settings.quantile_contexts) * 4, 1),
-        "n_non_activating": 1,
-    })
+    mining = MiningSettings.from_mapping(
+        {
+            **mining.as_dict(),
+            "n_top": int(settings.top_contexts),
+            "n_activating_sample": max(int(settings.n_quantiles) * int(settings.quantile_contexts) * 4, 1),
+            "n_non_activating": 1,
+        }
+    )
     store = ActivationStore(cache_dir)
     sequences = store.sequences()
     token_text = TokenText(AutoTokenizer.from_pretrained(store.manifest["model"]))
@@ -284,6 +323,9 @@ def mine_page_contexts(cache_dir: str, mining: MiningSettings | Mapping[str, Any
             return {}
         logger.info("browser: mining contexts of %d features of %s", len(features), sae_folder)
         examples = mine_examples(store, load_sae(sae_folder, device), list(features), mining, int(settings.random_seed))
-        return {int(feature): contexts_of(found, sequences, token_text, settings, int(settings.random_seed)) for feature, found in examples.items()}
+        return {
+            int(feature): contexts_of(found, sequences, token_text, settings, int(settings.random_seed))
+            for feature, found in examples.items()
+        }
 
     return miner

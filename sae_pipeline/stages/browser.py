@@ -38,13 +38,29 @@ def run_browser_condition(
     started = time.perf_counter()
     records = gather_records(inputs, settings, judges, mine_page_contexts(str(cache_dir), mining, settings))
     write_text(records_path, json.dumps(records, ensure_ascii=False, separators=(",", ":")))
-    logger.info("browser: %d features, %d pages of %s in %.1f s", len(records["list"]["rows"]), len(records["pages"]), inputs["variant"], time.perf_counter() - started)
+    logger.info(
+        "browser: %d features, %d pages of %s in %.1f s",
+        len(records["list"]["rows"]),
+        len(records["pages"]),
+        inputs["variant"],
+        time.perf_counter() - started,
+    )
     return records
 
 
-def run_browser(records_paths: Sequence[str | os.PathLike], index_path: str | os.PathLike, settings: BrowserSettings | Mapping[str, Any] | None) -> dict[str, Any]:
+def run_browser(
+    records_paths: Sequence[str | os.PathLike],
+    index_path: str | os.PathLike,
+    settings: BrowserSettings | Mapping[str, Any] | None,
+) -> dict[str, Any]:
     """The ``browser`` rule: the site from every variant's records, in the order given. Returns its files and bytes."""
     started = time.perf_counter()
     written = build_site([json.loads(Path(path).read_text()) for path in records_paths], index_path, settings)
-    logger.info("browser: %d files, %.1f MB in %.1f s; open %s", written["files"], written["bytes"] / 1e6, time.perf_counter() - started, index_path)
+    logger.info(
+        "browser: %d files, %.1f MB in %.1f s; open %s",
+        written["files"],
+        written["bytes"] / 1e6,
+        time.perf_counter() - started,
+        index_path,
+    )
     return written

@@ -4,6 +4,7 @@
   var site = window.BROWSER_SITE, state = { variant: null, sortColumn: "share_count", descending: true, query: "" };
   var LABELS = { feature: "id", category: "category", share_count: "share count", firing_frequency: "firing freq.",
     interp_score: "interp score", steering_success: "steering success", explanation: "explanation" };
+  var DIGITS = { share_count: 0, firing_frequency: 4, interp_score: 3, steering_success: 3 };
   var SHOWN = ["feature", "category", "share_count", "firing_frequency", "interp_score", "steering_success", "explanation"];
   function figures(condition) {
     var table = el("table", { cls: "figures", id: "figures" }), rows = [["condition", condition.condition], ["seeds", condition.seeds.join(", ") + " (reference " + condition.reference_seed + ")"]];
@@ -31,7 +32,7 @@
       var id = row[index.feature], link = row[index.page] >= 0 ? el("a", { href: "feature.html?v=" + encodeURIComponent(state.variant) + "&f=" + id, text: String(id) }) : el("span", { text: String(id) });
       body.appendChild(el("tr", { "data-feature": String(id) }, SHOWN.map(function (name) {
         if (name === "feature") return el("td", {}, [link]);
-        var cell = el("td", { text: name === "explanation" ? row[index[name]] : fmt(row[index[name]], name === "firing_frequency" ? 4 : 3) });
+        var cell = el("td", { text: name === "explanation" ? row[index[name]] : fmt(row[index[name]], DIGITS[name]) });
         if (name === "category") cell.className = "cat-" + row[index[name]];
         return cell;
       })));
