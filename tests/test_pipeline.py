@@ -111,6 +111,12 @@ def test_full_run_produces_every_stage_output(finished_run):
     assert "Claim 1" in summary and "Claim 4" in summary
     assert (results / "lm/regress/coefficients.csv").stat().st_size > 0
     assert (results / "digits/stability_table.csv").exists()
+    records = [json.loads(path.read_text()) for path in sorted(results.glob("lm/browser/records/*.json"))]
+    assert len(records) == LM_VARIANTS_E2E and (results / "lm/browser/index.html").exists()
+    for record in records:  # contexts mined from the tiny cache for the pages and for every partner
+        page = next(iter(record["pages"].values()))
+        assert page["contexts"]["top"] and len(page["partners"]) == 2 and all(partner["contexts"]["top"] for partner in page["partners"])
+        assert len(list((results / "lm/browser/data" / record["variant"]).glob("chunk-*.js"))) >= 1
 
 
 def _plan_after(finished_run: Path, tmp_path: Path, change: dict) -> Counter:
