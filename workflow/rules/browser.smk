@@ -6,11 +6,6 @@
 BROWSER_SETTINGS = config.get("browser", {})
 
 
-def browser_inputs(wildcards):
-    """One variant's browser inputs (Experiment.browser_inputs) with the variant named."""
-    return {**EXPERIMENT.browser_inputs(wildcards.variant), "variant": wildcards.variant}
-
-
 rule browser_condition:
     """Gather one variant's feature records: list columns, and for the features with a page their
     contexts, explanation, scores, steering examples and partners (with contexts) in every other seed."""
@@ -26,8 +21,7 @@ rule browser_condition:
     output:
         records=LAYOUT.browser_records("{variant}"),
     params:
-        inputs=browser_inputs,
-        cache_dir=LAYOUT.cache_dir(LANGUAGE_MODEL),
+        inputs=lambda wildcards: {**EXPERIMENT.browser_inputs(wildcards.variant), "variant": wildcards.variant},
         settings=BROWSER_SETTINGS,
         mining=config["autointerp"]["mining"],
         judges=config["steer"]["judges"],
