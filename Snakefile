@@ -29,6 +29,7 @@ include: "workflow/rules/digits.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/judges.smk"
 include: "workflow/rules/regress.smk"
+include: "workflow/rules/browser.smk"
 
 
 rule all:

@@ -20,6 +20,7 @@ Folder tree (``{exp}`` is ``lm`` or ``digits``)::
     {exp}/cache/manifest.json                 {exp}/sae/<variant>/<group>/seed<s>/, curves.parquet
     {exp}/match/<variant>/                    lm/{autointerp,steer,evaluate}/<variant>/seed<s>/
     lm/regress/                               digits/stability_table.csv, stability.png, ...
+    lm/browser/index.html, feature.html, data/, records/<variant>.json
     logs/<rule>/...
 """
 
@@ -68,6 +69,7 @@ REGRESS_OUTPUTS = {
     "plot_k_robustness": "plots/k_robustness.png", "plot_probing": "plots/probing.png",
 }
 JUDGE_OUTPUTS = {"accuracy": "accuracy.csv"}
+BROWSER_OUTPUTS = {"index": "index.html", "feature_page": "feature.html", "data": "data"}
 DIGITS_OUTPUTS = {"table": "stability_table.csv", "plot": "stability.png", "summary": "stability_summary.json"}
 
 
@@ -322,6 +324,14 @@ class ResultsLayout:
     def regress_file(self, output: str) -> str:
         return f"{self.root}/{LANGUAGE_MODEL}/regress/{REGRESS_OUTPUTS[output]}"
 
+    def browser_records(self, variant: str) -> str:
+        """One condition's gathered feature records (``records.json``: list, pages, contexts), read by the site builder."""
+        return f"{self.root}/{LANGUAGE_MODEL}/browser/records/{variant}.json"
+
+    def browser_file(self, output: str) -> str:
+        """The static site: ``index.html``, ``feature.html`` and the ``data/`` folder of JS data files."""
+        return f"{self.root}/{LANGUAGE_MODEL}/browser/{BROWSER_OUTPUTS[output]}"
+
     def digits_file(self, output: str) -> str:
         return f"{self.root}/{DIGITS}/{DIGITS_OUTPUTS[output]}"
 
@@ -445,6 +455,23 @@ class Experiment:
                 "steer_controls": layout.steer_file(variant, seeds["steer"], "controls"),
             }
         return inputs
+
+    def browser_inputs(self, variant: str) -> dict[str, Any]:
+        """What the browser gathers for one language-model variant: match outputs, the interpreted seed's
+        autointerp/steer/evaluate outputs, and every seed's SAE folder (partners' contexts are mined)."""
+        layout = self.layout
+        seeds = {stage: int(self.config[stage]["seed"]) for stage in ("autointerp", "steer", "evaluate")}
+        return {
+            "condition": self.condition(variant).label,
+            "match_features": layout.match_file(LANGUAGE_MODEL, variant, "features"),
+            "match_summary": layout.match_file(LANGUAGE_MODEL, variant, "summary"),
+            "match_histogram": layout.match_file(LANGUAGE_MODEL, variant, "histogram"),
+            "autointerp_scores": layout.autointerp_file(variant, seeds["autointerp"], "scores"),
+            "steer_rows": layout.steer_file(variant, seeds["steer"], "rows"),
+            "evaluate_latents": layout.evaluate_file(variant, seeds["evaluate"], "latents"),
+            "sae_dirs": {str(seed): folder for seed, folder in self.sae_dirs(LANGUAGE_MODEL, variant).items()},
+            "sae_group_dirs": self.sae_group_dirs(LANGUAGE_MODEL, variant),
+        }
 
     def digits_regress_inputs(self) -> dict[str, dict[str, Any]]:
         """Per digits cell (variant): its label and match outputs (claim 1 in the summary)."""

@@ -635,6 +635,33 @@ class RegressSettings(Settings):
 
 
 # ----------------------------------------------------------------------------------------------
+# Feature browser
+
+
+@dataclass(frozen=True)
+class BrowserSettings(Settings):
+    """The static feature browser (``browser``).
+
+    Attributes:
+        max_feature_pages: features of the reference seed per condition that get a page (contexts, partners);
+            the explained and steered ones first, then by share count and firing frequency.
+        top_contexts: top-activating contexts shown per feature (and per partner).
+        quantile_contexts: contexts drawn from each activation quantile.
+        n_quantiles: equal-count activation quantiles of the sampled activating contexts.
+        chunk_size: feature pages per data file (``chunk-<i>.js``); the page loads only its feature's chunk.
+        random_seed: seeds the mining samples and the quantile draws.
+    """
+
+    SECTION: ClassVar[str] = "browser"
+    max_feature_pages: int = 200
+    top_contexts: int = 8
+    quantile_contexts: int = 2
+    n_quantiles: int = 4
+    chunk_size: int = 100
+    random_seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Digits
 
 

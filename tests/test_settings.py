@@ -12,6 +12,7 @@ from sae_pipeline import settings as settings_module
 from sae_pipeline.settings import (
     SCHEMA_ENUMS,
     AutointerpSettings,
+    BrowserSettings,
     CacheSettings,
     CorpusSettings,
     DigitsDataSettings,
@@ -37,6 +38,7 @@ SECTION_CLASSES = {
     "evaluate": (EvaluateSettings, "evaluate.schema.yaml", ""),
     "regress": (RegressSettings, "regress.schema.yaml", ""),
     "lm_judge": (LikelihoodJudgeSettings, "lm_judge.schema.yaml", ""),
+    "browser": (BrowserSettings, "browser.schema.yaml", ""),
     "digits.data": (DigitsDataSettings, "digits.schema.yaml", "properties/data"),
     "train.options": (TrainSettings, "train.schema.yaml", "$defs/variant_settings"),
 }

@@ -1,0 +1,1 @@
+"""The feature browser: per-condition feature records (:mod:`.records`) and the static site (:mod:`.site`)."""
