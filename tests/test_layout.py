@@ -108,7 +108,7 @@ def test_a_configfile_overriding_one_grid_axis_keeps_the_names():
     overridden = copy.deepcopy(override)
     update_config(overridden, copy.deepcopy(config))
     update_config(overridden, override)
-    assert list(overridden["train"]["grid"])[0] == "k" != list(config["train"]["grid"])[0]
+    assert next(iter(overridden["train"]["grid"])) == "k" != next(iter(config["train"]["grid"]))
     assert list(Experiment(overridden).variants("lm")) == list(Experiment(config).variants("lm"))
 
 
