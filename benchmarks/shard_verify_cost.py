@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_pipeline.data.shards import ActivationStore, ShardData, file_checksum, read_activation_parts, write_manifest, write_numbered_shard
+from sae_pipeline.data.shards import (
+    ActivationStore,
+    ShardData,
+    file_checksum,
+    read_activation_parts,
+    write_manifest,
+    write_numbered_shard,
+)
 
 
 def best_seconds(function, repeats: int) -> float:

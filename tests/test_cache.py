@@ -15,6 +15,19 @@ from sae_pipeline.stages.cache import cache_activations
 from tests.conftest import TINY_CACHE_SETTINGS, TINY_HOOK
 
 
+def count_forwarded_sequences(monkeypatch) -> list[int]:
+    """Make the cache stage's forward passes record their batch sizes (sequences) in the returned list."""
+    forwarded_batches: list[int] = []
+    real_call = cache_module.HookActivations.__call__
+
+    def counting_call(self, tokens):
+        forwarded_batches.append(tokens.shape[0])
+        return real_call(self, tokens)
+
+    monkeypatch.setattr(cache_module.HookActivations, "__call__", counting_call)
+    return forwarded_batches
+
+
 def test_manifest_and_shard_shapes(tiny_cache):
     store = ActivationStore(tiny_cache)
     manifest = store.manifest
@@ -91,14 +104,7 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes(tmp_path, tiny_subject_
         assert len(read_shard(tmp_path / "shards" / name)) == 512
 
     monkeypatch.setattr(cache_module, "write_numbered_shard", real_write_numbered_shard)
-    forwarded_batches = []
-    real_call = cache_module.HookActivations.__call__
-
-    def counting_call(self, tokens):
-        forwarded_batches.append(tokens.shape[0])
-        return real_call(self, tokens)
-
-    monkeypatch.setattr(cache_module.HookActivations, "__call__", counting_call)
+    forwarded_batches = count_forwarded_sequences(monkeypatch)
     manifest = cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), TINY_CACHE_SETTINGS)
     assert sum(forwarded_batches) == 64  # only shards 2 and 3 (32 sequences each) were recomputed
     store = ActivationStore(tmp_path)
@@ -176,14 +182,7 @@ def test_a_resumed_cache_recomputes_a_shard_it_cannot_verify(tmp_path, tiny_subj
     (shards / "shard-00003.parquet.xxh3").unlink()
     manifest_path.unlink()
 
-    forwarded_batches = []
-    real_call = cache_module.HookActivations.__call__
-
-    def counting_call(self, tokens):
-        forwarded_batches.append(tokens.shape[0])
-        return real_call(self, tokens)
-
-    monkeypatch.setattr(cache_module.HookActivations, "__call__", counting_call)
+    forwarded_batches = count_forwarded_sequences(monkeypatch)
     cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), TINY_CACHE_SETTINGS)
     assert sum(forwarded_batches) == 64  # shards 1 and 3 (32 sequences each) recomputed, 0 and 2 kept
     store = ActivationStore(tmp_path)

@@ -8,7 +8,13 @@ import time
 import pytest
 from tqdm import tqdm
 
-from sae_pipeline.runtime.logs import STATUS_INTERVAL_ENV, job_label, last_progress_line, stage_log, status_interval_s
+from sae_pipeline.runtime.logs import (
+    STATUS_INTERVAL_ENV,
+    job_label,
+    last_progress_line,
+    stage_log,
+    status_interval_s,
+)
 
 
 def test_a_long_job_prints_its_progress_on_the_terminal_and_keeps_it_in_its_log(tmp_path, capsys, monkeypatch):

@@ -58,7 +58,7 @@ class TerminalStatus:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"status-{job}", daemon=True)
 
-    def __enter__(self) -> "TerminalStatus":
+    def __enter__(self) -> TerminalStatus:
         self._thread.start()
         return self
 
