@@ -33,7 +33,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from sae_pipeline.settings import PENALTY_KINDS, REGULARIZER_KINDS, TrainSettings
+from sae_pipeline.settings import PENALTY_KINDS, REGULARIZER_KINDS, SubjectModelSettings, TrainSettings
 
 LANGUAGE_MODEL = "lm"
 DIGITS = "digits"
@@ -363,6 +363,22 @@ class Experiment:
         if experiment == DIGITS:
             return self.config["digits"]["train"]
         raise ValueError(f"unknown experiment {experiment!r}; expected one of {EXPERIMENTS}")
+
+    def check_settings(self) -> None:
+        """Cross-field checks at DAG build, before any job runs: every variant's training settings
+        (k, aux_k and Matryoshka prefixes within d_sae, ...) and the subject model's hook name.
+
+        Raises:
+            ValueError: naming the experiment, the variant and the setting.
+        """
+        SubjectModelSettings.from_mapping(self.config.get("subject_model")).validate()
+        for experiment in EXPERIMENTS if self.has_digits() else (LANGUAGE_MODEL,):
+            section = "train" if experiment == LANGUAGE_MODEL else "digits.train"
+            for name, settings in self.variants(experiment).items():
+                try:
+                    TrainSettings.from_mapping(settings)
+                except ValueError as error:
+                    raise ValueError(f"{section}: variant {name!r} (train options overlaid with its grid axes): {error}") from error
 
     def has_digits(self) -> bool:
         return "digits" in self.config

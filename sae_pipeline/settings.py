@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
@@ -47,6 +48,8 @@ STEER_JUDGES = ("embedding", "llm", "lm")
 TOKEN_PROPERTIES = ("word_start", "capitalised", "punctuation")
 OUTCOME_MODELS = ("logit_row", "binomial_feature", "ols_feature")
 DIGITS_SOURCES = ("sklearn_digits", "hf_mnist")
+# TransformerLens hook names the stages hook into: blocks.<layer>.hook_<name>.
+HOOK_NAME_PATTERN = re.compile(r"blocks\.(\d+)\.hook_[a-z_]+")
 
 # (schema file, path of the enum inside it) -> the enumeration above it must equal. The path walks
 # `properties`, `items` and `$defs`; tests/test_settings.py also checks that no enum is left out.
@@ -239,6 +242,19 @@ class SubjectModelSettings(Settings):
     dtype: str = "auto"
     train: TinyModelSettings = field(default_factory=TinyModelSettings)
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` when ``hook_name`` is not ``blocks.<i>.hook_<name>``, or (for the model trained here,
+        whose depth the config gives) when block ``i`` is past its last layer."""
+        match = HOOK_NAME_PATTERN.fullmatch(self.hook_name)
+        if match is None:
+            raise ValueError(f"subject_model: hook_name must be of the form blocks.<i>.hook_<name>, got {self.hook_name!r}")
+        layer = int(match.group(1))
+        if self.source == "train_local" and layer >= self.train.n_layers:
+            raise ValueError(
+                f"subject_model: hook_name {self.hook_name!r} names block {layer}, but subject_model.train.n_layers is "
+                f"{self.train.n_layers} (blocks 0..{self.train.n_layers - 1})"
+            )
+
 
 @dataclass(frozen=True)
 class CacheSettings(Settings):
@@ -336,6 +352,8 @@ class TrainSettings(Settings):
                 raise ValueError(f"train: {key} must be at least 1, got {value}")
         if self.architecture in TOPK_FAMILY and self.k > self.d_sae:
             raise ValueError(f"train: k={self.k} exceeds d_sae={self.d_sae}")
+        if self.architecture in TOPK_FAMILY and self.aux_k > self.d_sae:
+            raise ValueError(f"train: aux_k={self.aux_k} exceeds d_sae={self.d_sae}")
         if self.architecture == "matryoshka_batchtopk":
             prefixes = list(self.matryoshka_prefixes)
             if prefixes != sorted(set(prefixes)) or (prefixes and (prefixes[0] < 1 or prefixes[-1] >= self.d_sae)):
@@ -558,6 +576,19 @@ class SteeringControlSettings(Settings):
 
     SECTION: ClassVar[str] = "steer.controls"
     words: tuple[str, ...] = ("ocean", "music", "money", "food", "war", "weather")
+
+
+# The steer settings each strength mode reads; the others are left out of the steer rule's params so that
+# changing them reruns nothing. target_rise falls back to fixed_strength for the controls when no feature was sampled.
+STRENGTH_MODE_SETTINGS = {"fixed": ("fixed_strength",), "resid_rms": ("strength_multiple",), "target_rise": ("target_rise", "fixed_strength")}
+
+
+def active_strength_settings(steer_section: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``steer`` section without the strength settings of the modes other than ``strength_mode``."""
+    mode = steer_section.get("strength_mode", SteerSettings.strength_mode)
+    check_choice("steer", "strength_mode", mode, STRENGTH_MODES)
+    unused = {key for keys in STRENGTH_MODE_SETTINGS.values() for key in keys} - set(STRENGTH_MODE_SETTINGS[mode])
+    return {key: value for key, value in steer_section.items() if key not in unused}
 
 
 @dataclass(frozen=True)

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 import sae_pipeline.stages.cache as cache_module
-from sae_pipeline.data.shards import ActivationStore, read_shard
+from sae_pipeline.data.shards import ActivationStore, CorruptCacheError, read_shard
 from sae_pipeline.stages.cache import cache_activations
 from tests.conftest import TINY_CACHE_SETTINGS, TINY_HOOK
+
+
+def count_forwarded_sequences(monkeypatch) -> list[int]:
+    """Make the cache stage's forward passes record their batch sizes (sequences) in the returned list."""
+    forwarded_batches: list[int] = []
+    real_call = cache_module.HookActivations.__call__
+
+    def counting_call(self, tokens):
+        forwarded_batches.append(tokens.shape[0])
+        return real_call(self, tokens)
+
+    monkeypatch.setattr(cache_module.HookActivations, "__call__", counting_call)
+    return forwarded_batches
 
 
 def test_manifest_and_shard_shapes(tiny_cache):
@@ -90,14 +104,7 @@ def test_crash_leaves_no_partial_shard_and_rerun_resumes(tmp_path, tiny_subject_
         assert len(read_shard(tmp_path / "shards" / name)) == 512
 
     monkeypatch.setattr(cache_module, "write_numbered_shard", real_write_numbered_shard)
-    forwarded_batches = []
-    real_call = cache_module.HookActivations.__call__
-
-    def counting_call(self, tokens):
-        forwarded_batches.append(tokens.shape[0])
-        return real_call(self, tokens)
-
-    monkeypatch.setattr(cache_module.HookActivations, "__call__", counting_call)
+    forwarded_batches = count_forwarded_sequences(monkeypatch)
     manifest = cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), TINY_CACHE_SETTINGS)
     assert sum(forwarded_batches) == 64  # only shards 2 and 3 (32 sequences each) were recomputed
     store = ActivationStore(tmp_path)
@@ -129,3 +136,56 @@ def test_streamed_packing_equals_reference_packing(tiny_subject_model):
     blocks = list(iter_sequence_blocks(iter(documents), tokenizer, 16, 50, 0, block_sequences=7, chunk_documents=4))
     assert [len(block) for block in blocks] == [7] * 7 + [1]
     assert np.array_equal(np.concatenate(blocks), reference)
+
+
+def overwrite_4kb(path) -> None:
+    """Overwrite 4 KB in the middle of a file (the activation column), keeping its size."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes((byte + 1) % 256 for byte in data[middle : middle + 4096])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("reader", ["read_shard", "read_activation_parts", "read_exclusions", "iter_shards"])
+def test_every_read_of_a_corrupt_shard_names_the_file_and_the_recovery(tmp_path, tiny_cache, reader):
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    store = ActivationStore(tmp_path / "cache")
+    store.read_shard(1)  # verified once; rewriting the file changes its modification time, so it is checked again
+    corrupted = tmp_path / "cache" / "shards" / "shard-00001.parquet"
+    overwrite_4kb(corrupted)
+    read = {
+        "read_shard": lambda: store.read_shard(1),
+        "read_activation_parts": lambda: store.read_activation_parts(1),
+        "read_exclusions": lambda: store.read_exclusions(1),
+        "iter_shards": lambda: list(store.iter_shards(drop_excluded=True)),
+    }[reader]
+    with pytest.raises(CorruptCacheError, match=r"shard-00001\.parquet: checksum xxh3_128:\w+ does not match") as error:
+        read()
+    assert f"delete {corrupted} and {tmp_path / 'cache' / 'manifest.json'}" in str(error.value)
+    with pytest.raises(CorruptCacheError):
+        ActivationStore(tmp_path / "cache").read_shard(1)
+    with pytest.raises(CorruptCacheError):
+        ActivationStore(tmp_path / "cache").verify()
+    ActivationStore(tmp_path / "cache").read_shard(0)
+
+
+def test_a_resumed_cache_recomputes_a_shard_it_cannot_verify(tmp_path, tiny_subject_model, tiny_corpus, monkeypatch):
+    """The issue's sequence: corrupt a shard, delete the manifest, rerun the cache: the shard is recomputed
+    (not re-blessed with a fresh checksum); a shard with neither its checksum file nor a manifest is recomputed too."""
+    corpus_settings, documents = tiny_corpus
+    manifest_path = tmp_path / "manifest.json"
+    cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), TINY_CACHE_SETTINGS)
+    shards = tmp_path / "shards"
+    original = {index: read_shard(shards / f"shard-0000{index}.parquet").activations.copy() for index in range(4)}
+    assert (shards / "shard-00002.parquet.xxh3").read_text().strip() == json.loads(manifest_path.read_text())["shards"][2]["checksum"]
+    overwrite_4kb(shards / "shard-00001.parquet")
+    (shards / "shard-00003.parquet.xxh3").unlink()
+    manifest_path.unlink()
+
+    forwarded_batches = count_forwarded_sequences(monkeypatch)
+    cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(manifest_path), TINY_CACHE_SETTINGS)
+    assert sum(forwarded_batches) == 64  # shards 1 and 3 (32 sequences each) recomputed, 0 and 2 kept
+    store = ActivationStore(tmp_path)
+    store.verify()
+    for index in range(4):
+        np.testing.assert_array_equal(store.read_shard(index).activations, original[index])

@@ -63,3 +63,37 @@ def test_bad_enum_value_is_named():
     config["cache"]["dtype"] = "bfloat17"
     message = rejection_message(config)
     assert "bfloat17" in message and "dtype" in message
+
+
+def test_every_top_level_section_is_required():
+    schema = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    assert sorted(schema["required"]) == sorted(schema["properties"])
+
+
+@pytest.mark.parametrize("section", ["steer", "autointerp", "lm_judge"])
+def test_a_missing_section_is_named_at_validation(section):
+    config = load("config.yaml")
+    del config[section]
+    assert f"'{section}' is a required property" in rejection_message(config)
+
+
+def _nodes(node, path=""):
+    """Every (path, mapping) in a parsed schema."""
+    if isinstance(node, dict):
+        yield path, node
+        for key, child in node.items():
+            yield from _nodes(child, f"{path}/{key}")
+    elif isinstance(node, list):
+        for index, child in enumerate(node):
+            yield from _nodes(child, f"{path}[{index}]")
+
+
+@pytest.mark.parametrize("schema_file", sorted(path.name for path in (REPO_ROOT / "workflow" / "schemas").glob("*.yaml")))
+def test_schema_descriptions_are_whole(schema_file):
+    """An unquoted comma in a flow-mapping description splits it into a cut description plus a junk key with a null
+    value (``'BOS positions included': None``); the only null values a schema holds are defaults."""
+    schema = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / schema_file).read_text())
+    junk = [f"{path}/{key}" for path, node in _nodes(schema) for key, value in node.items() if value is None and key != "default"]
+    assert junk == []
+    cache = yaml.safe_load((REPO_ROOT / "workflow" / "schemas" / "cache.schema.yaml").read_text())
+    assert cache["properties"]["max_tokens"]["description"] == "tokens to cache, BOS positions included"

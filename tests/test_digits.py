@@ -55,7 +55,7 @@ def test_cache_round_trips_the_pixel_vectors_and_labels(tmp_path):
 def test_rerun_replaces_previous_shards(tmp_path):
     cache_digits(dict(DATA, rows_per_shard=200), tmp_path / "manifest.json")
     manifest = cache_digits(dict(DATA, max_images=300), tmp_path / "manifest.json")
-    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == ["shard-00000.parquet"]
+    assert sorted(path.name for path in (tmp_path / "shards").iterdir()) == ["shard-00000.parquet", "shard-00000.parquet.xxh3"]  # stale shards and their checksum files gone
     assert ActivationStore(tmp_path).n_rows == manifest["n_rows"] == 300
 
 

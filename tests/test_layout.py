@@ -96,3 +96,56 @@ def test_regress_inputs_name_each_variants_outputs():
     assert first["training_curves"] == ["R/lm/sae/topk-k16-l2w0-noreg/seeds0-1-2/curves.parquet"]
     files = input_files(inputs)
     assert "R/lm/sae/topk-k16-l2w0-noreg/seeds0-1-2" in files and not any(Path(path).name == "curves.parquet" for path in files)
+
+
+def test_a_configfile_overriding_one_grid_axis_keeps_the_names():
+    """Snakemake starts from the --configfile values, merges the Snakefile's configfile into them and the
+    override on top again (snakemake.utils.update_config): an overridden grid axis comes first."""
+    from snakemake.utils import update_config
+
+    config = default_config()
+    override = {"train": {"grid": {"k": list(config["train"]["grid"]["k"])}}}
+    overridden = copy.deepcopy(override)
+    update_config(overridden, copy.deepcopy(config))
+    update_config(overridden, override)
+    assert next(iter(overridden["train"]["grid"])) == "k" != next(iter(config["train"]["grid"]))
+    assert list(Experiment(overridden).variants("lm")) == list(Experiment(config).variants("lm"))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"k": 2048, "d_sae": 1024}, "k=2048 exceeds d_sae=1024"),
+        ({"aux_k": 4096, "d_sae": 1024}, "aux_k=4096 exceeds d_sae=1024"),
+    ],
+)
+def test_cross_field_training_settings_are_checked_at_dag_build(options, message):
+    config = default_config()
+    for key, value in options.items():
+        if key in config["train"]["grid"]:
+            config["train"]["grid"][key] = [value]
+        else:
+            config["train"]["options"][key] = value
+    with pytest.raises(ValueError, match=message) as error:
+        Experiment(config).check_settings()
+    assert "variant 'topk-k" in str(error.value)
+
+
+def test_matryoshka_prefixes_past_d_sae_are_refused_at_dag_build():
+    config = default_config()
+    config["train"]["grid"]["architecture"] = ["matryoshka_batchtopk"]
+    config["train"]["options"].update({"d_sae": 256, "matryoshka_prefixes": [128, 512]})
+    with pytest.raises(ValueError, match="matryoshka_prefixes"):
+        Experiment(config).check_settings()
+
+
+def test_a_hook_past_the_local_models_last_block_is_refused():
+    config = default_config()
+    assert config["subject_model"]["source"] == "train_local"
+    config["subject_model"]["hook_name"] = f"blocks.{config['subject_model']['train']['n_layers']}.hook_resid_post"
+    with pytest.raises(ValueError, match="subject_model: hook_name 'blocks.4.hook_resid_post' names block 4"):
+        Experiment(config).check_settings()
+    config["subject_model"]["hook_name"] = "resid_post_2"
+    with pytest.raises(ValueError, match="blocks.<i>.hook_<name>"):
+        Experiment(config).check_settings()
+    Experiment(default_config()).check_settings()

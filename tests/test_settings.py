@@ -138,3 +138,25 @@ def test_enumerations_are_tuples_defined_once():
         text = path.read_text()
         for literal in ('("fixed", "resid_rms", "target_rise")', '("topk", "batchtopk"', '("none", "off_support_l1", "l1_l2_ratio")'):
             assert literal not in text, f"{path} redefines an enumeration of settings.py"
+
+
+@pytest.mark.parametrize(
+    "mode, kept, dropped",
+    [
+        ("resid_rms", {"strength_multiple"}, {"fixed_strength", "target_rise"}),
+        ("fixed", {"fixed_strength"}, {"strength_multiple", "target_rise"}),
+        ("target_rise", {"target_rise", "fixed_strength"}, {"strength_multiple"}),
+    ],
+)
+def test_steer_params_carry_only_the_active_strength_modes_settings(mode, kept, dropped):
+    section = {**yaml.safe_load((REPO_ROOT / "config.yaml").read_text())["steer"], "strength_mode": mode}
+    active = settings_module.active_strength_settings(section)
+    assert kept <= set(active) and not dropped & set(active)
+    assert set(section) - set(active) == dropped
+    changed = settings_module.active_strength_settings({**section, **{key: 123.0 for key in dropped}})
+    assert changed == active
+
+
+def test_steer_rule_params_use_the_active_strength_settings():
+    rule = (REPO_ROOT / "workflow" / "rules" / "steer.smk").read_text()
+    assert "settings=active_strength_settings(config[\"steer\"])" in rule

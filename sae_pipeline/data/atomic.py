@@ -21,17 +21,40 @@ def temporary_sibling(path: str | os.PathLike) -> Path:
     return target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def _process_umask() -> int:
+    """The process's file-mode creation mask (``os.umask`` can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the mode a plain ``open``/``mkdir`` would: ``0o666``
+    (``0o777`` for folders and executables) less the umask. Writers that create files ``0600`` themselves
+    (safetensors' ``save_file``, ``tempfile``) would otherwise leave outputs collaborators cannot read."""
+    mask = _process_umask()
+    target = Path(path)
+    entries = [target, *target.rglob("*")] if target.is_dir() else [target]
+    for entry in entries:
+        if entry.is_symlink():
+            continue
+        executable = entry.is_dir() or entry.stat().st_mode & 0o111
+        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write to; on success rename it to ``path``, on error delete it.
 
-    Works for files and directories alike (a directory is moved into place whole).
+    Works for files and directories alike (a directory is moved into place whole). What is moved into
+    place has the modes the user's umask gives (:func:`follow_umask`), whatever the writer chose.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_sibling(target)
     try:
         yield temporary
+        follow_umask(temporary)
         if target.is_dir() and temporary.is_dir():
             shutil.rmtree(target)
         os.replace(temporary, target)

@@ -5,6 +5,7 @@ Layout of a cache folder::
     <cache>/manifest.json         what is here (model, hook, dtype, d_model, shards with row counts and checksums)
     <cache>/tokens.parquet        one row per sequence: doc_id (int64), token_ids (fixed_size_list<int32>[T])
     <cache>/shards/shard-00000.parquet
+    <cache>/shards/shard-00000.parquet.xxh3   its checksum, written right after it (what a resumed cache trusts)
 
 A shard has one row per token position:
 
@@ -20,6 +21,11 @@ Activations are stored as ``fixed_size_binary`` rather than a list of floats bec
 fastest Parquet layout by far (../shared/MEASUREMENTS.md: 0.69 M rows/s write and 3.4 M rows/s read
 on 2 cores, against 0.09/0.33 for FixedSizeList<halffloat>); the dtype lives in the schema metadata
 and in the manifest, and reading is a zero-copy ``np.frombuffer``.
+
+Every read through :class:`ActivationStore` is checked: the first time a process reads a shard (and
+again whenever its size or modification time changes) its XXH3-128 checksum is compared with the
+manifest's, and a mismatch raises :class:`CorruptCacheError` naming the file and how to recover. The
+cost is one extra pass over the file at memory speed (benchmarks/shard_verify_cost.py).
 """
 
 from __future__ import annotations
@@ -28,14 +34,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from sae_pipeline.data.atomic import atomic_path, write_json
+from sae_pipeline.data.atomic import atomic_path, write_json, write_text
 from sae_pipeline.settings import ACTIVATION_DTYPES
 
 FORMAT_VERSION = "sae-stability-activations/1"
@@ -45,6 +51,25 @@ SHARD_FOLDER = "shards"
 SUPPORTED_DTYPES = {name: np.dtype(name).type for name in ACTIVATION_DTYPES}
 # Rows per Parquet row group in a shard: several groups let a reader decode one shard on several threads.
 ROW_GROUP_ROWS = 16384
+
+
+class CorruptCacheError(ValueError):
+    """A cached file's bytes differ from the checksum recorded when it was written."""
+
+
+def corrupt_shard_error(path: Path, actual: str, expected: str, manifest_path: Path) -> CorruptCacheError:
+    """The error for a shard whose checksum ``actual`` is not the ``expected`` one of ``manifest_path``."""
+    return CorruptCacheError(
+        f"{path}: checksum {actual} does not match {expected} recorded in {manifest_path}: the shard changed after the "
+        f"cache stage wrote it. To recover, delete {path} and {manifest_path} and run snakemake again: the cache job "
+        f"recomputes the missing shard and keeps the ones it can verify (or delete {manifest_path.parent} to rebuild it all)."
+    )
+
+
+def checksum_path(path: str | os.PathLike) -> Path:
+    """The file beside a shard holding the checksum it was written with: ``<shard>.xxh3``."""
+    path = Path(path)
+    return path.with_name(path.name + ".xxh3")
 
 
 def shard_name(index: int) -> str:
@@ -145,7 +170,9 @@ def write_shard(path: str | os.PathLike, data: ShardData, dtype: str) -> dict:
     )
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary, compression="none", use_dictionary=False, write_statistics=False, row_group_size=ROW_GROUP_ROWS)
-    return {"rows": rows, "checksum": file_checksum(path)}
+        checksum = file_checksum(temporary)
+    write_text(checksum_path(path), checksum + "\n")
+    return {"rows": rows, "checksum": checksum}
 
 
 def write_numbered_shard(cache_dir: str | os.PathLike, index: int, data: ShardData, dtype: str) -> dict:
@@ -158,11 +185,32 @@ def write_numbered_shard(cache_dir: str | os.PathLike, index: int, data: ShardDa
     return {"path": relative, "rows": info["rows"], "checksum": info["checksum"]}
 
 
-def existing_shard_record(cache_dir: str | os.PathLike, index: int) -> dict:
-    """Manifest record of a shard already on disk (its checksum recomputed)."""
+def verified_shard_record(cache_dir: str | os.PathLike, index: int, recorded: Mapping[str, str]) -> dict | None:
+    """Manifest record of a shard already on disk when its bytes can be verified, else ``None``.
+
+    A shard is verified when its checksum equals the one written beside it (``<shard>.xxh3``) or, for a
+    shard written before those files existed, the one ``recorded`` for its relative path (the previous
+    manifest's). A shard that cannot be verified is never re-blessed with a fresh checksum: the caller
+    recomputes it.
+    """
     relative = f"{SHARD_FOLDER}/{shard_name(index)}"
     path = Path(cache_dir) / relative
-    return {"path": relative, "rows": pq.ParquetFile(path).metadata.num_rows, "checksum": file_checksum(path)}
+    sidecar = checksum_path(path)
+    expected = sidecar.read_text().strip() if sidecar.exists() else recorded.get(relative)
+    checksum = file_checksum(path)
+    if expected != checksum:
+        return None
+    return {"path": relative, "rows": pq.ParquetFile(path).metadata.num_rows, "checksum": checksum}
+
+
+def recorded_checksums(cache_dir: str | os.PathLike) -> dict[str, str]:
+    """``{relative shard path: checksum}`` of the manifest in ``cache_dir`` (empty when there is none or it is unreadable)."""
+    manifest_path = Path(cache_dir) / MANIFEST_NAME
+    try:
+        shards = json.loads(manifest_path.read_text())["shards"]
+        return {str(shard["path"]): str(shard["checksum"]) for shard in shards}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def write_manifest(
@@ -281,6 +329,8 @@ class ActivationStore:
         self.manifest: dict = json.loads(manifest_path.read_text())
         if self.manifest.get("format") != FORMAT_VERSION:
             raise ValueError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
+        # shard index -> (size, mtime_ns) of the file when its checksum last matched
+        self._verified: dict[int, tuple[int, int]] = {}
 
     @property
     def d_model(self) -> int:
@@ -298,14 +348,32 @@ class ActivationStore:
     def shard_paths(self) -> list[Path]:
         return [self.root / shard["path"] for shard in self.manifest["shards"]]
 
+    def verified_path(self, index: int) -> Path:
+        """Path of shard ``index`` after checking its checksum against the manifest (once per process, and
+        again when the file's size or modification time changes).
+
+        Raises:
+            CorruptCacheError: naming the file and how to recover.
+        """
+        path = self.shard_paths[index]
+        status = path.stat()
+        stamp = (status.st_size, status.st_mtime_ns)
+        if self._verified.get(index) != stamp:
+            expected = str(self.manifest["shards"][index]["checksum"])
+            actual = file_checksum(path)
+            if actual != expected:
+                raise corrupt_shard_error(path, actual, expected, self.root / MANIFEST_NAME)
+            self._verified[index] = stamp
+        return path
+
     def read_shard(self, index: int, columns: Sequence[str] | None = None) -> ShardData:
-        return read_shard(self.shard_paths[index], columns)
+        return read_shard(self.verified_path(index), columns)
 
     def read_activation_parts(self, index: int) -> tuple[list[np.ndarray], np.ndarray]:
-        return read_activation_parts(self.shard_paths[index])
+        return read_activation_parts(self.verified_path(index))
 
     def read_exclusions(self, index: int) -> np.ndarray:
-        return read_exclusions(self.shard_paths[index])
+        return read_exclusions(self.verified_path(index))
 
     def iter_shards(self, columns: Sequence[str] | None = None, drop_excluded: bool = False, order: Sequence[int] | None = None) -> Iterator[ShardData]:
         """Yield shards in ``order`` (default: stored order), optionally without BOS and outlier rows."""
@@ -326,10 +394,9 @@ class ActivationStore:
         return tokens
 
     def verify(self) -> None:
-        """Check every shard's checksum against the manifest; raises ``ValueError`` naming the first bad file."""
-        for shard, path in zip(self.manifest["shards"], self.shard_paths):
-            if file_checksum(path) != shard["checksum"]:
-                raise ValueError(f"{path}: checksum does not match {self.root / MANIFEST_NAME}")
+        """Check every shard's checksum against the manifest; raises :class:`CorruptCacheError` naming the first bad file."""
+        for index in range(len(self.shard_paths)):
+            self.verified_path(index)
 
 
 def write_sequences(path: str | os.PathLike, tokens: np.ndarray) -> None:

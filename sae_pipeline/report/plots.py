@@ -17,11 +17,14 @@ import pandas as pd
 
 from sae_pipeline.report.figures import no_data_figure, pyplot, save_figure
 from sae_pipeline.report.tables import digits_cell_row
+from sae_pipeline.settings import SHAREDNESS_CATEGORIES
 from sae_pipeline.stats.regression import judge_frames
 
 if TYPE_CHECKING:
     from sae_pipeline.stability.matching import MatchResult
 
+# Width of one character of a 7-point tick label (DejaVu Sans averages about 0.55 em), inches.
+LABEL_INCHES_PER_CHARACTER = 0.06
 # Bins of the max-cosine histogram over [0, 1].
 HISTOGRAM_BINS = 50
 
@@ -30,23 +33,44 @@ def _error_bars(values: pd.Series, low: pd.Series, high: pd.Series) -> np.ndarra
     return np.vstack([(values - low).clip(lower=0).fillna(0).to_numpy(), (high - values).clip(lower=0).fillna(0).to_numpy()])
 
 
+def note_if_all_zero(axis: Any, values: Sequence[float] | np.ndarray, what: str) -> bool:
+    """Write "all <what> are 0" across ``axis`` when every finite value is zero (bars of height 0 are invisible,
+    so the plot would look empty); returns whether it did."""
+    finite = np.asarray(values, dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size and not finite.any():
+        axis.text(0.5, 0.5, f"all {what} are 0", transform=axis.transAxes, ha="center", va="center", fontsize=12, color="tab:red")
+        return True
+    return False
+
+
 def plot_shared_fraction(path: str | Path, shared: pd.DataFrame) -> None:
     """Bars: share of features in each sharedness category per variant (condition), Wilson 95% intervals."""
     if shared.empty:
         return no_data_figure(path, "Shared fraction by condition", "no match outputs in this run")
+    save_figure(shared_fraction_figure(shared), path)
+
+
+def shared_fraction_figure(shared: pd.DataFrame) -> Any:
+    """The figure of :func:`plot_shared_fraction`: as wide as the x labels (condition over variant name)
+    need to stand side by side without overlapping."""
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(shared)), 4))
+    labels = [f"{row.condition}\n{row.variant}" for row in shared.itertuples()]
+    longest = max(len(line) for label in labels for line in label.splitlines())
+    figure, axis = plt.subplots(figsize=(max(6.0, (0.3 + LABEL_INCHES_PER_CHARACTER * longest) * len(shared) + 1.0), 4))
     positions = np.arange(len(shared))
     width = 0.27
     for offset, category, colour in ((-1, "always", "tab:green"), (0, "sometimes", "tab:orange"), (1, "never", "tab:grey")):
         values = shared[f"{category}_fraction"]
         axis.bar(positions + offset * width, values, width, yerr=_error_bars(values, shared[f"{category}_ci_low"], shared[f"{category}_ci_high"]), label=category, color=colour, capsize=3)
-    axis.set_xticks(positions, [f"{row.condition}\n{row.variant}" for row in shared.itertuples()], fontsize=7)
+    axis.set_xticks(positions, labels, fontsize=7)
     axis.set_ylabel("share of features")
     axis.set_ylim(0, 1)
     axis.set_title("Features shared across seeds (category over seed pairs)")
     axis.legend(title="shared in")
-    save_figure(figure, path)
+    note_if_all_zero(axis, shared[[f"{category}_fraction" for category in SHAREDNESS_CATEGORIES]].to_numpy().ravel(), "shared fractions")
+    figure.tight_layout()
+    return figure
 
 
 def plot_steering_success(path: str | Path, success: Mapping[str, pd.DataFrame]) -> None:
@@ -62,11 +86,12 @@ def plot_steering_success(path: str | Path, success: Mapping[str, pd.DataFrame])
         table = success[judge].set_index("condition").reindex(conditions)
         positions = np.arange(len(conditions)) + (index - (len(judges) - 1) / 2) * width
         axis.bar(positions, table["success_rate"], width, yerr=_error_bars(table["success_rate"], table["ci_low"], table["ci_high"]), capsize=3, label=f"{judge} judge")
-    axis.set_xticks(np.arange(len(conditions)), conditions, fontsize=8)
+    axis.set_xticks(np.arange(len(conditions)), conditions, fontsize=8, rotation=20, ha="right", rotation_mode="anchor")
     axis.set_ylabel("steering success rate")
     axis.set_ylim(0, 1)
     axis.set_title("Steering success by condition")
     axis.legend()
+    note_if_all_zero(axis, np.concatenate([success[judge]["success_rate"].to_numpy(dtype=float) for judge in judges]), "success rates")
     save_figure(figure, path)
 
 

@@ -37,9 +37,11 @@ from sae_pipeline.data.shards import (
     SHARD_FOLDER,
     TOKENS_NAME,
     ShardData,
-    existing_shard_record,
+    checksum_path,
     read_exclusions,
+    recorded_checksums,
     shard_name,
+    verified_shard_record,
     write_manifest,
     write_numbered_shard,
     write_sequences,
@@ -229,6 +231,7 @@ def cache_activations(
         shutil.rmtree(shard_folder, ignore_errors=True)
     shard_folder.mkdir(parents=True, exist_ok=True)
     write_json(fingerprint_path, {"fingerprint": fingerprint})
+    known_checksums = recorded_checksums(root)
 
     bridge = load_subject_model(model_ref, device=device, dtype=model_dtype)
     bos = bos_token_id(bridge)
@@ -246,9 +249,13 @@ def cache_activations(
         for shard_index, shard_sequences in enumerate(blocks):
             all_sequences.append(shard_sequences)
             if (shard_folder / shard_name(shard_index)).exists():
-                record_futures.append(writers.submit(existing_shard_record, root, shard_index))
-                progress.update(shard_sequences.size)
-                continue
+                record = verified_shard_record(root, shard_index, known_checksums)
+                if record is not None:
+                    record_futures.append(writers.submit(dict, record))
+                    progress.update(shard_sequences.size)
+                    continue
+                logger.warning("%s cannot be verified (its checksum matches neither %s nor the manifest): recomputing it",
+                               shard_folder / shard_name(shard_index), checksum_path(shard_folder / shard_name(shard_index)).name)
             activations = _forward_shard(forward, shard_sequences, batch_size, device, dtype, progress, pool)
             first_doc = shard_index * sequences_per_shard
             doc_ids = np.repeat(np.arange(first_doc, first_doc + len(shard_sequences)), context_size)

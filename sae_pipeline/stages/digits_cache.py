@@ -53,7 +53,7 @@ def cache_digits(settings: DigitsDataSettings | Mapping[str, Any], manifest_path
     rows_per_shard = settings.rows_per_shard
     shard_folder = root / SHARD_FOLDER
     shard_folder.mkdir(parents=True, exist_ok=True)
-    for stale in shard_folder.glob("shard-*.parquet"):
+    for stale in shard_folder.glob("shard-*.parquet*"):  # shards and their checksum files
         stale.unlink()
     shards = []
     for index, start in enumerate(range(0, len(pixels), rows_per_shard)):

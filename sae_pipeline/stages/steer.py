@@ -376,7 +376,12 @@ def run_steering(
     controls = None
     if controls_path is not None:
         words, control_vectors = control_directions(bridge, settings.controls.words)
-        control_strength = float(np.median(strengths)) if len(strengths) else float(settings.fixed_strength)
+        # resid_rms: the features' strength, also when no feature was sampled; otherwise the features' median,
+        # and fixed_strength when there are none (so target_rise keeps fixed_strength among its settings)
+        if mode == "resid_rms":
+            control_strength = float(settings.strength_multiple) * float(resid_rms)
+        else:
+            control_strength = float(np.median(strengths)) if len(strengths) else float(settings.fixed_strength)
         control_strengths = np.full(len(words), control_strength)
         control_texts = steer_features(bridge, hook_name, prompts, control_vectors, control_strengths, settings.new_tokens, sampling,
                                        settings.sampling_seed, settings.batch_size)

@@ -4,11 +4,13 @@
 from snakemake.utils import validate
 
 from sae_pipeline.layout import DIGITS, LANGUAGE_MODEL, Experiment, input_files
+from sae_pipeline.settings import active_strength_settings
 
 
 validate(config, "../schemas/config.schema.yaml")
 
 EXPERIMENT = Experiment(config)
+EXPERIMENT.check_settings()
 LAYOUT = EXPERIMENT.layout
 RESULTS = LAYOUT.root
 # Every rule file appends the final targets of its stage here; `rule all` asks for all of them.

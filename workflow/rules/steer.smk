@@ -15,7 +15,8 @@ rule steer:
         features=LAYOUT.steer_file("{variant}", "{seed}", "features"),
         controls=LAYOUT.steer_file("{variant}", "{seed}", "controls"),
     params:
-        settings=config["steer"],
+        # only the active strength mode's settings, so that those of the other modes do not rerun the job
+        settings=active_strength_settings(config["steer"]),
         sae=lambda wildcards: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
         # the judge endpoint (autointerp.llm) only when the LLM judge is on, so that its settings do not
         # rerun an embedding-only steering job
