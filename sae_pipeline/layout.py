@@ -14,6 +14,9 @@ Names are built from settings here and parsed back here, and nowhere else:
 stages both take paths from it; a path may carry ``{wildcard}`` placeholders, which pass through),
 and :class:`Experiment` binds a config to it: the variants, groups and per-stage inputs of a run.
 
+Longer than 500 lines because it is the one place that names and places every output of every stage:
+splitting it would put the names of one path in two modules, which is what this module exists to prevent.
+
 Folder tree (``{exp}`` is ``lm`` or ``digits``)::
 
     lm/corpus/documents.jsonl                 lm/subject_model/
