@@ -77,6 +77,14 @@ def steering_success(rows: pd.DataFrame | None, judges: Sequence[str]) -> tuple[
     return {}, None
 
 
+def _partner_value(explained: pd.DataFrame | None, feature: int, column: str) -> Any:
+    """A partner column of the autointerp table for ``feature`` (None when absent: seed not in autointerp.partner_seeds)."""
+    if explained is None or column not in explained.columns or feature not in explained.index:
+        return None
+    value = explained.at[feature, column]
+    return None if pd.isna(value) else (str(value) if isinstance(value, str) else value)
+
+
 def feature_list(features: pd.DataFrame, scores: pd.DataFrame | None, success: Mapping[int, float]) -> pd.DataFrame:
     """One row per reference-seed feature with the :data:`LIST_COLUMNS` (``page`` filled later: -1 = no page).
 
@@ -226,8 +234,9 @@ def gather_records(
                     "encoder_cosine": _number(by_feature.at[feature, names["encoder_cosine"]]),
                     "shared": bool(by_feature.at[feature, names["shared"]]),
                     "contexts": partner_contexts[seed].get(partner, {}),
-                    # autointerp explains one seed (autointerp.seed); the partners' seeds have no explanation
-                    "explanation": None,
+                    # autointerp.partner_seeds: the partner's explanation (same backend) and its agreement with this one's
+                    "explanation": _partner_value(explained, feature, f"partner_explanation_seed{seed}"),
+                    "explanation_agreement": _number(_partner_value(explained, feature, f"explanation_agreement_seed{seed}")),
                 }
             )
         pages[str(feature)] = page

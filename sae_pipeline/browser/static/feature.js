@@ -44,7 +44,7 @@
     var own = el("div", { cls: "col", id: "own" }, [el("h2", { text: "Seed " + meta.reference_seed + ", feature " + page.feature }), scores, contextsBlock(page.contexts)]);
     var columns = el("div", { cls: "cols" }, [own].concat(page.partners.map(function (partner) {
       var facts = el("table", { cls: "figures" }, [["decoder cosine", fmt(partner.decoder_cosine)], ["encoder partner", partner.encoder_partner + " (cosine " + fmt(partner.encoder_cosine) + ")"],
-        ["shared (both cosines > threshold)", partner.shared ? "yes" : "no"], ["explanation", partner.explanation || "(seed not interpreted)"]
+        ["shared (both cosines > threshold)", partner.shared ? "yes" : "no"], ["explanation", partner.explanation || "(not explained: seed not in autointerp.partner_seeds)"], ["explanation agreement (cosine)", fmt(partner.explanation_agreement)]
       ].map(function (row) { return el("tr", {}, [el("td", { text: row[0] }), el("td", { text: String(row[1]) })]); }));
       return el("div", { cls: "col partner", "data-seed": String(partner.seed) }, [el("h2", { text: "Seed " + partner.seed + ", partner " + partner.feature }), facts, contextsBlock(partner.contexts)]);
     })));
