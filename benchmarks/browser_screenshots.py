@@ -12,15 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+from sae_pipeline.browser import CHROMIUM_ARGS
+
 
 
 def main() -> None:

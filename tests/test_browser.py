@@ -12,20 +12,12 @@ import pytest
 
 from sae_pipeline.browser.records import contexts_of, gather_records, page_features, steering_success
 from sae_pipeline.browser.site import build_site, chunk_pages, script_literal
+from sae_pipeline.browser import CHROMIUM_ARGS
+from sae_pipeline.browser import DEBIAN_CHROMIUM as CHROMIUM
 from sae_pipeline.features.mining import ContextSet, FeatureExamples
 from sae_pipeline.layout import ResultsLayout
 from sae_pipeline.settings import BrowserSettings
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 SEEDS = (0, 1, 2)
 N_FEATURES = 12
 VARIANTS = {"topk-k4-l2w0-noreg": "l2w0+noreg", "topk-k4-l2w1e-03-noreg": "l2w1e-03+noreg"}
