@@ -369,7 +369,7 @@ class Experiment:
 
     def check_settings(self) -> None:
         """Cross-field checks at DAG build, before any job runs: every variant's training settings
-        (k, aux_k and Matryoshka prefixes within d_sae, ...) and the subject model's hook name.
+        (k and Matryoshka prefixes within d_sae, ...; aux_k is clamped to d_sae by the trainer) and the subject model's hook name.
 
         Raises:
             ValueError: naming the experiment, the variant and the setting.

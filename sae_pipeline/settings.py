@@ -352,8 +352,6 @@ class TrainSettings(Settings):
                 raise ValueError(f"train: {key} must be at least 1, got {value}")
         if self.architecture in TOPK_FAMILY and self.k > self.d_sae:
             raise ValueError(f"train: k={self.k} exceeds d_sae={self.d_sae}")
-        if self.architecture in TOPK_FAMILY and self.aux_k > self.d_sae:
-            raise ValueError(f"train: aux_k={self.aux_k} exceeds d_sae={self.d_sae}")
         if self.architecture == "matryoshka_batchtopk":
             prefixes = list(self.matryoshka_prefixes)
             if prefixes != sorted(set(prefixes)) or (prefixes and (prefixes[0] < 1 or prefixes[-1] >= self.d_sae)):

@@ -116,7 +116,6 @@ def test_a_configfile_overriding_one_grid_axis_keeps_the_names():
     "options, message",
     [
         ({"k": 2048, "d_sae": 1024}, "k=2048 exceeds d_sae=1024"),
-        ({"aux_k": 4096, "d_sae": 1024}, "aux_k=4096 exceeds d_sae=1024"),
     ],
 )
 def test_cross_field_training_settings_are_checked_at_dag_build(options, message):

@@ -23,7 +23,8 @@ def planned_commands(tmp_path, command: str, gpus: int, **environment: str) -> l
     path = os.environ["PATH"]
     if not gpus and shutil.which("nvidia-smi"):
         pytest.skip("this machine has nvidia-smi on PATH")
-    env = {**os.environ, "PATH": f"{fake_bin}:{path}", "SAE_RUN_PRINT_ONLY": "1", "SAE_VENV": str(tmp_path / "venv"), **environment}
+    inherited = {name: value for name, value in os.environ.items() if not name.startswith("SAE_")}  # e.g. .ci/run's own settings
+    env = {**inherited, "PATH": f"{fake_bin}:{path}", "SAE_RUN_PRINT_ONLY": "1", "SAE_VENV": str(tmp_path / "venv"), **environment}
     completed = subprocess.run([str(REPO_ROOT / "run.sh"), command], capture_output=True, text=True, env=env, timeout=60, check=True)
     return [line[2:] for line in completed.stdout.splitlines() if line.startswith("+ ")]
 
