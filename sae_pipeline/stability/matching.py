@@ -268,6 +268,17 @@ def _inverse(partner: np.ndarray, size_other: int) -> np.ndarray:
     return inverse
 
 
+def shared_mask(decoder_partner: np.ndarray, encoder_partner: np.ndarray, decoder_cosine: np.ndarray, encoder_cosine: np.ndarray,
+                threshold: float) -> np.ndarray:
+    """``[n]`` bool: same partner in the decoder and the encoder matchings and both matched |cos| above ``threshold``."""
+    return (
+        (decoder_partner >= 0)
+        & (decoder_partner == encoder_partner)
+        & (np.nan_to_num(decoder_cosine) > threshold)
+        & (np.nan_to_num(encoder_cosine) > threshold)
+    )
+
+
 def _match_pair(
     seed_a: int, seed_b: int, units: Mapping[str, list[torch.Tensor]], included: list[np.ndarray],
     index_a: int, index_b: int, threshold: float, solver: str, candidates: int,
@@ -293,12 +304,7 @@ def _match_pair(
         views["b"][f"{kind}_max_local"] = result.max_b
     for side in ("a", "b"):
         view = views[side]
-        view["shared"] = (
-            (view["decoder_partner"] >= 0)
-            & (view["decoder_partner"] == view["encoder_partner"])
-            & (np.nan_to_num(view["decoder_cosine"]) > threshold)
-            & (np.nan_to_num(view["encoder_cosine"]) > threshold)
-        )
+        view["shared"] = shared_mask(view["decoder_partner"], view["encoder_partner"], view["decoder_cosine"], view["encoder_cosine"], threshold)
     n_a, n_b = len(own_a), len(own_b)
     n_shared = int(views["a"]["shared"].sum())
     agreement = (views["a"]["decoder_partner"][own_a] >= 0) & (views["a"]["decoder_partner"][own_a] == views["a"]["encoder_partner"][own_a])

@@ -29,7 +29,7 @@ import pandas as pd
 from scipy.linalg import subspace_angles
 from scipy.stats import spearmanr
 
-from sae_pipeline.stability.matching import MatchResult
+from sae_pipeline.stability.matching import MatchResult, shared_mask, unit_rows
 
 DEFAULT_THRESHOLDS = tuple(np.round(np.linspace(0.1, 0.95, 18), 3))
 
@@ -48,16 +48,6 @@ def pw_mcc(result: MatchResult) -> dict[str, dict[str, Any]]:
     return measures
 
 
-def shared_at(view, threshold: float) -> np.ndarray:
-    """``[n]`` bool of one side of a pair: same decoder and encoder partner, both matched |cos| above ``threshold``."""
-    return (
-        (view.decoder_partner >= 0)
-        & (view.decoder_partner == view.encoder_partner)
-        & (np.nan_to_num(view.decoder_cosine) > threshold)
-        & (np.nan_to_num(view.encoder_cosine) > threshold)
-    )
-
-
 def threshold_curve(result: MatchResult, thresholds: Sequence[float] = DEFAULT_THRESHOLDS) -> pd.DataFrame:
     """Shared fraction against the threshold: columns threshold, fraction_shared (mean over pairs), its min
     and max over pairs, and fraction_matched_decoder (share of matched decoder |cos| above the threshold)."""
@@ -68,7 +58,8 @@ def threshold_curve(result: MatchResult, thresholds: Sequence[float] = DEFAULT_T
             index_a = result.seeds.index(pair.seed_a)
             index_b = result.seeds.index(pair.seed_b)
             n_a, n_b = int(result.included[index_a].sum()), int(result.included[index_b].sum())
-            n_shared = int(shared_at(pair.view_a, float(threshold)).sum())
+            view = pair.view_a
+            n_shared = int(shared_mask(view.decoder_partner, view.encoder_partner, view.decoder_cosine, view.encoder_cosine, float(threshold)).sum())
             shared.append(2 * n_shared / (n_a + n_b) if n_a + n_b else np.nan)
             cosines = pair.view_a.decoder_cosine[result.included[index_a]]
             matched_above.append(float(np.mean(np.nan_to_num(cosines) > threshold)) if cosines.size else np.nan)
@@ -126,16 +117,11 @@ def subspace_overlap(basis_a: np.ndarray, basis_b: np.ndarray) -> tuple[float, f
     return overlap, float(np.degrees(np.median(subspace_angles(basis_a, basis_b))))
 
 
-def unit(directions: np.ndarray) -> np.ndarray:
-    directions = np.asarray(directions, dtype=np.float64)
-    return directions / np.maximum(np.linalg.norm(directions, axis=1, keepdims=True), 1e-12)
-
-
 def nonshared_subspace_overlaps(result: MatchResult, decoders: Sequence[np.ndarray], ranks: Sequence[int]) -> dict[int, dict[str, Any]]:
     """Per rank r: overlap of the non-shared features' top-r decoder subspaces, per pair and averaged, with
     the random baseline r / d. Ranks above a pair's non-shared count (or d) are skipped for that pair."""
     d_in = int(np.asarray(decoders[0]).shape[1])
-    units = [unit(decoder) for decoder in decoders]
+    units = [unit_rows(decoder).double().numpy() for decoder in decoders]
     per_rank: dict[int, dict[str, Any]] = {}
     bases: dict[tuple[int, int, int, int], np.ndarray] = {}
     for pair in result.pairs:

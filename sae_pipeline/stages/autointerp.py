@@ -291,7 +291,7 @@ def partner_explanations(store: ActivationStore, sequences: np.ndarray, table: p
         if column not in matched.columns:
             raise ValueError(f"{sharedness_path} has no column {column}: autointerp.partner_seeds {seed} is not a matched seed of this variant")
         partner_of = dict(zip(matched["feature"].astype(int), matched[column].astype(int)))
-        partners = {feature: partner_of.get(int(feature), -1) for feature in table["feature"] if table.loc[table["feature"] == feature, "explanation"].notna().any()}
+        partners = {int(feature): partner_of.get(int(feature), -1) for feature, explanation in zip(table["feature"], table["explanation"]) if pd.notna(explanation)}
         wanted = sorted({partner for partner in partners.values() if partner >= 0})
         partner_sae = load_sae(folder, device)
         examples = mine_examples(store, partner_sae, wanted, settings.mining, random_seed)

@@ -116,8 +116,9 @@ def stability_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> p
         row.update({"pair_fraction_shared": shared["mean"], "pair_fraction_shared_low": shared["low"], "pair_fraction_shared_high": shared["high"]})
         row["reappearance_mean"] = stability["reappearance"]["mean"]
         row["rho_firing_frequency"] = stability["reappearance"]["by_log10_firing_frequency"]["spearman_rho"]
-        row["rho_interp_score"] = _reappearance_rho(inputs, "autointerp_scores", "feature", "detection_score")
-        row["rho_reconstruction_contribution"] = _reappearance_rho(inputs, "evaluate_latents", "latent", "reconstruction_contribution")
+        features = pd.read_parquet(inputs["match_features"]) if inputs.get("match_features") else None
+        row["rho_interp_score"] = _reappearance_rho(features, inputs, "autointerp_scores", "feature", "detection_score")
+        row["rho_reconstruction_contribution"] = _reappearance_rho(features, inputs, "evaluate_latents", "latent", "reconstruction_contribution")
         row.update(_explanation_agreement(inputs))
         for rank, overlap in stability["subspace_overlap"].items():
             row.update({f"overlap_r{rank}": overlap["overlap_mean"], f"overlap_r{rank}_baseline": overlap["random_baseline"],
@@ -144,13 +145,12 @@ def _explanation_agreement(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _reappearance_rho(inputs: Mapping[str, Any], table_key: str, id_column: str, value_column: str) -> float | None:
-    """Spearman's rho between the reference seed's reappearance (match ``features.parquet``) and a per-latent
-    value of the same seed's SAE in another stage's table (``inputs[table_key]``: its ``id_column`` holds the
-    latent, ``seed`` if present must be the match's reference seed); None when fewer than 3 latents join."""
-    if not inputs.get("match_features") or not inputs.get(table_key):
+def _reappearance_rho(features: pd.DataFrame | None, inputs: Mapping[str, Any], table_key: str, id_column: str, value_column: str) -> float | None:
+    """Spearman's rho between the reference seed's reappearance (``features``: the match ``features.parquet``) and a
+    per-latent value of the same seed's SAE in another stage's table (``inputs[table_key]``: its ``id_column`` holds
+    the latent, ``seed`` if present must be the match's reference seed); None when fewer than 3 latents join."""
+    if features is None or not inputs.get(table_key):
         return None
-    features = pd.read_parquet(inputs["match_features"])
     other = pd.read_parquet(inputs[table_key])
     if "reappearance" not in features.columns or value_column not in other.columns:
         return None
