@@ -309,6 +309,7 @@ class TrainSettings(Settings):
     shuffle_buffer_rows: int = 131072
     data_seed: int = 0
     holdout_tokens: int = 16384
+    firing_window_tokens: int | None = 262_144
     ce_eval_sequences: int = 32
     log_every: int = 50
     checkpoint_every: int = 500

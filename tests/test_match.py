@@ -143,7 +143,9 @@ def test_dead_latents_are_excluded_from_matching_and_denominators():
     assert not set(features["decoder_partner_seed1"]) & {4, 5}
 
 
-def test_run_match_writes_outputs_from_checkpoints(tmp_path):
+def hand_built_sae_folders(tmp_path, training_settings: dict | None = None) -> dict[int, str]:
+    """Three seeds' SAE folders of 12 latents: directions 0-9 common to all (permuted), 10-11 per seed,
+    direction 3 never fired (firing frequency 0; the rest 0.05). ``training_settings`` go to cfg.json."""
     rng = np.random.default_rng(1)
     d_in, d_sae = 16, 12
     base = rng.standard_normal((d_sae, d_in)).astype(np.float32)
@@ -161,10 +163,20 @@ def test_run_match_writes_outputs_from_checkpoints(tmp_path):
             "b_dec": torch.zeros(d_in),
         }
         cfg = {"architecture": "topk", "k": 2, "metadata": {"dataset_path": "hand-built"}}
+        if training_settings is not None:
+            cfg["training"] = {"seed": seed, "settings": training_settings}
         folders[seed] = str(save_sae(tmp_path / "sae" / f"seed{seed}", tensors, cfg, firing_frequency=torch.from_numpy(frequency)))
-    settings = {"threshold": 0.7, "exclude_dead": True, "dead_frequency_threshold": 1e-9, "reference_seed": None, "solver": "auto", "candidates": 8, "device": "cpu"}
+    return folders
+
+
+MATCH_SETTINGS = {"threshold": 0.7, "exclude_dead": True, "dead_frequency_threshold": 1e-9, "reference_seed": None, "solver": "auto", "candidates": 8, "device": "cpu"}
+
+
+def test_run_match_writes_outputs_from_checkpoints(tmp_path):
+    d_sae = 12
+    folders = hand_built_sae_folders(tmp_path)
     output = tmp_path / "match"
-    summary = run_match(folders, str(output), settings, title="test/variant")
+    summary = run_match(folders, str(output), MATCH_SETTINGS, title="test/variant")
     for name in ("pairs.csv", "features.parquet", "summary.json", "max_cosine_hist.png"):
         assert (output / name).stat().st_size > 0
     assert json.loads((output / "summary.json").read_text()) == json.loads(json.dumps(summary))
@@ -178,6 +190,18 @@ def test_run_match_writes_outputs_from_checkpoints(tmp_path):
     assert list(zip(pairs["seed_a"], pairs["seed_b"])) == [(0, 1), (0, 2), (1, 2)]
     assert (pairs["n_features_a"] == d_sae - 1).all()
     assert (output / "max_cosine_hist.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["excluded_latents"]["count"] == {"0": 1, "1": 1, "2": 1}
+    assert "rows not recorded" in summary["excluded_latents"]["reason"]  # cfg.json names no firing window
+
+
+@pytest.mark.parametrize(("window", "words"), [(262144, "the first 262,144 training rows"), (None, "every training row")])
+def test_match_summary_says_over_which_rows_latents_are_dead(tmp_path, window, words):
+    folders = hand_built_sae_folders(tmp_path, {"firing_window_tokens": window})
+    summary = run_match(folders, str(tmp_path / "match"), MATCH_SETTINGS)
+    assert summary["dead_definition"] == f"firing frequency below 1e-09 over {words} (sparsity.safetensors)"
+    assert summary["excluded_latents"] == {"count": {"0": 1, "1": 1, "2": 1}, "reason": summary["dead_definition"]}
+    kept = run_match(folders, str(tmp_path / "match_all"), {**MATCH_SETTINGS, "exclude_dead": False})
+    assert kept["excluded_latents"]["count"] == {"0": 0, "1": 0, "2": 0}
 
 
 def test_a_seed_with_every_latent_dead_matches_nothing():

@@ -361,3 +361,26 @@ def test_pooled_model_leaves_out_a_condition_without_successes():
     assert not pooled["term"].str.contains("l1w1e-04").any()
     assert pooled["term"].str.contains("interp_score:condition\\[l2w1e-03\\+noreg\\]").any()
     assert pooled["estimate"].notna().all() and pooled["n"].iloc[0] == 2 * 120 * 8
+
+
+def test_summary_counts_the_latents_each_stage_leaves_out(tmp_path):
+    """From a real match output (3 hand-built seeds, one latent never fired in the training window) and an
+    evaluate metrics file: the stability section lists, per condition, the match stage's dead latents
+    with their definition, the latents silent on the evaluate tokens and those the proxies leave out."""
+    from sae_pipeline.report.summary import _section_stability
+    from sae_pipeline.stages.match import run_match
+    from sae_pipeline.stages.regress import stability_by_condition
+    from tests.test_match import MATCH_SETTINGS, hand_built_sae_folders
+
+    folders = hand_built_sae_folders(tmp_path, {"firing_window_tokens": 5000})
+    run_match(folders, str(tmp_path / "match"), {**MATCH_SETTINGS, "subspace_ranks": [2], "seed_resamples": 20})
+    metrics = {"n_tokens": 3000, "firing": {"n_latents": 12, "n_dead": 4, "dead_fraction": 4 / 12},
+               "monosemanticity": {"scored_latents": 7, "min_activations": 20}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    inputs = {"v": {"condition": "l2w0+noreg", "match_summary": str(tmp_path / "match" / "summary.json"),
+                    "evaluate_metrics": str(tmp_path / "metrics.json")}}
+    row = stability_by_condition(inputs).iloc[0]
+    assert (row["n_latents"], row["excluded_match"], row["never_fired_on_evaluate_tokens"], row["unscored_by_proxies"]) == (12, 1, 4, 5)
+    text = "\n".join(_section_stability(stability_by_condition(inputs)))
+    assert ("| l2w0+noreg | 12 | 1: firing frequency below 1e-09 over the first 5,000 training rows (sparsity.safetensors) "
+            "| 4 of 12 never fired on its 3,000 hold-out tokens | 5 (fewer than 20 firings there) |") in text

@@ -118,6 +118,28 @@ def test_inference_sae_reproduces_the_reported_fvu(planted_cache, tmp_path):
     assert fvu.item() == pytest.approx(metrics[4]["fvu"], rel=1e-4)
 
 
+def test_firing_frequency_is_counted_over_the_training_window_not_the_hold_out(planted_cache, tmp_path):
+    """sparsity.safetensors holds the share of the first firing_window_tokens training rows (BOS left
+    out, hold-out never) on which each latent fires, counted with the final weights; the held-out
+    figure stays in metrics.json under its own name."""
+    cache, _ = planted_cache
+    window = 5000
+    config = {**PLANTED_SETTINGS, "total_tokens": 256 * 20, "firing_window_tokens": window}
+    metrics = train_saes(cache, tmp_path / "out", config, [3], tmp_path / "state", threads=1, progress=False)
+    sae = load_sae(tmp_path / "out" / "seed3")
+    x, _ = planted_activations(12288)
+    training_rows = x[: 12288 - 1024][np.arange(12288 - 1024) % 16 != 0]
+    with torch.no_grad():
+        codes = sae.encode(torch.from_numpy(training_rows[:window]))
+    expected = (codes != 0).double().mean(dim=0).numpy()
+    np.testing.assert_allclose(load_firing_frequency(tmp_path / "out" / "seed3"), expected, rtol=1e-5, atol=1e-9)
+    assert metrics[3]["firing_window_rows"] == window
+    assert metrics[3]["never_fired_in_window_fraction"] == pytest.approx(float((expected == 0).mean()))
+
+    everything = train_saes(cache, tmp_path / "all", {**config, "firing_window_tokens": None}, [3], tmp_path / "state_all", threads=1, progress=False)
+    assert everything[3]["firing_window_rows"] == len(training_rows)
+
+
 def test_killed_run_resumes_to_identical_weights(planted_cache, tmp_path):
     cache, _ = planted_cache
     config = {**PLANTED_SETTINGS, "total_tokens": 256 * 60, "checkpoint_every": 10, "dead_window_tokens": 1500,

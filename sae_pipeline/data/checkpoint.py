@@ -95,6 +95,15 @@ def training_settings_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return dict(settings) if isinstance(settings, Mapping) else {}
 
 
+def firing_window_of(cfg: Mapping[str, Any]) -> str:
+    """In words, the rows over which ``sparsity.safetensors``'s firing frequencies were counted."""
+    settings = training_settings_of(cfg)
+    if "firing_window_tokens" not in settings:
+        return "rows not recorded (an SAE from elsewhere or an older version: possibly only the hold-out)"
+    window = settings["firing_window_tokens"]
+    return "every training row" if window is None else f"the first {int(window):,} training rows"
+
+
 def holdout_rows_of(cfg: Mapping[str, Any]) -> int:
     """The training hold-out size (cache rows at the end never trained on) recorded in a ``cfg.json``; 0 if none."""
     return int(training_settings_of(cfg).get("holdout_tokens") or 0)

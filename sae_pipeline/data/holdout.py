@@ -1,13 +1,16 @@
 """Which cache rows are held out of SAE training, and which sequences lie wholly inside them.
 
 The last ``holdout_rows`` rows of a cache (stored order, BOS rows included in the count) are never
-trained on; the train stage measures held-out FVU, L0 and firing frequencies on them, the evaluate
+trained on; the train stage measures held-out FVU and L0 on them, the evaluate
 stage draws its rows before them or from them as the trained SAE's ``cfg.json`` says, and CE-loss
-recovered runs on sequences whose every position is held out.
+recovered runs on sequences whose every position is held out. Firing frequencies (who is dead, who is
+rare) are counted over a window of training rows (:func:`iter_training_window`): the hold-out is too
+short to tell a rare latent from a dead one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,3 +66,21 @@ def complete_holdout_documents(holdout: ShardData) -> np.ndarray:
     """Doc ids whose whole sequence lies in the hold-out rows (their position-0 row is in it)."""
     starts = holdout.doc_id[holdout.position == 0]
     return np.unique(starts)
+
+
+def iter_training_window(store: ActivationStore, holdout_rows: int, max_rows: int | None) -> Iterator[np.ndarray]:
+    """The first ``max_rows`` training rows of the cache, shard by shard: ``[rows, d_model]`` float arrays.
+
+    Training rows are the rows before the last ``holdout_rows`` (:func:`training_spans`) without BOS and
+    outlier positions, in stored order; ``max_rows`` None = all of them. Every shard read is verified.
+    """
+    remaining = None if max_rows is None else int(max_rows)
+    for span in training_spans(store, holdout_rows):
+        if remaining is not None and remaining <= 0:
+            return
+        rows = store.read_shard(span.index).select(slice(0, span.kept_rows)).training_rows().activations
+        if remaining is not None:
+            rows = rows[:remaining]
+            remaining -= len(rows)
+        if len(rows):
+            yield rows

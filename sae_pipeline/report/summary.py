@@ -215,7 +215,31 @@ def _section_stability(stability: pd.DataFrame | None) -> list[str]:
             for _, row in stability.iterrows()
         ]
         lines.append(markdown_table(["condition"] + [f"r = {rank}" for rank in ranks], rows))
+    lines += _exclusion_lines(stability)
     return lines
+
+
+def _exclusion_lines(stability: pd.DataFrame) -> list[str]:
+    """Per condition, how many of the reference seed's latents each stage leaves out, and why."""
+    if "excluded_match" not in stability.columns:
+        return []
+    lines = ["Latents each stage leaves out (reference seed):\n"]
+    rows = []
+    for _, row in stability.iterrows():
+        cells = [row["condition"], _count(row.get("n_latents")), f"{_count(row['excluded_match'])}: {row['excluded_match_reason']}"]
+        if pd.notna(row.get("evaluate_tokens")):
+            cells += [f"{_count(row['never_fired_on_evaluate_tokens'])} of {_count(row['n_latents'])} never fired on its {_count(row['evaluate_tokens'])} hold-out tokens",
+                      f"{_count(row['unscored_by_proxies'])} (fewer than {_count(row['proxy_min_activations'])} firings there)"]
+        else:
+            cells += ["n/a", "n/a"]
+        rows.append(cells)
+    lines.append(markdown_table(["condition", "latents", "match: excluded as dead", "evaluate: silent on its tokens (not excluded)",
+                                 "evaluate: left out of the monosemanticity proxies"], rows))
+    return lines
+
+
+def _count(value: Any) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{int(value):,}"
 
 
 def _section_claim3(coefficients: pd.DataFrame, judges: Sequence[str]) -> list[str]:
@@ -246,7 +270,9 @@ def _section_claim4(claim4: pd.DataFrame, robustness: pd.DataFrame, probing: pd.
     lines = ["## Claim 4: off-support L1 and L1/L2-ratio regularizers: more monosemantic, no reconstruction cost, robust to inference k\n"]
     if claim4.empty:
         return lines + ["No evaluate outputs in this run.\n"]
-    lines.append("At the trained k (one seed per variant; monosemanticity proxies: mean over latents with enough firings, normal 95% intervals):\n")
+    lines.append("At the trained k (one seed per variant, on the evaluate stage's hold-out tokens; \"never fired on these tokens\" is "
+                 "silence on those tokens, not death: the match stage's dead latents are counted over the training window, "
+                 "see the stability section; monosemanticity proxies: mean over latents with enough firings, normal 95% intervals):\n")
     rows = [
         [row.variant, row.condition, f"{row.fvu:.4f}", format_interval(row.ce_loss_recovered, digits=4), f"{row.l0:.1f}", f"{row.effective_latents:.2f}", f"{row.l1_over_l2:.2f}",
          f"{row.dead_fraction:.3f}", f"{row.dense_fraction:.3f}", format_interval(row.top_token_mass_share, row.top_token_mass_share_ci_low, row.top_token_mass_share_ci_high),
@@ -254,7 +280,7 @@ def _section_claim4(claim4: pd.DataFrame, robustness: pd.DataFrame, probing: pd.
         for row in claim4.itertuples()
     ]
     lines.append(markdown_table(
-        ["variant", "condition", "FVU", "CE-loss recovered", "L0", "effective latents/token", "l1/l2", "dead", "dense", "top-token mass share (higher = more mono.)", "top-activation token entropy, bits (lower = more mono.)"],
+        ["variant", "condition", "FVU", "CE-loss recovered", "L0", "effective latents/token", "l1/l2", "never fired on these tokens", "dense", "top-token mass share (higher = more mono.)", "top-activation token entropy, bits (lower = more mono.)"],
         rows,
     ))
     reference_rows = claim4[claim4["condition"] == reference]

@@ -6,8 +6,8 @@
 - **concentration**: per token with a nonzero code, the effective number of latents ``exp(H(p))``
   with ``p = |z| / ||z||_1`` (natural log; equals L0 when the active values are equal, less when the
   mass sits on few latents), and the ratio ``||z||_1 / ||z||_2`` (between 1 and sqrt(L0)).
-- **latent usage**: firing frequency per latent (share of tokens with z_i > 0); dead latents fire on
-  no evaluated token; dense latents fire on more than ``dense_threshold`` of them.
+- **latent usage**: firing frequency per latent (share of tokens with z_i > 0; :func:`firing_frequencies`
+  counts it for several SAEs over one pass of rows); dead latents fire on no evaluated token; dense latents fire on more than ``dense_threshold`` of them.
 - **monosemanticity proxies** (token level, no LLM), per latent: ``top_token_mass_share`` = the
   largest share of the latent's total activation mass that one token id receives (1 = it fires on a
   single token type); ``top_activation_token_entropy_bits`` = the entropy (bits) of the token ids of
@@ -215,6 +215,23 @@ def inference_ks(trained_k: int, multipliers: Sequence[float]) -> list[tuple[flo
 
 
 @torch.no_grad()
+def firing_frequencies(saes: Sequence[SparseAutoencoder], chunks: Iterable[np.ndarray], batch_rows: int = 8192) -> tuple[list[np.ndarray], int]:
+    """Share of rows on which each latent of each SAE is nonzero, over the rows of ``chunks``.
+
+    ``chunks``: arrays ``[rows, d_in]`` (read once; every SAE sees every chunk). Returns one float64
+    ``[d_sae]`` array per SAE (zeros when there are no rows) and the number of rows counted.
+    """
+    fired = [torch.zeros(sae.d_sae, dtype=torch.float64, device=sae.W_enc.device) for sae in saes]
+    rows = 0
+    for chunk in chunks:
+        rows += len(chunk)
+        for start in range(0, len(chunk), batch_rows):
+            for sae, counts in zip(saes, fired):
+                batch = torch.as_tensor(chunk[start : start + batch_rows]).to(device=sae.W_enc.device, dtype=torch.float32)
+                counts += (sae.encode(batch) != 0).sum(dim=0).double()
+    return [(counts / max(rows, 1)).cpu().numpy() for counts in fired], rows
+
+
 def reconstruction_metrics(sae: SparseAutoencoder, x: Any, mean: torch.Tensor, k: int | None = None, batch_rows: int = 8192) -> dict[str, Any]:
     """Reconstruction figures of ``sae`` (at inference ``k``, None = as trained) over ``x [rows, d_in]``.
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from sae_pipeline.data.atomic import write_dataframe, write_json
 from sae_pipeline.data.checkpoint import (
+    firing_window_of,
     load_firing_frequency,
     load_sae_arrays,
     load_sae_config,
@@ -73,6 +74,9 @@ def run_match(sae_dirs: Mapping[int, str], output_dir: str, settings: MatchSetti
     features.insert(features.columns.get_loc("category") + 1, "reappearance", reappearance(features, len(seeds)))
     stability, curve = stability_measures(result, decoders, features, frequency, settings.subspace_ranks, int(settings.seed_resamples))
     summary = result.summary(reference, features)
+    window = firing_window_of(load_sae_config(folders[reference_index]))
+    dead_reason = (f"firing frequency below {float(settings.dead_frequency_threshold):g} over {window} "
+                   "(sparsity.safetensors)")
     summary = {
         "title": title,
         "sae_dirs": folders,
@@ -80,6 +84,11 @@ def run_match(sae_dirs: Mapping[int, str], output_dir: str, settings: MatchSetti
         "exclude_dead": exclude_dead,
         "dead_frequency_threshold": float(settings.dead_frequency_threshold),
         "n_dead": {str(seed): int(mask.sum()) for seed, mask in zip(seeds, dead)},
+        "dead_definition": dead_reason,
+        "excluded_latents": {
+            "count": {str(seed): int(mask.sum()) if exclude_dead else 0 for seed, mask in zip(seeds, dead)},
+            "reason": dead_reason if exclude_dead else "none excluded (match.exclude_dead is false)",
+        },
         "firing_frequency_available": {str(seed): frequency is not None for seed, frequency in zip(seeds, frequencies)},
         **summary,
         "stability": stability,

@@ -120,11 +120,35 @@ def stability_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> p
         row["rho_interp_score"] = _reappearance_rho(features, inputs, "autointerp_scores", "feature", "detection_score")
         row["rho_reconstruction_contribution"] = _reappearance_rho(features, inputs, "evaluate_latents", "latent", "reconstruction_contribution")
         row.update(_explanation_agreement(inputs))
+        row.update(_exclusions(summary, inputs))
         for rank, overlap in stability["subspace_overlap"].items():
             row.update({f"overlap_r{rank}": overlap["overlap_mean"], f"overlap_r{rank}_baseline": overlap["random_baseline"],
                         f"overlap_r{rank}_low": overlap["seed_resampled"]["low"], f"overlap_r{rank}_high": overlap["seed_resampled"]["high"]})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _exclusions(match_summary: Mapping[str, Any], inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """How many of the reference seed's latents each stage leaves out, and why: the match stage (dead over
+    the training window), the evaluate stage's monosemanticity proxies (too few firings on its tokens)
+    and the evaluate figure "never fired on the evaluated tokens"."""
+    excluded = match_summary.get("excluded_latents", {})
+    reference = str(match_summary.get("reference_seed", ""))
+    row: dict[str, Any] = {
+        "n_latents": match_summary.get("n_features", {}).get(reference),
+        "excluded_match": excluded.get("count", {}).get(reference),
+        "excluded_match_reason": excluded.get("reason", "not recorded (match output of an older version)"),
+    }
+    if inputs.get("evaluate_metrics"):
+        metrics = json.loads(Path(inputs["evaluate_metrics"]).read_text())
+        firing, mono = metrics["firing"], metrics["monosemanticity"]
+        row.update({
+            "evaluate_tokens": metrics["n_tokens"],
+            "never_fired_on_evaluate_tokens": firing["n_dead"],
+            "unscored_by_proxies": firing["n_latents"] - mono["scored_latents"],
+            "proxy_min_activations": mono["min_activations"],
+        })
+    return row
 
 
 def _explanation_agreement(inputs: Mapping[str, Any]) -> dict[str, Any]:

@@ -4,10 +4,11 @@
 (one pass over the data, parameters stacked along a seed dimension, see
 :mod:`sae_pipeline.sae.training_model`), checkpoints periodically to a state folder so a killed job
 resumes where it stopped, evaluates each SAE on the held-out rows of the cache (and, for a language
-model, the cross-entropy loss recovered when the SAE reconstruction is spliced into the model), and
-writes the group folder atomically::
+model, the cross-entropy loss recovered when the SAE reconstruction is spliced into the model), counts
+firing frequencies over a window of training rows, and writes the group folder atomically::
 
-    <output_dir>/seed<s>/cfg.json, sae_weights.safetensors, sparsity.safetensors, metrics.json
+    <output_dir>/seed<s>/cfg.json, sae_weights.safetensors, sparsity.safetensors (firing frequency
+                   over the first ``firing_window_tokens`` training rows, as log10), metrics.json
     <output_dir>/curves.parquet     one row per (logged step, seed)
 """
 
@@ -30,12 +31,12 @@ from tqdm import tqdm
 
 from sae_pipeline.data.atomic import atomic_path, write_dataframe
 from sae_pipeline.data.checkpoint import sae_config, save_sae
-from sae_pipeline.data.holdout import complete_holdout_documents, read_holdout
+from sae_pipeline.data.holdout import complete_holdout_documents, iter_training_window, read_holdout
 from sae_pipeline.data.loader import ActivationLoader
 from sae_pipeline.data.shards import ActivationStore, ShardData
 from sae_pipeline.layout import SAE_CURVES, SAE_METRICS
 from sae_pipeline.runtime.devices import resolve_device
-from sae_pipeline.sae.metrics import reconstruction_metrics
+from sae_pipeline.sae.metrics import firing_frequencies, reconstruction_metrics
 from sae_pipeline.sae.model import SparseAutoencoder
 from sae_pipeline.sae.trainer import STEP_STATISTICS, SeedBatchedTrainer
 from sae_pipeline.sae.training_model import SeedBatchedSAE, geometric_median
@@ -249,8 +250,10 @@ def fold_activation_scale(tensors: Mapping[str, torch.Tensor], scale: float) -> 
 def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: Mapping[str, Any], cache_dir: str | os.PathLike,
                        output_dir: str | os.PathLike, model: SeedBatchedSAE, seeds: list[int], variant: str, device: str,
                        curves: list[dict[str, Any]], train_wall: float, epochs: float, scale: float = 1.0) -> dict[int, dict[str, Any]]:
-    """Held-out metrics, CE-loss recovered (language model only), then the group folder (tensors for the
-    activations as cached: the activation scale is folded into the weights)."""
+    """Held-out metrics, CE-loss recovered (language model only), firing frequencies over the first
+    ``firing_window_tokens`` training rows (``sparsity.safetensors``: the held-out rows are too few to
+    tell rare latents from dead ones), then the group folder (tensors for the activations as cached:
+    the activation scale is folded into the weights)."""
     holdout = read_holdout(store, config.holdout_tokens)
     eval_rows = holdout.training_rows().activations
     all_tensors = [fold_activation_scale(model.inference_tensors(index), scale) for index in range(len(seeds))]
@@ -258,6 +261,8 @@ def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: 
     mean = torch.from_numpy(eval_rows.astype(np.float64).mean(axis=0))
     reconstruction = [reconstruction_metrics(sae, eval_rows, mean, batch_rows=EVAL_CHUNK_ROWS) for sae in saes]
     dead_fraction = model.dead_mask().float().mean(dim=-1).cpu().tolist()
+    window_frequencies, window_rows = firing_frequencies(saes, iter_training_window(store, config.holdout_tokens, config.firing_window_tokens),
+                                                         batch_rows=EVAL_CHUNK_ROWS)
     cross_entropy = _cross_entropy_for(config, store, manifest, holdout, saes, device)
     tokens_seen = config.total_steps * config.batch_size
     results: dict[int, dict[str, Any]] = {}
@@ -278,6 +283,8 @@ def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: 
                 "dead_fraction": dead_fraction[index],
                 "dead_window_tokens": config.dead_window_tokens,
                 "never_fired_on_eval_fraction": float((measured["firing_frequency"] == 0).mean()),
+                "firing_window_rows": window_rows,
+                "never_fired_in_window_fraction": float((window_frequencies[index] == 0).mean()),
                 **_cross_entropy_entry(cross_entropy, index),
                 "W_enc_norm": float(tensors["W_enc"].norm()),
                 "W_dec_norm": float(tensors["W_dec"].norm()),
@@ -292,7 +299,7 @@ def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: 
             }
             cfg = sae_config(config, manifest, cache_dir, model.d_in, seed, variant,
                              {"tokens_seen": tokens_seen, "steps": config.total_steps, "activation_scale": scale})
-            save_sae(folder / f"seed{seed}", tensors, cfg, firing_frequency=torch.from_numpy(measured["firing_frequency"]),
+            save_sae(folder / f"seed{seed}", tensors, cfg, firing_frequency=torch.from_numpy(window_frequencies[index]),
                      extra_files={SAE_METRICS: json.dumps(metrics, indent=2) + "\n"})
             results[seed] = metrics
         write_dataframe(folder / SAE_CURVES, pd.DataFrame(curves, columns=["step", "seed", "tokens", "lr", *STEP_STATISTICS]))
