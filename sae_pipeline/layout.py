@@ -70,6 +70,7 @@ REGRESS_OUTPUTS = {
     "plot_shared_fraction": "plots/shared_fraction.png", "plot_steering_success": "plots/steering_success.png",
     "plot_success_vs_interp": "plots/success_vs_interp.png", "plot_training_curves": "plots/training_curves.png",
     "plot_k_robustness": "plots/k_robustness.png", "plot_probing": "plots/probing.png",
+    "plot_reappearance": "plots/reappearance.png", "reappearance": "reappearance.parquet",
 }
 JUDGE_OUTPUTS = {"accuracy": "accuracy.csv"}
 BROWSER_OUTPUTS = {"index": "index.html", "feature_page": "feature.html", "data": "data"}

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sae_pipeline.layout import reference_condition
+from sae_pipeline.layout import REGRESS_OUTPUTS, reference_condition
 from sae_pipeline.stages.regress import run_regression
 from sae_pipeline.stats.intervals import cluster_bootstrap_rate, wilson_interval
 from sae_pipeline.stats.regression import (
@@ -193,13 +193,7 @@ def test_judge_frames_aggregate_per_feature():
     assert record["mean_score"] == pytest.approx(first["embedding_score"].mean())
 
 
-OUTPUT_NAMES = {
-    "coefficients": "coefficients.csv", "summary": "summary.md", "summary_html": "summary.html", "steering_success": "steering_success.csv",
-    "shared_fraction": "shared_fraction.csv", "autointerp": "autointerp.csv", "claim4": "claim4.csv", "k_robustness": "k_robustness.csv",
-    "plot_shared_fraction": "plots/shared_fraction.png", "plot_steering_success": "plots/steering_success.png",
-    "plot_success_vs_interp": "plots/success_vs_interp.png", "plot_training_curves": "plots/training_curves.png",
-    "plot_k_robustness": "plots/k_robustness.png", "plot_probing": "plots/probing.png",
-}
+OUTPUT_NAMES = REGRESS_OUTPUTS
 
 
 def write_stage_inputs(folder, rows: pd.DataFrame) -> dict:
@@ -384,3 +378,43 @@ def test_summary_counts_the_latents_each_stage_leaves_out(tmp_path):
     text = "\n".join(_section_stability(stability_by_condition(inputs)))
     assert ("| l2w0+noreg | 12 | 1: firing frequency below 1e-09 over the first 5,000 training rows (sparsity.safetensors) "
             "| 4 of 12 never fired on its 3,000 hold-out tokens | 5 (fewer than 20 firings there) |") in text
+
+
+def test_reappearance_relations_join_each_covariate_by_latent(tmp_path):
+    """Reappearance of the reference seed's latents joined with log10 firing frequency (never-fired latents
+    dropped), the autointerp detection score and the reconstruction contribution; rho as scipy computes it."""
+    from scipy.stats import spearmanr
+
+    from sae_pipeline.report.plots import plot_reappearance
+    from sae_pipeline.stages.regress import reappearance_relations
+
+    features = pd.DataFrame({"feature": np.arange(6), "seed": 0, "reappearance": [0.0, 0.5, 1.0, 1.0, 0.5, 0.0],
+                             "firing_frequency": [1e-3, 1e-2, 1e-1, 0.0, 1e-2, 1e-4]})
+    features.to_parquet(tmp_path / "features.parquet")
+    pd.DataFrame({"feature": [1, 2, 5], "detection_score": [0.6, 0.9, 0.5]}).to_parquet(tmp_path / "scores.parquet")
+    pd.DataFrame({"latent": np.arange(6), "seed": 0, "reconstruction_contribution": [0.1, 0.2, 0.4, 0.3, 0.2, 0.0]}).to_parquet(tmp_path / "latents.parquet")
+    inputs = {"v": {"condition": "c", "match_features": str(tmp_path / "features.parquet"), "autointerp_scores": str(tmp_path / "scores.parquet"),
+                    "evaluate_latents": str(tmp_path / "latents.parquet")}}
+    relations = reappearance_relations(inputs)
+    firing = relations[relations["covariate"] == "log10 firing frequency"]
+    assert firing["feature"].tolist() == [0, 1, 2, 4, 5] and firing["value"].tolist() == pytest.approx([-3, -2, -1, -2, -4])
+    detection = relations[relations["covariate"] == "autointerp detection score"]
+    assert detection["reappearance"].tolist() == [0.5, 1.0, 0.0] and detection["value"].tolist() == [0.6, 0.9, 0.5]
+    assert len(relations[relations["covariate"] == "reconstruction contribution"]) == 6
+    row = stability_rows_with(inputs, tmp_path)
+    assert row["rho_interp_score"] == pytest.approx(spearmanr([0.5, 1.0, 0.0], [0.6, 0.9, 0.5]).statistic)
+    plot_reappearance(tmp_path / "reappearance.png", relations, bins=2)
+    assert (tmp_path / "reappearance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def stability_rows_with(inputs: dict, folder) -> pd.Series:
+    """The stability row of ``inputs``' one variant, with a minimal match summary written beside its features."""
+    from sae_pipeline.stages.regress import stability_by_condition
+
+    measure = {"mean": 0.5, "sd": 0.0, "seed_resampled": {"low": 0.5, "high": 0.5}}
+    summary = {"seeds": [0, 1], "reference_seed": 0, "stability": {
+        "pw_mcc": {"decoder": measure, "encoder": measure}, "fraction_shared_seed_resampled": {"mean": 0.1, "low": 0.1, "high": 0.1},
+        "reappearance": {"mean": 0.5, "by_log10_firing_frequency": {"spearman_rho": 0.0}}, "subspace_overlap": {}}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    variant = next(iter(inputs))
+    return stability_by_condition({variant: {**inputs[variant], "match_summary": str(folder / "summary.json")}}).iloc[0]

@@ -1,7 +1,7 @@
 """Every plot of the pipeline, one function per figure; each writes a PNG through :mod:`report.figures`.
 
-Shared fractions, steering success, success against interp score, training curves, k-robustness and
-probing (regress stage); latent firing frequency (evaluate); max-cosine histograms (match); the digits
+Shared fractions, steering success, success against interp score, training curves, k-robustness,
+probing and reappearance against firing frequency, interp score and reconstruction contribution (regress stage); latent firing frequency (evaluate); max-cosine histograms (match); the digits
 stability bars (claim 1). Plots whose data are empty say so in the figure instead of drawing empty axes.
 """
 
@@ -191,6 +191,33 @@ def plot_probing(path: str | Path, probing: pd.DataFrame) -> None:
         axis.set_xlabel("latents in the probe (m)")
         axis.set_ylabel("test balanced accuracy")
         axis.set_title(prop)
+    axes[0][0].legend(fontsize=6)
+    save_figure(figure, path)
+
+
+def plot_reappearance(path: str | Path, relations: pd.DataFrame, bins: int = 8) -> None:
+    """Mean reappearance probability against binned covariates, one panel per covariate, one line per condition.
+
+    ``relations``: ``[condition, covariate, reappearance, value]`` (regress ``reappearance_relations``), one
+    row per reference-seed latent and covariate. Latents are cut into up to ``bins`` quantile bins of the
+    value per condition; each point is a bin's mean value and mean reappearance with a normal 95% interval.
+    """
+    if relations.empty:
+        return no_data_figure(path, "Reappearance across seeds", "no match outputs with reappearance in this run")
+    plt = pyplot()
+    covariates = list(dict.fromkeys(relations["covariate"]))
+    figure, axes = plt.subplots(1, len(covariates), figsize=(4.8 * len(covariates), 3.9), squeeze=False)
+    for axis, covariate in zip(axes[0], covariates):
+        for condition, group in relations[relations["covariate"] == covariate].groupby("condition", sort=False):
+            quantile = pd.qcut(group["value"].rank(method="first"), q=min(bins, len(group)), labels=False)
+            binned = group.groupby(quantile).agg(value=("value", "mean"), mean=("reappearance", "mean"),
+                                                 sd=("reappearance", "std"), n=("reappearance", "size"))
+            half_width = 1.96 * binned["sd"].fillna(0.0) / np.sqrt(binned["n"])
+            axis.errorbar(binned["value"], binned["mean"], yerr=half_width, marker="o", capsize=2, label=f"{condition} (n={len(group)})")
+        axis.set_xlabel(covariate)
+        axis.set_ylabel("reappearance (share of other seeds)")
+        axis.set_ylim(-0.02, 1.02)
+        axis.set_title(f"reappearance vs {covariate}", fontsize=9)
     axes[0][0].legend(fontsize=6)
     save_figure(figure, path)
 

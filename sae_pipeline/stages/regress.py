@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
@@ -21,6 +22,7 @@ from sae_pipeline.layout import reference_condition
 from sae_pipeline.report.plots import (
     plot_k_robustness,
     plot_probing,
+    plot_reappearance,
     plot_shared_fraction,
     plot_steering_success,
     plot_success_vs_interp,
@@ -117,8 +119,8 @@ def stability_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> p
         row["reappearance_mean"] = stability["reappearance"]["mean"]
         row["rho_firing_frequency"] = stability["reappearance"]["by_log10_firing_frequency"]["spearman_rho"]
         features = pd.read_parquet(inputs["match_features"]) if inputs.get("match_features") else None
-        row["rho_interp_score"] = _reappearance_rho(features, inputs, "autointerp_scores", "feature", "detection_score")
-        row["rho_reconstruction_contribution"] = _reappearance_rho(features, inputs, "evaluate_latents", "latent", "reconstruction_contribution")
+        for column, covariate in (("rho_interp_score", "autointerp detection score"), ("rho_reconstruction_contribution", "reconstruction contribution")):
+            row[column] = _spearman(_join_reappearance(features, inputs, *REAPPEARANCE_COVARIATES[covariate]))
         row.update(_explanation_agreement(inputs))
         row.update(_exclusions(summary, inputs))
         for rank, overlap in stability["subspace_overlap"].items():
@@ -169,21 +171,59 @@ def _explanation_agreement(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _reappearance_rho(features: pd.DataFrame | None, inputs: Mapping[str, Any], table_key: str, id_column: str, value_column: str) -> float | None:
-    """Spearman's rho between the reference seed's reappearance (``features``: the match ``features.parquet``) and a
-    per-latent value of the same seed's SAE in another stage's table (``inputs[table_key]``: its ``id_column`` holds
-    the latent, ``seed`` if present must be the match's reference seed); None when fewer than 3 latents join."""
-    if features is None or not inputs.get(table_key):
+REAPPEARANCE_COVARIATES = {
+    "log10 firing frequency": (None, "feature", "firing_frequency"),
+    "autointerp detection score": ("autointerp_scores", "feature", "detection_score"),
+    "reconstruction contribution": ("evaluate_latents", "latent", "reconstruction_contribution"),
+}
+"""Per-latent values reappearance is related to: name -> (input key of the table, its latent column, its value column);
+None = the match ``features.parquet`` itself."""
+
+
+def _join_reappearance(features: pd.DataFrame | None, inputs: Mapping[str, Any], table_key: str | None, id_column: str, value_column: str) -> pd.DataFrame:
+    """``[feature, reappearance, value]`` for the reference seed's latents (``features``: the match ``features.parquet``)
+    joined with a per-latent value of the same seed's SAE in another stage's table (``inputs[table_key]``: its
+    ``id_column`` holds the latent, ``seed`` if present must be the match's reference seed; None = ``features``'
+    own column). Firing frequency becomes log10 and drops latents that never fired. Empty when nothing joins."""
+    empty = pd.DataFrame(columns=["feature", "reappearance", "value"])
+    if features is None or "reappearance" not in features.columns or (table_key is not None and not inputs.get(table_key)):
+        return empty
+    if table_key is None:
+        other = features[["feature", value_column]]
+    else:
+        other = pd.read_parquet(inputs[table_key])
+        if value_column not in other.columns:
+            return empty
+        if "seed" in other.columns and len(features) and set(other["seed"].unique()) != {features["seed"].iloc[0]}:
+            return empty
+        other = other[[id_column, value_column]].rename(columns={id_column: "feature"})
+    joined = features[["feature", "reappearance"]].merge(other, on="feature").rename(columns={value_column: "value"}).dropna()
+    if value_column == "firing_frequency":
+        joined = joined[joined["value"] > 0].assign(value=lambda frame: np.log10(frame["value"]))
+    return joined
+
+
+def _spearman(joined: pd.DataFrame) -> float | None:
+    """Spearman's rho of reappearance and value; None when fewer than 3 latents or either is constant."""
+    if len(joined) < 3 or joined["reappearance"].nunique() < 2 or joined["value"].nunique() < 2:
         return None
-    other = pd.read_parquet(inputs[table_key])
-    if "reappearance" not in features.columns or value_column not in other.columns:
-        return None
-    if "seed" in other.columns and len(features) and set(other["seed"].unique()) != {features["seed"].iloc[0]}:
-        return None
-    joined = features[["feature", "reappearance"]].merge(other[[id_column, value_column]].rename(columns={id_column: "feature"}), on="feature").dropna()
-    if len(joined) < 3 or joined["reappearance"].nunique() < 2 or joined[value_column].nunique() < 2:
-        return None
-    return float(spearmanr(joined["reappearance"], joined[value_column]).statistic)
+    return float(spearmanr(joined["reappearance"], joined["value"]).statistic)
+
+
+def reappearance_relations(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Per condition and covariate (:data:`REAPPEARANCE_COVARIATES`), each reference-seed latent's reappearance and
+    value: ``[condition, covariate, feature, reappearance, value]`` (the data of the reappearance plot)."""
+    frames = []
+    for inputs in variant_inputs.values():
+        if not inputs.get("match_features"):
+            continue
+        features = pd.read_parquet(inputs["match_features"])
+        for covariate, (table_key, id_column, value_column) in REAPPEARANCE_COVARIATES.items():
+            joined = _join_reappearance(features, inputs, table_key, id_column, value_column)
+            if len(joined):
+                frames.append(joined.assign(condition=inputs["condition"], covariate=covariate))
+    columns = ["condition", "covariate", "feature", "reappearance", "value"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def autointerp_by_condition(variant_inputs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
@@ -341,6 +381,7 @@ def run_regression(
     }
     shared = shared_fraction_by_condition(variant_inputs)
     stability = _in_condition_order(stability_by_condition(variant_inputs), order)
+    relations = reappearance_relations(variant_inputs)
     digits = shared_fraction_by_condition(digits_inputs or {})
     digits_verdict = json.loads(Path(digits_summary).read_text()) if digits_summary else None
     autointerp = _in_condition_order(autointerp_by_condition(variant_inputs), order)
@@ -366,6 +407,8 @@ def run_regression(
     plot_training_curves(outputs["plot_training_curves"], curves, settings.curve_metrics)
     plot_k_robustness(outputs["plot_k_robustness"], robustness)
     plot_probing(outputs["plot_probing"], probing)
+    write_dataframe(outputs["reappearance"], relations)
+    plot_reappearance(outputs["plot_reappearance"], relations)
     write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges, outputs.get("summary_html"), digits_verdict,
                   judges_report, stability)
     return coefficients

@@ -90,6 +90,7 @@ REPORT_ITEMS = {
     "plot_training_curves": ("training_curves.rst", "Training"),
     "plot_k_robustness": ("k_robustness.rst", "Claim 4: Top-k regularizers"),
     "plot_probing": ("probing.rst", "Claim 4: Top-k regularizers"),
+    "plot_reappearance": ("reappearance.rst", "Stability across seeds"),
 }
 
 

@@ -26,6 +26,8 @@ rule regress:
         plot_training_curves=regress_output("plot_training_curves"),
         plot_k_robustness=regress_output("plot_k_robustness"),
         plot_probing=regress_output("plot_probing"),
+        plot_reappearance=regress_output("plot_reappearance"),
+        reappearance=regress_output("reappearance"),
     params:
         layout=REGRESS_INPUTS,
         digits_layout=REGRESS_DIGITS_INPUTS,
