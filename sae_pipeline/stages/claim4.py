@@ -110,6 +110,8 @@ def summary_table(seeds: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    numeric = [column for column in table.columns if column.endswith(("_mean", "_ci_low", "_ci_high"))]
+    table[numeric] = table[numeric].apply(pd.to_numeric, errors="coerce")  # a missing interval (one seed) is NaN
     return table.sort_values(["regularizer", "k", "coefficient"], key=lambda c: c.map(order.index) if c.name == "regularizer" else c, kind="stable").reset_index(drop=True)
 
 
