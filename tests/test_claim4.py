@@ -17,6 +17,7 @@ from sae_pipeline.layout import CLAIM4_PLOTS, Experiment, claim4_sweeps, sweep_p
 from sae_pipeline.settings import EvaluateSettings
 from sae_pipeline.stages.claim4 import run_claim4
 from tests.conftest import REPO_ROOT, merge_configs
+from tests.test_evaluate import EVALUATE_SETTINGS, tiny_topk_sae  # noqa: F401 (tiny_topk_sae is a fixture)
 from tests.test_pipeline import planned_jobs
 
 CLAIM4_CONFIG = REPO_ROOT / "workflow" / "configs" / "claim4.yaml"
@@ -227,7 +228,6 @@ def test_evaluate_reports_the_embedding_proxy(tmp_path, tiny_cache, tiny_topk_sa
     from sae_pipeline.judges.embedding import EmbeddingJudge
     from sae_pipeline.stages.evaluate import evaluation_set, run_evaluation
     from sae_pipeline.subject.model import load_subject_model
-    from tests.test_evaluate import EVALUATE_SETTINGS
 
     proxy = {"enabled": True, "contexts": 4, "window_before": 3, "window_after": 1, "max_latents": 5, "batch_size": 16, "device": "cpu", "seed": 0}
     settings = {**EVALUATE_SETTINGS, "k_multipliers": [1], "embedding_proxy": proxy}
