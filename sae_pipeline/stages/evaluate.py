@@ -7,7 +7,9 @@ sequences lying wholly in the hold-out. An SAE without a recorded hold-out is ev
 cache rows instead, and ``metrics.json`` says so (``evaluation_rows``).
 
 The measures themselves are defined (with their formulas) in :mod:`sae_pipeline.sae.metrics`: k-robustness,
-concentration, latent usage, monosemanticity proxies and sparse probing.
+concentration, latent usage, monosemanticity proxies and sparse probing. With ``embedding_proxy.enabled`` also the
+embedding monosemanticity proxy (:mod:`sae_pipeline.features.coherence`: activation-weighted all-MiniLM-L6-v2
+similarity of a latent's top-activating contexts) for a sample of the scored latents.
 """
 
 from __future__ import annotations
