@@ -21,12 +21,15 @@ from tests.test_evaluate import EVALUATE_SETTINGS, tiny_topk_sae  # noqa: F401 (
 from tests.test_pipeline import planned_jobs
 
 CLAIM4_CONFIG = REPO_ROOT / "workflow" / "configs" / "claim4.yaml"
+CLAIM4_L2_CONFIG = REPO_ROOT / "workflow" / "configs" / "claim4_l2.yaml"
 Z = 1.959963984540054
 
 
-def claim4_config(results_dir: str = "results/claim4") -> dict:
-    base = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
-    return {**merge_configs(base, yaml.safe_load(CLAIM4_CONFIG.read_text())), "results_dir": results_dir}
+def claim4_config(*more: Path, results_dir: str = "results/claim4") -> dict:
+    config = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    for path in (CLAIM4_CONFIG, *more):
+        config = merge_configs(config, yaml.safe_load(path.read_text()))
+    return {**config, "results_dir": results_dir}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,21 +43,26 @@ def test_sweep_points_of_conditions():
     assert sweep_point({"weight_penalty": {"kind": "l2", "coefficient": 1e-3}, "regularizer": {"kind": "l1_l2_ratio", "coefficient": 1.0}}) is None
 
 
-def test_the_claim4_config_sweeps_three_regularizers_over_two_k():
-    experiment = Experiment(claim4_config())
+@pytest.mark.parametrize("more, regularizers, n_variants", [
+    ((), ["off_support_l1", "l1_l2_ratio"], 18),
+    ((CLAIM4_L2_CONFIG,), ["off_support_l1", "l1_l2_ratio", "l2_weight"], 26),
+])
+def test_the_claim4_configs_sweep_each_regularizer_over_two_k(more, regularizers, n_variants):
+    experiment = Experiment(claim4_config(*more))
     experiment.check_settings()
+    assert len(experiment.variants("lm")) == n_variants
     sweeps = claim4_sweeps(experiment.variants("lm"))
-    assert list(sweeps) == ["off_support_l1", "l1_l2_ratio", "l2_weight"]
+    assert list(sweeps) == regularizers
     for regularizer, entries in sweeps.items():
         assert [(entry["k"], entry["coefficient"]) for entry in entries][:5] == [(16, 0.0)] + [(16, c) for c in sorted(c for k, c in [(e["k"], e["coefficient"]) for e in entries] if k == 16 and c > 0)]
         assert len(entries) == 2 * 5 and {entry["k"] for entry in entries} == {16, 32}
         assert len({entry["coefficient"] for entry in entries if entry["coefficient"] > 0}) >= 4
-    assert sweeps["off_support_l1"][0]["variant"] == sweeps["l2_weight"][0]["variant"] == "topk-k16-l2w0-noreg"
+    assert {entries[0]["variant"] for entries in sweeps.values()} == {"topk-k16-l2w0-noreg"}
     assert experiment.evaluate_seeds() == [0, 1]
     inputs = experiment.claim4_inputs()
     assert set(inputs["l1_l2_ratio"][0]["seeds"]) == {"0", "1"}
-    # 26 variants x 2 seeds x 3 evaluate outputs, each listed once although the baseline is in every sweep
-    assert len(experiment.claim4_input_files()) == 26 * 2 * 3
+    # every variant x 2 seeds x 3 evaluate outputs, each listed once although the baseline is in every sweep
+    assert len(experiment.claim4_input_files()) == n_variants * 2 * 3
 
 
 def test_the_default_config_has_no_sweep_and_evaluates_one_seed():
@@ -80,15 +88,20 @@ def test_claim4_config_plans_the_sweep(tmp_path):
     counts = planned_jobs("claim4", "--configfile", str(CLAIM4_CONFIG), "--config", f"results_dir={tmp_path}")
     assert dict(counts) == {
         "export_corpus": 1, "prepare_subject_model": 1, "cache": 1,
-        "train": 26,      # 2 k x (1 unregularized + 4 off_support_l1 + 4 l1_l2_ratio + 4 L2 weight), 2 seeds per job
-        "evaluate": 52,   # every variant on both seeds (evaluate.seeds: all)
+        "train": 18,      # 2 k x (1 unregularized + 4 off_support_l1 + 4 l1_l2_ratio), 2 seeds per job
+        "evaluate": 36,   # every variant on both seeds (evaluate.seeds: all)
         "claim4": 1,
     }
 
 
+def test_the_l2_config_adds_the_weight_penalty_sweep(tmp_path):
+    counts = planned_jobs("claim4", "--configfile", str(CLAIM4_CONFIG), str(CLAIM4_L2_CONFIG), "--config", f"results_dir={tmp_path}")
+    assert (counts["train"], counts["evaluate"], counts["claim4"]) == (18 + 8, 36 + 16, 1)
+
+
 def test_claim4_config_whole_run_includes_the_sweep_and_the_summary(tmp_path):
     counts = planned_jobs("--configfile", str(CLAIM4_CONFIG), "--config", f"results_dir={tmp_path}")
-    assert counts["claim4"] == 1 and counts["regress"] == 1 and counts["evaluate"] == 52 and counts["train"] == 26 + 12
+    assert counts["claim4"] == 1 and counts["regress"] == 1 and counts["evaluate"] == 36 and counts["train"] == 18 + 12
 
 
 # ----------------------------------------------------------------------------------------------
