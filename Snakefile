@@ -28,6 +28,7 @@ include: "workflow/rules/match.smk"
 include: "workflow/rules/digits.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/judges.smk"
+include: "workflow/rules/claim4.smk"
 include: "workflow/rules/regress.smk"
 include: "workflow/rules/browser.smk"
 

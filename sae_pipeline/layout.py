@@ -36,7 +36,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from sae_pipeline.settings import PENALTY_KINDS, REGULARIZER_KINDS, SubjectModelSettings, TrainSettings
+from sae_pipeline.settings import PENALTY_KINDS, REGULARIZER_KINDS, EvaluateSettings, SubjectModelSettings, TrainSettings
 
 LANGUAGE_MODEL = "lm"
 DIGITS = "digits"
@@ -72,6 +72,12 @@ REGRESS_OUTPUTS = {
     "plot_k_robustness": "plots/k_robustness.png", "plot_probing": "plots/probing.png",
     "plot_reappearance": "plots/reappearance.png", "reappearance": "reappearance.parquet",
 }
+CLAIM4_OUTPUTS = {
+    "table": "table.csv", "seeds": "seeds.csv", "k_robustness": "k_robustness.csv", "probing": "probing.csv",
+    "summary": "claim4_summary.json", "markdown": "claim4.md",
+}
+# The claim-4 stage's figures, one of each per swept regularizer: plots/<plot>_<regularizer>.png.
+CLAIM4_PLOTS = ("tradeoff", "k_robustness", "probing")
 JUDGE_OUTPUTS = {"accuracy": "accuracy.csv"}
 BROWSER_OUTPUTS = {"index": "index.html", "feature_page": "feature.html", "data": "data"}
 DIGITS_OUTPUTS = {"table": "stability_table.csv", "plot": "stability.png", "summary": "stability_summary.json"}
@@ -241,6 +247,55 @@ def expand_variants(train_section: Mapping[str, Any]) -> "OrderedDict[str, dict[
     return variants
 
 
+def sweep_point(settings: Mapping[str, Any]) -> tuple[str, float] | None:
+    """Where a variant sits in a claim-4 coefficient sweep: ``("baseline", 0.0)`` when unregularized (no weight
+    penalty in effect, no sparsity regularizer: coefficient 0 of every sweep), ``(regularizer kind, coefficient)``
+    for a sparsity regularizer alone, ``("<penalty kind>_weight", coefficient)`` (e.g. ``l2_weight``) for a weight
+    penalty alone, None for both at once (on no one-factor curve)."""
+    condition = Condition.of_settings(settings)
+    if condition.is_unregularized:
+        return ("baseline", 0.0)
+    if condition.regularizer_kind == "none":
+        return (f"{condition.penalty_kind}_weight", condition.penalty_coefficient)
+    if condition.penalty_coefficient == 0:
+        return (condition.regularizer_kind, condition.regularizer_coefficient)
+    return None
+
+
+def claim4_sweeps(variants: Mapping[str, Mapping[str, Any]]) -> "OrderedDict[str, list[dict[str, Any]]]":
+    """The coefficient sweeps of a training grid: ``{regularizer: [{variant, k, coefficient}, ...]}``.
+
+    A regularizer (sparsity regularizer kind, or ``<kind>_weight`` for a weight penalty) is swept when its
+    variants have at least two distinct non-zero coefficients; its list holds those variants and, at each of
+    their training k, the unregularized variant (coefficient 0), sorted by k then coefficient. Empty when
+    nothing is swept (then the claim-4 rule is not part of the run).
+
+    Raises:
+        ValueError: when two variants fall on the same (regularizer, k, coefficient), e.g. differing only in an
+            axis the sweep does not separate (architecture, d_sae).
+    """
+    points: dict[tuple[str, int, float], str] = {}
+    for name, settings in variants.items():
+        point = sweep_point(settings)
+        if point is None:
+            continue
+        k = int(TrainSettings.from_mapping(settings).k)
+        key = (point[0], k, float(point[1]))
+        if key in points:
+            raise ValueError(f"claim 4: variants {points[key]!r} and {name!r} are both {key[0]} coefficient {key[2]:g} at k={k}")
+        points[key] = name
+    sweeps: "OrderedDict[str, list[dict[str, Any]]]" = OrderedDict()
+    for regularizer in dict.fromkeys(key[0] for key in points if key[0] != "baseline"):
+        mine = [key for key in points if key[0] == regularizer]
+        if len({coefficient for _, _, coefficient in mine}) < 2:
+            continue
+        ks = sorted({k for _, k, _ in mine})
+        entries = [{"variant": points[("baseline", k, 0.0)], "k": k, "coefficient": 0.0} for k in ks if ("baseline", k, 0.0) in points]
+        entries += [{"variant": points[key], "k": key[1], "coefficient": key[2]} for key in mine]
+        sweeps[regularizer] = sorted(entries, key=lambda entry: (entry["k"], entry["coefficient"]))
+    return sweeps
+
+
 def digits_cell(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The grid cell of a digits variant: penalty kind and coefficient, tied init, unit-norm decoder
     (a setting the variant leaves out takes the trainer's default)."""
@@ -321,6 +376,16 @@ class ResultsLayout:
         return f"{self.root}/{LANGUAGE_MODEL}/evaluate/{variant}/seed{seed}/{EVALUATE_OUTPUTS[output]}"
 
     # whole-run outputs
+    def claim4_file(self, output: str) -> str:
+        """What the claim-4 stage writes (the regularizer-strength sweep's table, summary, markdown section)."""
+        return f"{self.root}/{LANGUAGE_MODEL}/claim4/{CLAIM4_OUTPUTS[output]}"
+
+    def claim4_plot(self, plot: str, regularizer: str) -> str:
+        """One claim-4 figure (``plot`` in :data:`CLAIM4_PLOTS`) of one swept regularizer."""
+        if plot not in CLAIM4_PLOTS:
+            raise ValueError(f"unknown claim-4 plot {plot!r}; expected one of {CLAIM4_PLOTS}")
+        return f"{self.root}/{LANGUAGE_MODEL}/claim4/plots/{plot}_{regularizer}.png"
+
     def judge_file(self, output: str) -> str:
         """What the judge-accuracy stage writes (the judges' accuracy on held-out labelled cases)."""
         return f"{self.root}/{LANGUAGE_MODEL}/judges/{JUDGE_OUTPUTS[output]}"
@@ -376,6 +441,7 @@ class Experiment:
             ValueError: naming the experiment, the variant and the setting.
         """
         SubjectModelSettings.from_mapping(self.config.get("subject_model")).validate()
+        self.evaluate_seeds()
         for experiment in EXPERIMENTS if self.has_digits() else (LANGUAGE_MODEL,):
             section = "train" if experiment == LANGUAGE_MODEL else "digits.train"
             for name, settings in self.variants(experiment).items():
@@ -452,6 +518,31 @@ class Experiment:
     def metrics_files(self, experiment: str, variant: str) -> list[str]:
         """Each seed's ``metrics.json`` of a variant."""
         return [f"{folder}/{SAE_METRICS}" for folder in self.sae_dirs(experiment, variant).values()]
+
+    def evaluate_seeds(self) -> list[int]:
+        """The seeds evaluated for every language-model variant (``evaluate.seed`` and ``evaluate.seeds``)."""
+        return EvaluateSettings.from_mapping(self.config.get("evaluate")).evaluated_seeds(self.seeds(LANGUAGE_MODEL))
+
+    def claim4_inputs(self) -> "OrderedDict[str, list[dict[str, Any]]]":
+        """The claim-4 sweeps (:func:`claim4_sweeps`), each entry with ``condition`` and, per evaluated seed,
+        its evaluate outputs: ``seeds: {seed: {metrics, k_robustness, probing}}``. Empty when nothing is swept."""
+        sweeps = claim4_sweeps(self.variants(LANGUAGE_MODEL))
+        seeds = self.evaluate_seeds()
+        return OrderedDict(
+            (regularizer, [
+                {**entry, "condition": self.condition(entry["variant"]).label, "seeds": {
+                    str(seed): {output: self.layout.evaluate_file(entry["variant"], seed, output) for output in ("metrics", "k_robustness", "probing")}
+                    for seed in seeds
+                }}
+                for entry in entries
+            ])
+            for regularizer, entries in sweeps.items()
+        )
+
+    def claim4_input_files(self) -> list[str]:
+        """Every evaluate output the claim-4 stage reads, each once, in a stable order."""
+        files = [path for entries in self.claim4_inputs().values() for entry in entries for outputs in entry["seeds"].values() for path in outputs.values()]
+        return list(dict.fromkeys(files))
 
     def regress_inputs(self) -> dict[str, dict[str, Any]]:
         """Per language-model variant: its condition label and the other stages' outputs the regress stage reads."""

@@ -629,11 +629,38 @@ class ProbeSettings(Settings):
 
 
 @dataclass(frozen=True)
+class EmbeddingProxySettings(Settings):
+    """The embedding monosemanticity proxy (``evaluate.embedding_proxy``; README "Claim 4").
+
+    Attributes:
+        enabled: compute it (it loads all-MiniLM-L6-v2 and embeds contexts, a few seconds per SAE on CPU).
+        contexts: top-activating contexts per latent, at most one per cached sequence.
+        window_before, window_after: tokens of the context before and after the activating token.
+        max_latents: scored latents the proxy is computed for (a seeded random sample; null = all).
+        batch_size: texts per sentence-model batch.
+        device: the sentence model's device.
+        seed: seeds the sample of latents.
+    """
+
+    SECTION: ClassVar[str] = "evaluate.embedding_proxy"
+    enabled: bool = False
+    contexts: int = 10
+    window_before: int = 12
+    window_after: int = 4
+    max_latents: int | None = 256
+    batch_size: int = 64
+    device: str = "cpu"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class EvaluateSettings(Settings):
-    """Claim-4 evaluation of one seed's SAE per variant (``evaluate``)."""
+    """Claim-4 evaluation of SAEs (``evaluate``): seed ``seed`` of every variant (the one the regress
+    stage and the browser read), plus ``seeds`` (a list, ``all`` = every train seed, null = none more)."""
 
     SECTION: ClassVar[str] = "evaluate"
     seed: int = 0
+    seeds: tuple[int, ...] | str | None = None
     k_multipliers: tuple[float, ...] = (0.25, 0.5, 1, 2, 4)
     max_tokens: int = 100_000
     ce_sequences: int = 128
@@ -644,6 +671,28 @@ class EvaluateSettings(Settings):
     min_activations: int = 20
     device: str = "auto"
     probe: ProbeSettings = field(default_factory=ProbeSettings)
+    embedding_proxy: EmbeddingProxySettings = field(default_factory=EmbeddingProxySettings)
+
+    def evaluated_seeds(self, train_seeds: Sequence[int]) -> list[int]:
+        """The seeds whose SAEs are evaluated: ``seed`` and ``seeds`` (``all``: every one of ``train_seeds``), sorted.
+
+        Raises:
+            ValueError: when one of them is not a train seed.
+        """
+        train_seeds = [int(seed) for seed in train_seeds]
+        if self.seeds == "all":
+            listed = train_seeds
+        elif self.seeds is None:
+            listed = []
+        elif isinstance(self.seeds, str):
+            raise ValueError(f"evaluate.seeds must be a list of seeds, 'all' or null, got {self.seeds!r}")
+        else:
+            listed = [int(seed) for seed in self.seeds]
+        chosen = sorted({int(self.seed), *listed})
+        missing = [seed for seed in chosen if seed not in train_seeds]
+        if missing:
+            raise ValueError(f"evaluate: seed(s) {missing} are not among train.seeds {train_seeds}")
+        return chosen
 
 
 @dataclass(frozen=True)

@@ -93,3 +93,23 @@ def tiny_cache(tmp_path_factory, tiny_subject_model, tiny_corpus) -> Path:
     folder = tmp_path_factory.mktemp("cache")
     cache_activations(str(tiny_subject_model), TINY_HOOK, corpus_settings, str(documents), str(folder / "manifest.json"), TINY_CACHE_SETTINGS)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_topk_sae(tmp_path_factory, tiny_cache):
+    """A Top-k SAE (k 4, 64 latents) with tied random unit-norm decoder rows and b_dec at the data mean."""
+    import numpy as np
+    import torch
+
+    from sae_pipeline.data.checkpoint import save_sae
+    from sae_pipeline.data.shards import ActivationStore
+
+    store = ActivationStore(tiny_cache)
+    mean = torch.from_numpy(np.concatenate([s.activations for s in store.iter_shards(drop_excluded=True)]).astype(np.float32).mean(axis=0))
+    generator = torch.Generator().manual_seed(0)
+    decoder = torch.randn(64, store.d_model, generator=generator)
+    decoder = decoder / decoder.norm(dim=1, keepdim=True)
+    tensors = {"W_enc": decoder.T.clone(), "W_dec": decoder, "b_enc": torch.zeros(64), "b_dec": mean}
+    folder = tmp_path_factory.mktemp("sae") / "seed0"
+    save_sae(folder, tensors, {"architecture": "topk", "k": 4, "metadata": {"hook_name": store.manifest["hook_name"]}})
+    return folder

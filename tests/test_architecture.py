@@ -67,7 +67,7 @@ def test_layout_and_settings_import_neither_torch_nor_pandas():
     assert printed.strip() == "[]"
 
 
-@pytest.mark.parametrize("configfile", [None, "tests/e2e_config.yaml", "workflow/configs/paper.yaml"])
+@pytest.mark.parametrize("configfile", [None, "tests/e2e_config.yaml", "workflow/configs/paper.yaml", "workflow/configs/claim4.yaml"])
 def test_dry_run_builds_the_dag_with_torch_unimportable(tmp_path, configfile):
     """A ``torch`` package that raises on import sits first on the path: the dry run must not touch it."""
     blocker = tmp_path / "blocker" / "torch"

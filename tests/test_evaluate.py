@@ -151,23 +151,6 @@ EVALUATE_SETTINGS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_topk_sae(tmp_path_factory, tiny_cache):
-    """A Top-k SAE (k 4, 64 latents) with tied random unit-norm decoder rows and b_dec at the data mean."""
-    from sae_pipeline.data.checkpoint import save_sae
-    from sae_pipeline.data.shards import ActivationStore
-
-    store = ActivationStore(tiny_cache)
-    mean = torch.from_numpy(np.concatenate([s.activations for s in store.iter_shards(drop_excluded=True)]).astype(np.float32).mean(axis=0))
-    generator = torch.Generator().manual_seed(0)
-    decoder = torch.randn(64, store.d_model, generator=generator)
-    decoder = decoder / decoder.norm(dim=1, keepdim=True)
-    tensors = {"W_enc": decoder.T.clone(), "W_dec": decoder, "b_enc": torch.zeros(64), "b_dec": mean}
-    folder = tmp_path_factory.mktemp("sae") / "seed0"
-    save_sae(folder, tensors, {"architecture": "topk", "k": 4, "metadata": {"hook_name": store.manifest["hook_name"]}})
-    return folder
-
-
 def test_run_evaluation_end_to_end(tmp_path, tiny_cache, tiny_topk_sae):
     from sae_pipeline.data.checkpoint import load_sae
     from sae_pipeline.data.shards import ActivationStore

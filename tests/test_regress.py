@@ -418,3 +418,14 @@ def stability_rows_with(inputs: dict, folder) -> pd.Series:
     (folder / "summary.json").write_text(json.dumps(summary))
     variant = next(iter(inputs))
     return stability_by_condition({variant: {**inputs[variant], "match_summary": str(folder / "summary.json")}}).iloc[0]
+
+
+def test_the_claim4_sweep_section_is_appended_to_the_summary(tmp_path):
+    inputs = write_stage_inputs(tmp_path / "in", synthetic_rows(n_features=20, n_prompts=4))
+    outputs = {name: str(tmp_path / "out" / file) for name, file in OUTPUT_NAMES.items()}
+    section = tmp_path / "claim4.md"
+    section.write_text("## Claim 4, regularizer strength sweep (`lm/claim4/`)\n\n- k=16: largest harmless coefficient **0.1**\n")
+    run_regression(inputs, outputs, SETTINGS, claim4_markdown=str(section))
+    summary = open(outputs["summary"]).read()
+    assert summary.index("## Claim 4:") < summary.index("## Claim 4, regularizer strength sweep") and "largest harmless coefficient **0.1**" in summary
+    assert "regularizer strength sweep" in open(outputs["summary_html"]).read()

@@ -342,6 +342,7 @@ def write_summary(
     digits_verdict: Mapping[str, Any] | None = None,
     judges_report: "JudgesReport | None" = None,
     stability: pd.DataFrame | None = None,
+    claim4_sweep: str | None = None,
 ) -> str:
     """Write the markdown summary of every claim (and, with ``html_path``, the same as an HTML page); return the markdown."""
     lines = ["# sae-stability: results summary\n"]
@@ -353,6 +354,8 @@ def write_summary(
     lines += _section_stability(stability)
     lines += _section_claim3(coefficients, judges)
     lines += _section_claim4(claim4, robustness, probing, reference)
+    if claim4_sweep:
+        lines.append(claim4_sweep.rstrip() + "\n")
     text = re.sub(r"(?m)^(- .*)\n\n(?=- )", r"\1\n", "\n".join(lines))  # bullets of one list on consecutive lines
     write_text(path, text)
     if html_path is not None:

@@ -7,7 +7,9 @@ sequences lying wholly in the hold-out. An SAE without a recorded hold-out is ev
 cache rows instead, and ``metrics.json`` says so (``evaluation_rows``).
 
 The measures themselves are defined (with their formulas) in :mod:`sae_pipeline.sae.metrics`: k-robustness,
-concentration, latent usage, monosemanticity proxies and sparse probing.
+concentration, latent usage, monosemanticity proxies and sparse probing. With ``embedding_proxy.enabled`` also the
+embedding monosemanticity proxy (:mod:`sae_pipeline.features.coherence`: activation-weighted all-MiniLM-L6-v2
+similarity of a latent's top-activating contexts) for a sample of the scored latents.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sae_pipeline.data.atomic import write_dataframe, write_json
 from sae_pipeline.data.checkpoint import holdout_rows_of, load_sae
 from sae_pipeline.data.holdout import complete_holdout_documents, read_holdout
 from sae_pipeline.data.shards import ActivationStore
+from sae_pipeline.features.coherence import embedding_similarity_table, sample_latents
 from sae_pipeline.report.plots import plot_latent_frequency
 from sae_pipeline.runtime.devices import resolve_device
 from sae_pipeline.sae.metrics import (
@@ -38,7 +41,7 @@ from sae_pipeline.sae.metrics import (
     token_property_labels,
 )
 from sae_pipeline.sae.model import SparseAutoencoder
-from sae_pipeline.settings import EvaluateSettings, ProbeSettings
+from sae_pipeline.settings import EmbeddingProxySettings, EvaluateSettings, ProbeSettings
 from sae_pipeline.stats.intervals import mean_with_interval
 
 logger = logging.getLogger("sae_pipeline.stages.evaluate")
@@ -53,12 +56,15 @@ class EvaluationSet:
         token_ids: ``[rows]`` the token at each row.
         ce_doc_ids: cached sequences (rows of ``ActivationStore.sequences()``) for CE-loss recovered.
         source: a sentence saying where the rows come from.
+        doc_ids, positions: ``[rows]`` the cached sequence and position of each row (the contexts of the embedding proxy).
     """
 
     activations: np.ndarray
     token_ids: np.ndarray
     ce_doc_ids: np.ndarray
     source: str
+    doc_ids: np.ndarray | None = None
+    positions: np.ndarray | None = None
 
 
 def evaluation_set(store: ActivationStore, holdout_rows: int, max_tokens: int, ce_sequences: int, seed: int) -> EvaluationSet:
@@ -76,23 +82,31 @@ def evaluation_set(store: ActivationStore, holdout_rows: int, max_tokens: int, c
         documents = complete_holdout_documents(holdout)[:ce_sequences]
         source = f"training hold-out (last {holdout_rows} cache rows, never trained on)"
         activations, token_ids = rows.activations[:max_tokens], rows.token_id[:max_tokens]
+        doc_ids, positions = rows.doc_id[:max_tokens], rows.position[:max_tokens]
     else:
-        activations, token_ids, remaining = [], [], int(max_tokens)
-        for shard in store.iter_shards(columns=["activation", "token_id"], drop_excluded=True):
+        activations, token_ids, doc_ids, positions, remaining = [], [], [], [], int(max_tokens)
+        for shard in store.iter_shards(columns=["activation", "token_id", "doc_id", "position"], drop_excluded=True):
             take = min(remaining, len(shard))
             activations.append(shard.activations[:take])
             token_ids.append(shard.token_id[:take])
+            doc_ids.append(shard.doc_id[:take])
+            positions.append(shard.position[:take])
             remaining -= take
             if remaining <= 0:
                 break
         activations = np.concatenate(activations) if activations else np.empty((0, store.d_model))
         token_ids = np.concatenate(token_ids) if token_ids else np.empty(0)
+        doc_ids = np.concatenate(doc_ids) if doc_ids else np.empty(0)
+        positions = np.concatenate(positions) if positions else np.empty(0)
         n_sequences = store.sequences().shape[0]
         documents = np.sort(np.random.default_rng(seed).choice(n_sequences, size=min(ce_sequences, n_sequences), replace=False))
         source = "first cache rows (no training hold-out recorded in cfg.json: the SAE may have trained on them)"
     if len(activations) == 0:
         raise ValueError(f"{store.root}: no non-BOS rows to evaluate on")
-    return EvaluationSet(np.asarray(activations, dtype=np.float32), np.asarray(token_ids, dtype=np.int64), np.asarray(documents, dtype=np.int64), source)
+    return EvaluationSet(
+        np.asarray(activations, dtype=np.float32), np.asarray(token_ids, dtype=np.int64), np.asarray(documents, dtype=np.int64), source,
+        np.asarray(doc_ids, dtype=np.int64), np.asarray(positions, dtype=np.int64),
+    )
 
 
 def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray, batch_size: int) -> dict[str, Any]:
@@ -108,7 +122,7 @@ def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray,
     total_variance = float(((x.double() - x.double().mean(dim=0)) ** 2).sum())
     decoder_norms_squared = (sae.W_dec.double() ** 2).sum(dim=1)
     effective, ratio, zero_rows = [], [], 0
-    latents, tokens, values = [], [], []
+    latents, tokens, values, rows = [], [], [], []
     with torch.no_grad():
         for start in range(0, x.shape[0], batch_size):
             codes = sae.encode(x[start : start + batch_size])
@@ -122,6 +136,7 @@ def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray,
             row, column = torch.nonzero(codes > 0, as_tuple=True)
             latents.append(column.cpu().numpy())
             tokens.append(token_ids[start + row.cpu().numpy()])
+            rows.append(start + row.cpu().numpy())
             values.append(codes[row, column].cpu().numpy())
     return {
         "frequency": (fires / x.shape[0]).cpu().numpy(),
@@ -132,7 +147,27 @@ def _native_pass(sae: SparseAutoencoder, x: torch.Tensor, token_ids: np.ndarray,
         "latent": np.concatenate(latents),
         "token_id": np.concatenate(tokens),
         "value": np.concatenate(values),
+        "row": np.concatenate(rows),
     }
+
+
+def _embedding_proxy(native: Mapping[str, Any], evaluation: EvaluationSet, store: ActivationStore, tokenizer: Any, candidates: Sequence[int], settings: EmbeddingProxySettings) -> pd.DataFrame:
+    """The embedding monosemanticity proxy (:mod:`sae_pipeline.features.coherence`) of a sample of ``candidates``
+    under all-MiniLM-L6-v2: ``latent``, ``embedding_contexts``, ``embedding_similarity``."""
+    from sae_pipeline.judges.embedding import load_embedding_model
+
+    chosen = sample_latents(candidates, settings.max_latents, settings.seed)
+    model = load_embedding_model(settings.device)
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return model.encode(texts, batch_size=settings.batch_size, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+
+    table = embedding_similarity_table(
+        native["latent"], native["row"], native["value"], evaluation.doc_ids, evaluation.positions, store.sequences(), chosen,
+        settings.contexts, settings.window_before, settings.window_after, lambda ids: tokenizer.decode(ids, skip_special_tokens=True), embed,
+    )
+    logger.info("embedding proxy: %d latents, mean similarity %.4f", len(table), float(table["embedding_similarity"].mean()) if len(table) else float("nan"))
+    return table
 
 
 def _decode_vocabulary(tokenizer: Any, vocab_size: int) -> list[str]:
@@ -262,6 +297,9 @@ def run_evaluation(
     latents.insert(2, "reconstruction_contribution", native["reconstruction_contribution"])
     latents["top_token"] = [token_strings[index] if 0 <= index < len(token_strings) else "" for index in latents["top_token_id"]]
     latents["scored"] = latents["n_activations"] >= settings.min_activations
+    if settings.embedding_proxy.enabled:
+        proxy = _embedding_proxy(native, evaluation, store, bridge.tokenizer, latents.loc[latents["scored"], "latent"].tolist(), settings.embedding_proxy)
+        latents = latents.merge(proxy, on="latent", how="left")
     for key, value in identity.items():
         latents[key] = value
     scored = latents[latents["scored"]]
@@ -287,6 +325,7 @@ def run_evaluation(
             "top_activations": settings.top_activations,
             "top_token_mass_share": mean_with_interval(scored["top_token_mass_share"].to_numpy()),
             "top_activation_token_entropy_bits": mean_with_interval(scored["top_activation_token_entropy_bits"].to_numpy()),
+            **({"embedding_similarity": mean_with_interval(scored["embedding_similarity"].to_numpy())} if "embedding_similarity" in scored else {}),
         },
         "probing": [
             {key: row[key] for key in ("property", "m", "test_balanced_accuracy", "n_test", "message") if key in row and not _is_missing(row[key])}

@@ -344,6 +344,7 @@ def run_regression(
     digits_inputs: Mapping[str, Mapping[str, Any]] | None = None,
     digits_summary: str | None = None,
     judge_accuracy: str | None = None,
+    claim4_markdown: str | None = None,
 ) -> pd.DataFrame:
     """Fit the regressions, write the coefficient table, the per-claim tables, the summary and the plots.
 
@@ -360,6 +361,7 @@ def run_regression(
         digits_inputs: per digits cell (variant), ``condition`` (a label) and ``match_features`` / ``match_summary``.
         digits_summary: the digits stage's ``stability_summary.json`` (claim 1's direction and its comparisons).
         judge_accuracy: the judge-accuracy stage's ``accuracy.csv`` (the judges on held-out labelled cases).
+        claim4_markdown: the claim-4 stage's markdown section (the regularizer-strength sweep), appended to the summary.
 
     Returns:
         The coefficient table.
@@ -410,5 +412,5 @@ def run_regression(
     write_dataframe(outputs["reappearance"], relations)
     plot_reappearance(outputs["plot_reappearance"], relations)
     write_summary(outputs["summary"], conditions, reference, digits, shared, success, autointerp, coefficients, claim4, robustness, probing, judges, outputs.get("summary_html"), digits_verdict,
-                  judges_report, stability)
+                  judges_report, stability, Path(claim4_markdown).read_text() if claim4_markdown else None)
     return coefficients

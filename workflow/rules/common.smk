@@ -3,7 +3,7 @@
 
 from snakemake.utils import validate
 
-from sae_pipeline.layout import DIGITS, LANGUAGE_MODEL, Experiment, input_files
+from sae_pipeline.layout import CLAIM4_PLOTS as CLAIM4_PLOT_NAMES, DIGITS, LANGUAGE_MODEL, Experiment, input_files
 from sae_pipeline.settings import active_strength_settings
 
 

@@ -1,4 +1,8 @@
-# Evaluate stage (claim 4): one job per variant, on the SAE of seed `evaluate.seed`.
+# Evaluate stage (claim 4): one job per variant and evaluated seed (`evaluate.seed`, plus `evaluate.seeds`).
+
+EVALUATE_SEEDS = EXPERIMENT.evaluate_seeds()
+# The job's params: the section less `seeds` (which seeds are evaluated does not change a seed's outputs).
+EVALUATE_SETTINGS = {key: value for key, value in config["evaluate"].items() if key != "seeds"}
 
 
 rule evaluate:
@@ -21,7 +25,7 @@ rule evaluate:
             labels={"variant": "{variant}", "seed": "{seed}"},
         ),
     params:
-        settings=config["evaluate"],
+        settings=EVALUATE_SETTINGS,
         sae=lambda wildcards: EXPERIMENT.sae_dir_of(LANGUAGE_MODEL, wildcards.variant, wildcards.seed),
         condition=lambda wildcards: EXPERIMENT.condition(wildcards.variant).label,
     log:
@@ -37,4 +41,4 @@ rule evaluate:
         "../scripts/evaluate.py"
 
 
-ALL_TARGETS.extend(LAYOUT.evaluate_file(variant, config["evaluate"]["seed"], "metrics") for variant in EXPERIMENT.variants(LANGUAGE_MODEL))
+ALL_TARGETS.extend(LAYOUT.evaluate_file(variant, seed, "metrics") for variant in EXPERIMENT.variants(LANGUAGE_MODEL) for seed in EVALUATE_SEEDS)

@@ -11,6 +11,7 @@ rule regress:
         digits=input_files(REGRESS_DIGITS_INPUTS),
         digits_summary=[LAYOUT.digits_file("summary")] if REGRESS_DIGITS_INPUTS else [],
         judge_accuracy=LAYOUT.judge_file("accuracy"),
+        claim4_markdown=[LAYOUT.claim4_file("markdown")] if CLAIM4_ACTIVE else [],
     output:
         coefficients=regress_output("coefficients"),
         summary=regress_output("summary"),
