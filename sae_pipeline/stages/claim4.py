@@ -43,7 +43,7 @@ METRICS: dict[str, tuple[tuple[str, ...], str]] = {
     "l0": (("at_trained_k", "l0"), ""),
     "effective_latents": (("effective_latents_per_token", "mean"), "more latents share each token's code"),
     "l1_over_l2": (("l1_over_l2", "mean"), ""),
-    "dead_fraction": (("firing", "dead_fraction"), ""),
+    "never_fired_on_eval_fraction": (("firing", "dead_fraction"), ""),
     "top_token_mass_share": (("monosemanticity", "top_token_mass_share", "mean"), "more monosemantic"),
     "token_entropy_bits": (("monosemanticity", "top_activation_token_entropy_bits", "mean"), "less monosemantic"),
     "embedding_similarity": (("monosemanticity", "embedding_similarity", "mean"), "more monosemantic"),
@@ -158,7 +158,7 @@ def harmless_summary(seeds: pd.DataFrame) -> dict[str, Any]:
 
 _LABELS = {
     "fvu": "FVU", "ce_loss_recovered": "CE-loss recovered", "effective_latents": "effective latents/token", "top_token_mass_share": "top-token mass share",
-    "token_entropy_bits": "token entropy (bits)", "embedding_similarity": "embedding similarity", "l0": "L0", "dead_fraction": "dead",
+    "token_entropy_bits": "token entropy (bits)", "embedding_similarity": "embedding similarity", "l0": "L0", "never_fired_on_eval_fraction": "never fired on the evaluate tokens",
 }
 
 
