@@ -86,9 +86,14 @@ def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) ->
     out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=pre.device)
     rows_per_bias = rows.shape[0] // bias.shape[0] if bias is not None else rows.shape[0]
     bias_rows = bias.contiguous() if bias is not None else rows
-    programs.launch("topk", (rows.shape[0],), rows, bias_rows, chunk_maxima, chosen_chunks, out, width, k, rows_per_bias,
-            N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(programs.TOPK_CHUNK_BLOCK * warps, n_chunks), K_PAD=k_pad,
-            HAS_BIAS=bias is not None, num_warps=warps)
+    # Rows per program: they share the bias tiles (so all must lie in one seed's rows).
+    per_program = programs.TOPK_ROWS if bias is not None and rows_per_bias % programs.TOPK_ROWS == 0 else 1
+    chunk_block = programs.TOPK_CHUNK_BLOCK * warps
+    if programs.TOPK_TILE_PER_THREAD is not None:  # no more than this many loaded elements a thread, however wide the chunks
+        chunk_block = max(1, min(chunk_block, programs.TOPK_TILE_PER_THREAD * 32 * warps // chunk))
+    programs.launch("topk", (rows.shape[0] // per_program,), rows, bias_rows, chunk_maxima, chosen_chunks, out, width, k, rows_per_bias,
+            N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(chunk_block, n_chunks), K_PAD=k_pad,
+            HAS_BIAS=bias is not None, ROWS=per_program, num_warps=warps)
     return out.view(*pre.shape[:-1], k)
 
 

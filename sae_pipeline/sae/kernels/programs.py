@@ -39,6 +39,12 @@ TOPK_WARPS = 1
 # Wide rows: at most this many chunks (wider chunks beyond), and keys per thread (more warps beyond).
 TOPK_MAX_CHUNKS = 4096
 TOPK_KEYS_PER_THREAD = 32
+# Rows (tokens of one seed) per top-k program: the encoder-bias tile (float32, twice the bytes of the bf16
+# pre-activations it is added to) is loaded once for them all instead of once per row; 1 = a program per row.
+TOPK_ROWS = 4
+# Elements of the row one thread loads per chunk-maxima tile at most (None: TOPK_CHUNK_BLOCK chunks per warp
+# whatever the chunk's width, the shape before round 4: 256 a thread at 262,144 latents, 128 at 131,072).
+TOPK_TILE_PER_THREAD = 32
 
 
 # Run the Triton programs on CPU tensors too (tests only; needs TRITON_INTERPRET=1 set before Triton is imported).
@@ -133,9 +139,11 @@ def _top_k_slots(keys, K):
 
 def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bias,
                   N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
-                  HAS_BIAS: tl.constexpr):
-    """One program per row of ``pre [rows, n]``: the K largest entries' columns into ``out [rows, K]``.
-    With ``HAS_BIAS`` the row is ``pre[row] + bias[row // rows_per_bias]`` (the bias added on the fly).
+                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
+    """One program per ``ROWS`` consecutive rows of ``pre [rows, n]`` (``ROWS`` divides ``rows`` and
+    ``rows_per_bias``): each row's K largest entries' columns into ``out [rows, K]``. With ``HAS_BIAS`` the row
+    is ``pre[row] + bias[row // rows_per_bias]`` (the bias added on the fly; the program's rows share one bias
+    row, whose tiles are loaded once for them all).
 
     Chunk c is columns ``[c*CHUNK, (c+1)*CHUNK)``. With T the K-th largest chunk maximum, the K
     chunks made of every chunk whose maximum exceeds T plus the first chunks whose maximum equals
@@ -144,34 +152,40 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
     largest value by bisection over order-preserving integer keys and place the winners by a
     prefix sum, so nothing is sorted.
     """
-    row = tl.program_id(0).to(tl.int64)
-    row_start = pre + row * n
-    bias_start = bias + (row // rows_per_bias) * n
+    first_row = tl.program_id(0).to(tl.int64) * ROWS
+    bias_start = bias + (first_row // rows_per_bias) * n
     members = tl.arange(0, CHUNK)
     for block_start in range(0, N_CHUNKS, CHUNK_BLOCK):
         chunk_ids = block_start + tl.arange(0, CHUNK_BLOCK)
         columns = chunk_ids[:, None] * CHUNK + members[None, :]
-        tile = tl.load(row_start + columns, mask=columns < n, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
-            tile += tl.load(bias_start + columns, mask=columns < n, other=0.0).to(tl.float32)
-        tl.store(chunk_maxima + row * N_CHUNKS + chunk_ids, tl.max(tile, axis=1))
+            bias_tile = tl.load(bias_start + columns, mask=columns < n, other=0.0).to(tl.float32)
+        for part in tl.static_range(ROWS):
+            row = first_row + part
+            tile = tl.load(pre + row * n + columns, mask=columns < n, other=float("-inf")).to(tl.float32)
+            if HAS_BIAS:
+                tile += bias_tile
+            tl.store(chunk_maxima + row * N_CHUNKS + chunk_ids, tl.max(tile, axis=1))
     tl.debug_barrier()
-    chunk_ids = tl.arange(0, N_CHUNKS)
-    keys = _sortable_keys(tl.load(chunk_maxima + row * N_CHUNKS + chunk_ids))
-    rank, chosen = _top_k_slots(keys, K)
-    tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=chosen)
-    tl.debug_barrier()
-    slots = tl.arange(0, K_PAD)
-    chunks = tl.load(chosen_chunks + row * K_PAD + slots, mask=slots < K, other=0)
-    columns = chunks[:, None] * CHUNK + members[None, :]
-    valid = (slots < K)[:, None] & (columns < n)
-    candidates = tl.load(row_start + columns, mask=valid, other=float("-inf")).to(tl.float32)
-    if HAS_BIAS:
-        candidates += tl.load(bias_start + columns, mask=valid, other=0.0).to(tl.float32)
-    columns = tl.reshape(columns, [K_PAD * CHUNK])
-    keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
-    rank, chosen = _top_k_slots(keys, K)
-    tl.store(out + row * K + rank, columns, mask=chosen)
+    for part in range(ROWS):
+        row = first_row + part
+        row_start = pre + row * n
+        chunk_ids = tl.arange(0, N_CHUNKS)
+        keys = _sortable_keys(tl.load(chunk_maxima + row * N_CHUNKS + chunk_ids))
+        rank, chosen = _top_k_slots(keys, K)
+        tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=chosen)
+        tl.debug_barrier()
+        slots = tl.arange(0, K_PAD)
+        chunks = tl.load(chosen_chunks + row * K_PAD + slots, mask=slots < K, other=0)
+        columns = chunks[:, None] * CHUNK + members[None, :]
+        valid = (slots < K)[:, None] & (columns < n)
+        candidates = tl.load(row_start + columns, mask=valid, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            candidates += tl.load(bias_start + columns, mask=valid, other=0.0).to(tl.float32)
+        columns = tl.reshape(columns, [K_PAD * CHUNK])
+        keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
+        rank, chosen = _top_k_slots(keys, K)
+        tl.store(out + row * K + rank, columns, mask=chosen)
 
 
 def _entry_operands(keys, rows, decoder_weights, encoder_weights, entry_start, hi, global_latents,
@@ -428,12 +442,16 @@ def _adam_scalars(lr, step, log2_beta1, log2_beta2):
 
 
 def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per_seed, D, beta1, beta2, eps, log2_beta1, log2_beta2,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, PROJECT: tl.constexpr, NORMALIZE: tl.constexpr,
-                       CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
+                       along, ROWS: tl.constexpr, BLOCK: tl.constexpr, PROJECT: tl.constexpr, NORMALIZE: tl.constexpr,
+                       CLIP: tl.constexpr, LOW_COPY: tl.constexpr, PROJECT_GIVEN: tl.constexpr):
     """Adam on whole rows of ``W [S*rows_per_seed, D]`` (the decoder), ``ROWS`` rows per program: with ``PROJECT``
     the gradient's component along its (unit-norm) row is removed first, with ``CLIP`` it is scaled by
     ``clip_scale[seed]``, and with ``NORMALIZE`` the updated row is rescaled to unit norm; ``LOW_COPY`` also
-    writes the row in bf16 to ``W_low`` (what the next step reads). ``G`` may be bf16 (read as float32)."""
+    writes the row in bf16 to ``W_low`` (what the next step reads). ``G`` may be bf16 (read as float32).
+
+    ``PROJECT_GIVEN``: the projection's coefficients ``<g, w> / max(|w|, 1e-12)**2`` per row are read from
+    ``along [S*rows_per_seed]`` (from the gradient program's per-latent statistics) instead of two row
+    reductions here; then the only reduction left is the renormalisation's, and all four loads are issued first."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     columns = tl.arange(0, BLOCK)
@@ -441,14 +459,21 @@ def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per
     offsets = rows[:, None] * D + columns[None, :]
     w = tl.load(W + offsets, mask=mask, other=0.0)
     g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
+    if PROJECT_GIVEN:
+        m = tl.load(M + offsets, mask=mask, other=0.0)
+        v = tl.load(V + offsets, mask=mask, other=0.0)
     if PROJECT:
-        direction = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
-        g = g - tl.sum(g * direction, axis=1)[:, None] * direction
+        if PROJECT_GIVEN:
+            g = g - tl.load(along + rows, mask=row_mask, other=0.0)[:, None] * w
+        else:
+            direction = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
+            g = g - tl.sum(g * direction, axis=1)[:, None] * direction
     if CLIP:
         g = g * tl.load(clip_scale + rows // rows_per_seed, mask=row_mask, other=1.0)[:, None]
     step_size, bias_correction2_sqrt = _adam_scalars(lr, step, log2_beta1, log2_beta2)
-    m = tl.load(M + offsets, mask=mask, other=0.0)
-    v = tl.load(V + offsets, mask=mask, other=0.0)
+    if not PROJECT_GIVEN:
+        m = tl.load(M + offsets, mask=mask, other=0.0)
+        v = tl.load(V + offsets, mask=mask, other=0.0)
     w, m, v = _adam_moments(w, g, m, v, step_size, bias_correction2_sqrt, beta1, beta2, eps)
     if NORMALIZE:
         w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]

@@ -52,6 +52,9 @@ GRAD_DENSE_ENTRIES_PER_LATENT = 12
 # 262,144 x 2304, 4.93 with 4 warps; benchmarks/ISSUE17_NOTES.md, round 2.)
 ADAM_ROW_ELEMENTS = 4096
 ADAM_BLOCK = 2048
+# The decoder-gradient projection in the Adam row program from the gradient program's per-latent statistics
+# (<g, w> and |w|^2 of the stored values) instead of two row reductions in the program (round 4; False: as before).
+ADAM_ROWS_PROJECTION_GIVEN = True
 
 
 def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int) -> dict[str, torch.Tensor]:
@@ -243,13 +246,20 @@ def _adam_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> di
 
 
 def _adam_launch(name: str, optimizer: torch.optim.Optimizer, parameter: torch.Tensor, gradient: torch.Tensor, low_copy: torch.Tensor | None,
-                 clip_scale: torch.Tensor | None, lr: torch.Tensor, grid: tuple[int, ...], *shape_args, **meta) -> None:
+                 clip_scale: torch.Tensor | None, lr: torch.Tensor, grid: tuple[int, ...], *shape_args, along: torch.Tensor | None = None,
+                 **meta) -> None:
+    """Launch ``adam_rows`` or ``adam_flat``; ``along`` (``adam_rows``): the projection's per-row coefficients, or None
+    for the program to form them itself."""
     group = optimizer.param_groups[0]
     beta1, beta2 = (float(beta) for beta in group["betas"])
     state = _adam_state(optimizer, parameter)
+    extra = ()
+    if name == "adam_rows":
+        extra = (along.contiguous() if along is not None else lr,)
+        meta["PROJECT_GIVEN"] = along is not None
     programs.launch(name, grid, parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"],
             low_copy if low_copy is not None else parameter, clip_scale if clip_scale is not None else lr, lr, state["step"],
-            *shape_args, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2),
+            *shape_args, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2), *extra,
             CLIP=clip_scale is not None, LOW_COPY=low_copy is not None, **meta)
 
 
@@ -302,10 +312,12 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     grad_b_enc = b_enc.grad if b_enc.grad is not None else torch.zeros_like(b_enc)
     grad_b_dec = b_dec.grad if b_dec.grad is not None else torch.zeros_like(b_dec)
     clip_scale = None
+    squared, dots, weight_squared, encoder_squared = statistics.unbind(-1)
+    # The projection's coefficient per decoder row, <g, w> / max(|w|, 1e-12)^2, for the Adam row program.
+    norms = weight_squared.sqrt().clamp_min(1e-12)
+    along_rows = (dots / norms.square()).reshape(-1) if unit_norm_decoder and ADAM_ROWS_PROJECTION_GIVEN else None
     if clip_norm is not None:
-        squared, dots, weight_squared, encoder_squared = statistics.unbind(-1)
         if unit_norm_decoder:  # |g - <g,u>u|^2 with u = w / |w| (as remove_parallel_decoder_gradient projects)
-            norms = weight_squared.sqrt().clamp_min(1e-12)
             along = dots / norms
             squared = (squared - 2 * along.square() + along.square() * (weight_squared / norms.square())).clamp_min(0)
         total = squared.sum(-1) + encoder_squared.sum(-1) + grad_b_enc.float().square().sum(-1) + grad_b_dec.float().square().sum(-1)
@@ -324,8 +336,8 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     block = triton.next_power_of_2(width)
     rows = max(1, ADAM_ROW_ELEMENTS // block)
     _adam_launch("adam_rows", optimizer, W_dec, grad_dec, low_dec, clip_scale, lr, (triton.cdiv(n_seeds * d_sae, rows),),
-                 n_seeds * d_sae, d_sae, width, ROWS=rows, BLOCK=block, PROJECT=unit_norm_decoder, NORMALIZE=unit_norm_decoder,
-                 num_warps=8 if block >= 2048 else 4)
+                 n_seeds * d_sae, d_sae, width, along=along_rows, ROWS=rows, BLOCK=block, PROJECT=unit_norm_decoder,
+                 NORMALIZE=unit_norm_decoder, num_warps=8 if block >= 2048 else 4)
     for parameter, gradient, low in ((W_enc, grad_enc, low_enc), (b_enc, grad_b_enc, None), (b_dec, grad_b_dec, None)):
         numel = parameter.numel()
         _adam_launch("adam_flat", optimizer, parameter, gradient, low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
