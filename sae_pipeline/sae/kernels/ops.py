@@ -12,6 +12,8 @@ from sae_pipeline.sae.kernels.programs import triton
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``."""
     if programs.triton_usable(table):
+        if programs.DECODE_WIDE_COLUMNS is not None:
+            return programs.decode_wide(values, indices, table)
         return programs.per_token_program("decode", values, indices, table, table.shape[2], max_column_blocks=programs.DECODE_COLUMN_BLOCKS)
     return embedding_bag_rows(values.float(), indices, table.float())
 

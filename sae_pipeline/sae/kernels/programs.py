@@ -30,6 +30,13 @@ COLUMN_BLOCK = 128
 MAX_ROW_BLOCK = 64
 # Column blocks one decode program covers (wider rows: more programs per token; 0.43 ms for d_in 2304 in one).
 DECODE_COLUMN_BLOCKS = 4
+# Wide decode (round 4): one program per (token, block of this many columns), DECODE_ROWS selected rows at a
+# time accumulated in a [DECODE_ROWS, columns] tile and summed once at the end; a warp per 256 columns, so each
+# thread holds every row of its 8 columns and the sum stays inside the thread (the [64, 128] tiles of the
+# program above are split over rows across warps: a shared-memory reduction per column block, 2x the
+# selected-dot program's time at d_in 512 on the H200). None: the program above.
+DECODE_WIDE_COLUMNS = 256
+DECODE_ROWS = 8
 # Key below that of -inf (see _sortable_keys): marks candidate slots past the row's end.
 BELOW_ALL_KEYS = tl.constexpr(-2139095042)
 # Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
@@ -84,6 +91,27 @@ def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
                            mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
             total += tl.sum(tile * weights[:, None], axis=0)
         tl.store(out + token * D + columns, total, mask=column_mask)
+
+
+def _decode_wide_program(values, indices, table, out, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    """One program per (seed, token) and block of ``COLUMNS`` columns (grid axis 1): ``out[t] = sum_j values[t, j] *
+    table[seed, indices[t, j]]``, ``ROWS`` selected rows at a time added into a ``[ROWS, COLUMNS]`` tile, summed
+    over its rows once at the end."""
+    token = tl.program_id(0).to(tl.int64)
+    columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
+    column_mask = columns < D
+    seed = token // n_tokens
+    table_seed = table + seed * table_rows * D
+    total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
+    for row_start in range(0, K, ROWS):
+        slots = row_start + tl.arange(0, ROWS)
+        slot_mask = slots < K
+        rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+        weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
+        tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
+                       mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+        total += tile * weights[:, None]
+    tl.store(out + token * D + columns, tl.sum(total, axis=0), mask=column_mask)
 
 
 def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D,
@@ -518,7 +546,7 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
                for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
                             "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles")}
     programs = {name: triton.jit(_source(function)) for name, function in
-                (("decode", _decode_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program),
+                (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
                  ("combine_gradients", _combine_gradients_program),
                  ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
@@ -547,3 +575,13 @@ def per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, t
     return out
 
 
+def decode_wide(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`_decode_wide_program` over ``values, indices [S,B,K]`` into ``table [S,n,d]``: float32 ``[S,B,d]``
+    (blocks of ``DECODE_WIDE_COLUMNS`` columns, narrower for narrow rows; a warp per 256 columns)."""
+    n_seeds, batch, k = indices.shape
+    n_rows, width = table.shape[1:]
+    columns = min(DECODE_WIDE_COLUMNS, max(16, triton.next_power_of_2(width)))
+    out = torch.empty(n_seeds, batch, width, dtype=torch.float32, device=table.device)
+    launch("decode_wide", (n_seeds * batch, triton.cdiv(width, columns)), values.contiguous(), indices.contiguous(), table.contiguous(), out,
+           batch, k, n_rows, width, ROWS=min(DECODE_ROWS, triton.next_power_of_2(k)), COLUMNS=columns, num_warps=max(1, min(8, columns // 256)))
+    return out
