@@ -43,6 +43,12 @@ for step in $STEPS; do
               --variant topk1:TOPK_ROWS=1 --variant topk8:TOPK_ROWS=8 --variant tile64:TOPK_TILE_PER_THREAD=64 \
               --variant adam3:ADAM_ROWS_PROJECTION_GIVEN=False --variant dec3:DECODE_WIDE_COLUMNS=None --variant dec512:DECODE_WIDE_COLUMNS=512 \
               --json $OUT/variants.json 2>&1 | tee $OUT/variants.log ;;
+    round4b) timeout ${TABLE_TIMEOUT:-300} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,131072 --k 40 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.3} --profile --profile-rows ${PROFILE_ROWS:-30} \
+              --variant round4a:TOPK_ROWS=4,TOPK_TILE_PER_THREAD=32,SELECTED_DOT_WIDE_COLUMNS=None --variant topk4:TOPK_ROWS=4 \
+              --variant tile128:TOPK_TILE_PER_THREAD=128 --variant dot3:SELECTED_DOT_WIDE_COLUMNS=None --variant dot512:SELECTED_DOT_WIDE_COLUMNS=512 \
+              --variant dotrows16:SELECTED_DOT_ROWS=16 --variant op32:GRAD_ONE_PASS_ENTRIES=32 --variant op128:GRAD_ONE_PASS_ENTRIES=128 \
+              --variant gwarps4:GRAD_WARPS=4 --json $OUT/variants_b.json 2>&1 | tee $OUT/variants_b.log ;;
     final) timeout ${TABLE_TIMEOUT:-480} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
               --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
               --profile-rows ${PROFILE_ROWS:-20} --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk \

@@ -125,8 +125,8 @@ def training(d_in: int, d_sae: int, k: int, batch: int, steps: int, device: torc
 
 
 def selection_and_decode(batch: int, k: int, d_sae: int, d_in: int, device: torch.device) -> None:
-    """The top-k program (bf16 pre-activations, float32 bias added on the fly, TOPK_ROWS rows a program) against
-    torch.topk of the float32 sums, and the decode program against embedding_bag in float32, at full size."""
+    """The top-k program (bf16 pre-activations, float32 bias added on the fly) against torch.topk of the float32
+    sums, the decode program against embedding_bag and the selected dots against einsum in float32, at full size."""
     generator = torch.Generator(device=device).manual_seed(1)
     pre = torch.randn(1, batch, d_sae, generator=generator, device=device).bfloat16()
     bias = torch.randn(1, d_sae, generator=generator, device=device) * 0.1
@@ -138,9 +138,13 @@ def selection_and_decode(batch: int, k: int, d_sae: int, d_in: int, device: torc
     values = torch.randn(1, batch, k, generator=generator, device=device)
     decoded = sparse_kernels.decode_rows(values, columns, table)
     want = sparse_kernels.embedding_bag_rows(values, columns, table.float())
+    dense = torch.randn(1, batch, d_in, generator=generator, device=device)
+    dots = sparse_kernels.selected_dots(dense, columns, table)
+    want_dots = torch.einsum("sbkd,sbd->sbk", table.float()[0][columns[0]].unsqueeze(0), dense)
     print(f"top-k ({d_sae} latents, k {k}, TOPK_ROWS {kernel_programs.TOPK_ROWS}): selected values equal torch.topk's: {same}, "
           f"distinct: {distinct}; decode (DECODE_WIDE_COLUMNS {kernel_programs.DECODE_WIDE_COLUMNS}) vs embedding_bag: rel. error "
-          f"{relative(decoded, want):.1e}")
+          f"{relative(decoded, want):.1e}; selected dots (SELECTED_DOT_WIDE_COLUMNS {kernel_programs.SELECTED_DOT_WIDE_COLUMNS}) vs einsum: "
+          f"rel. error {relative(dots, want_dots):.1e}")
     if not (same and distinct):
         raise SystemExit("top-k selection differs from torch.topk")
 

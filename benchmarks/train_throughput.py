@@ -558,7 +558,8 @@ def gradient_program_ms(profile: str | None, prefix: str = "_latent_gradients") 
 
 # Kernels whose ms/step the variant comparison prints per variant (profile-name prefix -> label).
 VARIANT_KERNELS = {"_latent_gradients": "gradient program", "_topk_program": "top-k", "_adam_rows_program": "Adam rows",
-                   "_adam_flat_program": "Adam flat", "_decode": "decode"}
+                   "_adam_flat_program": "Adam flat", "_decode": "decode",
+                   "_selected_dot": "selected dots"}
 
 
 def table_main(args: argparse.Namespace, device: torch.device) -> None:

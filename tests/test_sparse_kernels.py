@@ -57,13 +57,14 @@ def sparse_topk_sae(x, W_enc, b_enc, W_dec, b_dec, indices):
     return sparse_kernels.sparse_decode(values.relu(), W_dec, indices) + b_dec.unsqueeze(1)
 
 
-@pytest.mark.parametrize("decode_wide", [None, 16, 256])  # the wide decode: 16 columns (d_in 20 in two blocks, the second masked), one block
+@pytest.mark.parametrize("decode_wide", [None, 16, 256])  # the wide decode and selected dots: 16 columns (d_in 20 in two blocks, the second masked), one block
 @pytest.mark.parametrize("k,column_block", [(5, 128), (70, 128), (5, 8)])  # 70: more selected rows than one block of the Triton programs
 def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k, column_block, decode_wide, monkeypatch):
     # column_block 8: d_in 20 in three column blocks, decoded by two programs per token (the second's last block empty)
     monkeypatch.setattr(kernel_programs, "COLUMN_BLOCK", column_block)
     monkeypatch.setattr(kernel_programs, "DECODE_COLUMN_BLOCKS", 2)
     monkeypatch.setattr(kernel_programs, "DECODE_WIDE_COLUMNS", decode_wide)
+    monkeypatch.setattr(kernel_programs, "SELECTED_DOT_WIDE_COLUMNS", decode_wide)  # the selected dots likewise: 16 columns, 256, the old program
     generator = torch.Generator().manual_seed(0)
     n_seeds, batch, d_sae, d_in = 2, 24, 160, 20
     x = torch.randn(batch, d_in, generator=generator)
@@ -87,6 +88,7 @@ def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k, column_bl
 @pytest.mark.parametrize("decode_wide", [None, 256])
 def test_decode_dots_and_scatter_match_hand_computation(backend, decode_wide, monkeypatch):
     monkeypatch.setattr(kernel_programs, "DECODE_WIDE_COLUMNS", decode_wide)
+    monkeypatch.setattr(kernel_programs, "SELECTED_DOT_WIDE_COLUMNS", decode_wide)
     table = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]]])  # [S=1, n=3, d=2]
     indices = torch.tensor([[[0, 2], [1, 2]]])  # token 0 picks rows 0 and 2, token 1 rows 1 and 2
     values = torch.tensor([[[2.0, 1.0], [0.5, -1.0]]])

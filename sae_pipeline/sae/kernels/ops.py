@@ -34,6 +34,8 @@ def selected_dots(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tenso
     n_seeds, batch, k = indices.shape
     width = table.shape[2]
     if programs.triton_usable(table):
+        if programs.SELECTED_DOT_WIDE_COLUMNS is not None:
+            return programs.selected_dot_wide(dense, indices, table)
         return programs.per_token_program("selected_dot", dense, indices, table, k)
     rows = table.float().gather(1, indices.reshape(n_seeds, batch * k, 1).expand(-1, -1, width)).view(n_seeds, batch, k, width)
     return torch.einsum("sbkd,sbd->sbk", rows, dense.float())

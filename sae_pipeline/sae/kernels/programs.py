@@ -37,6 +37,11 @@ DECODE_COLUMN_BLOCKS = 4
 # selected-dot program's time at d_in 512 on the H200). None: the program above.
 DECODE_WIDE_COLUMNS = 256
 DECODE_ROWS = 8
+# Wide selected dots (round 4), the decode's layout for the decode's backward: one program per (token, group of
+# SELECTED_DOT_ROWS selected rows), columns in blocks of this many added into a [rows, columns] tile, summed over
+# the columns once at the end. None: the per-token program (a [64, 128] tile per column block, K padded to 64).
+SELECTED_DOT_WIDE_COLUMNS = 256
+SELECTED_DOT_ROWS = 8
 # Key below that of -inf (see _sortable_keys): marks candidate slots past the row's end.
 BELOW_ALL_KEYS = tl.constexpr(-2139095042)
 # Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
@@ -48,10 +53,13 @@ TOPK_MAX_CHUNKS = 4096
 TOPK_KEYS_PER_THREAD = 32
 # Rows (tokens of one seed) per top-k program: the encoder-bias tile (float32, twice the bytes of the bf16
 # pre-activations it is added to) is loaded once for them all instead of once per row; 1 = a program per row.
-TOPK_ROWS = 4
+# On the H200 (round 4, benchmarks/issue17_logs/round4_variants.log) 4 rows did not pay: top-k 0.118 -> 0.146 ms at
+# 16,384 latents, 0.549 -> 0.578 at 65,536, 1.378 -> 1.337 at 262,144 (32-element tiles): the bias reads are not the cost.
+TOPK_ROWS = 1
 # Elements of the row one thread loads per chunk-maxima tile at most (None: TOPK_CHUNK_BLOCK chunks per warp
-# whatever the chunk's width, the shape before round 4: 256 a thread at 262,144 latents, 128 at 131,072).
-TOPK_TILE_PER_THREAD = 32
+# whatever the chunk's width, the shape before round 4: 256 a thread at 262,144 latents, 128 at 131,072). 64 is
+# that shape below 131,072 latents; at 262,144 top-k took 1.40 ms uncapped, 1.10 with 64, 1.34 with 32 (round 4).
+TOPK_TILE_PER_THREAD = 64
 
 
 # Run the Triton programs on CPU tensors too (tests only; needs TRITON_INTERPRET=1 set before Triton is imported).
@@ -133,6 +141,27 @@ def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D
                            mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
             dots += tl.sum(tile * row[None, :], axis=1)
         tl.store(out + token * K + slots, dots, mask=slot_mask)
+
+
+def _selected_dot_wide_program(dense, indices, table, out, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    """One program per (seed, token) and group of ``ROWS`` selected rows (grid axis 1): ``out[t, j] = <dense[t],
+    table[seed, indices[t, j]]>``, the products of ``COLUMNS`` columns at a time added into a ``[ROWS, COLUMNS]``
+    tile, summed over its columns once at the end."""
+    token = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    slot_mask = slots < K
+    seed = token // n_tokens
+    table_seed = table + seed * table_rows * D
+    rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+    total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
+    for column_start in range(0, D, COLUMNS):
+        columns = column_start + tl.arange(0, COLUMNS)
+        column_mask = columns < D
+        row = tl.load(dense + token * D + columns, mask=column_mask, other=0.0).to(tl.float32)
+        tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
+                       mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+        total += tile * row[None, :]
+    tl.store(out + token * K + slots, tl.sum(total, axis=1), mask=slot_mask)
 
 
 def _sortable_keys(values):
@@ -546,7 +575,8 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
                for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
                             "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles")}
     programs = {name: triton.jit(_source(function)) for name, function in
-                (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program),
+                (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program),
+                 ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
                  ("combine_gradients", _combine_gradients_program),
                  ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
@@ -584,4 +614,17 @@ def decode_wide(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor
     out = torch.empty(n_seeds, batch, width, dtype=torch.float32, device=table.device)
     launch("decode_wide", (n_seeds * batch, triton.cdiv(width, columns)), values.contiguous(), indices.contiguous(), table.contiguous(), out,
            batch, k, n_rows, width, ROWS=min(DECODE_ROWS, triton.next_power_of_2(k)), COLUMNS=columns, num_warps=max(1, min(8, columns // 256)))
+    return out
+
+
+def selected_dot_wide(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`_selected_dot_wide_program` over ``dense [S,B,d]``, ``indices [S,B,K]`` into ``table [S,n,d]``: float32
+    ``[S,B,K]`` (``SELECTED_DOT_ROWS`` rows a program, blocks of ``SELECTED_DOT_WIDE_COLUMNS`` columns; a warp per 256)."""
+    n_seeds, batch, k = indices.shape
+    n_rows, width = table.shape[1:]
+    columns = min(SELECTED_DOT_WIDE_COLUMNS, max(16, triton.next_power_of_2(width)))
+    rows = min(SELECTED_DOT_ROWS, triton.next_power_of_2(k))
+    out = torch.empty(n_seeds, batch, k, dtype=torch.float32, device=table.device)
+    launch("selected_dot_wide", (n_seeds * batch, triton.cdiv(k, rows)), dense.contiguous(), indices.contiguous(), table.contiguous(), out,
+           batch, k, n_rows, width, ROWS=rows, COLUMNS=columns, num_warps=max(1, min(8, columns // 256)))
     return out
