@@ -49,6 +49,11 @@ for step in $STEPS; do
               --variant tile128:TOPK_TILE_PER_THREAD=128 --variant dot3:SELECTED_DOT_WIDE_COLUMNS=None --variant dot512:SELECTED_DOT_WIDE_COLUMNS=512 \
               --variant dotrows16:SELECTED_DOT_ROWS=16 --variant op32:GRAD_ONE_PASS_ENTRIES=32 --variant op128:GRAD_ONE_PASS_ENTRIES=128 \
               --variant gwarps4:GRAD_WARPS=4 --json $OUT/variants_b.json 2>&1 | tee $OUT/variants_b.log ;;
+    round4c) timeout ${TABLE_TIMEOUT:-300} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 65536,262144 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.3} --profile --profile-rows ${PROFILE_ROWS:-16} \
+              --variant lw8:GRAD_LOOPING_WARPS=8 --variant lw2:GRAD_LOOPING_WARPS=2 --variant cb2:GRAD_PROGRAM_COLUMN_BLOCKS=2 \
+              --variant cb9:GRAD_PROGRAM_COLUMN_BLOCKS=9 --variant th160:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=160 \
+              --variant e64:GRAD_ENTRIES=64 --json $OUT/variants_c.json 2>&1 | tee $OUT/variants_c.log ;;
     final) timeout ${TABLE_TIMEOUT:-480} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
               --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
               --profile-rows ${PROFILE_ROWS:-20} --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk \

@@ -19,7 +19,8 @@ from sae_pipeline.sae.kernels.programs import triton
 # Latent-sorted weight gradients: latents per block, entries per product, columns of d per block (wider from
 # GRAD_WIDE_D on), column blocks one program loops over at most (its first entries' one-hot operands built once),
 # entries per work item (at least; more when there are many entries, so that the partial tiles of shared blocks
-# need at most GRAD_MAX_SLOTS slots), warps per program (None: 8 for 128-column blocks, else 4).
+# need at most GRAD_MAX_SLOTS slots), warps per program (None: GRAD_LOOPING_WARPS for the looping program; for the
+# one-pass program 8 for 128-column blocks, else 4).
 # 4 column blocks and 32 entries per product: on the H200 (benchmarks/ISSUE17_NOTES.md, round 2) the program took
 # 5.04 ms in the 262,144 x 2304 step (5.37 with one column block and 64 entries, float32 stores), but 0.28 and
 # 1.12 ms at 16,384 latents (d_in 512 / 2304; 0.19 and 0.83 before): blocks there hold ~320 entries.
@@ -31,6 +32,11 @@ GRAD_PROGRAM_COLUMN_BLOCKS = 4
 GRAD_CHUNK = 256
 GRAD_MAX_SLOTS = 1024
 GRAD_WARPS = None
+# Warps of the looping program (and its combining program) where GRAD_WARPS is None. On the H200 (round 4,
+# benchmarks/issue17_logs/round4b_variants.log, in the step) 4 instead of 8: the program 0.662 -> 0.513 ms at
+# 131,072 x 512 and 2.944 -> 2.176 at 131,072 x 2304 (step 0.95x / 0.93x). The one-pass program keeps 8 (with 4:
+# 0.176 -> 0.189 ms at 16,384 x 512, 0.782 -> 0.828 at 16,384 x 2304).
+GRAD_LOOPING_WARPS = 4
 # Program shape per call: where the latent blocks average more than this many entries (entries / blocks, known
 # from the shapes, so CUDA graphs hold), round 1's one-pass program (one column block per program, GRAD_ONE_PASS_ENTRIES
 # entries per product; programs._latent_gradients_one_pass_program) instead of the looping one; None: never.
@@ -214,7 +220,7 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     statistics = torch.empty(column_blocks, n_seeds * d_sae, 4, dtype=torch.float32, device=W_dec.device)
     partial_dec = torch.empty(items["slots"], GRAD_LATENTS, width, dtype=torch.float32, device=W_dec.device)
     partial_enc = torch.empty_like(partial_dec)
-    warps = GRAD_WARPS or (8 if columns >= 128 else 4)
+    warps = GRAD_WARPS or (GRAD_LOOPING_WARPS if not one_pass else 8 if columns >= 128 else 4)
     operands = (items["item_block"], items["item_chunk"], items["block_items"], items["block_slot"], entries["segments"], entries["keys"],
                 entries["rows"], decoder_weights.float().contiguous(), encoder_weights.float().contiguous(), decoder_dense, encoder_dense,
                 W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1],
