@@ -58,6 +58,9 @@ for step in $STEPS; do
               --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
               --profile-rows ${PROFILE_ROWS:-20} --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk \
               --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
+    final2) timeout ${TABLE_TIMEOUT:-300} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
+              --profile-rows ${PROFILE_ROWS:-20} --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
     quality) timeout ${QUALITY_TIMEOUT:-160} python3 benchmarks/train_quality.py --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality.log ;;
   esac
 done

@@ -271,7 +271,7 @@ def loader_benchmark(sizes: dict, seeds: int, device: torch.device, batches: int
 
 # Modules SAELens / sparsify import at import time but never use in a training step; stand-ins are
 # installed only where the real module is missing (the GPU machine has no wandb, plotly or datasets).
-OPTIONAL_IMPORTS = {"wandb", "plotly", "plotly_express", "babe", "nltk", "datasets", "schedulefree"}
+OPTIONAL_IMPORTS = {"wandb", "plotly", "plotly_express", "babe", "nltk", "datasets", "schedulefree", "transformers_stream_generator"}
 
 
 def install_import_stand_ins(names: set[str]) -> list[str]:
