@@ -58,7 +58,8 @@ TOPK_KEYS_PER_THREAD = 32
 TOPK_ROWS = 1
 # Elements of the row one thread loads per chunk-maxima tile at most (None: TOPK_CHUNK_BLOCK chunks per warp
 # whatever the chunk's width, the shape before round 4: 256 a thread at 262,144 latents, 128 at 131,072). 64 is
-# that shape below 131,072 latents; at 262,144 top-k took 1.40 ms uncapped, 1.10 with 64, 1.34 with 32 (round 4).
+# that shape below 131,072 latents; at 262,144 x 2304 top-k took 1.40 ms uncapped, 1.13-1.14 with 64 and 1.38 with 32
+# (one row a program; round 4, benchmarks/issue17_logs/round4*_variants.log and round4_final_table.log).
 TOPK_TILE_PER_THREAD = 64
 
 

@@ -24,6 +24,7 @@ from sae_pipeline.sae.kernels.programs import triton
 # 4 column blocks and 32 entries per product: on the H200 (benchmarks/ISSUE17_NOTES.md, round 2) the program took
 # 5.04 ms in the 262,144 x 2304 step (5.37 with one column block and 64 entries, float32 stores), but 0.28 and
 # 1.12 ms at 16,384 latents (d_in 512 / 2304; 0.19 and 0.83 before): blocks there hold ~320 entries.
+# (With 4 warps, GRAD_LOOPING_WARPS, round 4: 3.56 ms at 262,144 x 2304; 16,384 latents run the one-pass program.)
 GRAD_LATENTS = 32
 GRAD_ENTRIES = 32
 GRAD_COLUMNS = 64
