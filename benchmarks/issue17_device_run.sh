@@ -54,6 +54,10 @@ for step in $STEPS; do
               --variant lw8:GRAD_LOOPING_WARPS=8 --variant lw2:GRAD_LOOPING_WARPS=2 --variant cb2:GRAD_PROGRAM_COLUMN_BLOCKS=2 \
               --variant cb9:GRAD_PROGRAM_COLUMN_BLOCKS=9 --variant th160:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=160 \
               --variant e64:GRAD_ENTRIES=64 --json $OUT/variants_c.json 2>&1 | tee $OUT/variants_c.log ;;
+    round4d) timeout ${TABLE_TIMEOUT:-200} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-rows ${PROFILE_ROWS:-12} \
+              --variant dense20:GRAD_DENSE_ENTRIES_PER_LATENT=20 --variant dense8:GRAD_DENSE_ENTRIES_PER_LATENT=8 \
+              --json $OUT/variants_d.json 2>&1 | tee $OUT/variants_d.log ;;
     final) timeout ${TABLE_TIMEOUT:-480} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
               --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
               --profile-rows ${PROFILE_ROWS:-20} --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk \
