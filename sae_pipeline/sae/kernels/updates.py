@@ -53,7 +53,10 @@ GRAD_STORE_LOW_PRECISION = True
 # H200 the sparse program costs ~2e-12 s per entry and column of d, the bf16 products ~5.7e-15 s per
 # B * d_sae * d (cuBLAS at ~700 TFLOP/s), equal at ~12 entries per latent for B = 4096 (top-k k=40 at 16k
 # latents: 0.19 ms sparse vs 0.25 dense; an AuxK step's 512 extra entries per token favour the products below ~190k latents).
-GRAD_DENSE_ENTRIES_PER_LATENT = 12
+# Round 4 (faster one-pass program): at 16 entries per latent (top-k k 64, 16,384 latents) the sparse program won, the
+# step 0.93x at d_in 512 and 2304 (benchmarks/issue17_logs/round4d_variants.log: 1.125 vs 1.214 ms, 3.154 vs 3.395); so 16
+# (k 64 at 16k sparse; AuxK steps, 17+ entries per latent below ~131k latents, unmeasured, stay on the products).
+GRAD_DENSE_ENTRIES_PER_LATENT = 16
 # Adam over decoder rows: at most this many elements (rows x next_power_of_2(d)) per program. (A row of 2304 held
 # as a head of 2048 and a tail of 256 instead of one tile of 4096 was slower on the H200: 5.58 ms vs 4.79 at
 # 262,144 x 2304, 4.93 with 4 warps; benchmarks/ISSUE17_NOTES.md, round 2.)
