@@ -35,6 +35,36 @@ for step in $STEPS; do
               --sparsify-path /tmp/sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.4} --profile \
               --variant onepass64:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=64 --variant loop9:GRAD_PROGRAM_COLUMN_BLOCKS=9 \
               --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
+    check4) timeout 90 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 --steps 20 2>&1 | tee $OUT/check.log
+            timeout 120 python3 benchmarks/sparse_update_check.py --d-in 2304 --d-sae 65536 --k 64 --steps 20 2>&1 | tee -a $OUT/check.log ;;
+    round4) timeout ${TABLE_TIMEOUT:-330} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,262144 --k 40 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.3} --profile --profile-rows ${PROFILE_ROWS:-24} \
+              --variant round3:TOPK_ROWS=1,TOPK_TILE_PER_THREAD=None,ADAM_ROWS_PROJECTION_GIVEN=False,DECODE_WIDE_COLUMNS=None \
+              --variant topk1:TOPK_ROWS=1 --variant topk8:TOPK_ROWS=8 --variant tile64:TOPK_TILE_PER_THREAD=64 \
+              --variant adam3:ADAM_ROWS_PROJECTION_GIVEN=False --variant dec3:DECODE_WIDE_COLUMNS=None --variant dec512:DECODE_WIDE_COLUMNS=512 \
+              --json $OUT/variants.json 2>&1 | tee $OUT/variants.log ;;
+    round4b) timeout ${TABLE_TIMEOUT:-300} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,131072 --k 40 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.3} --profile --profile-rows ${PROFILE_ROWS:-30} \
+              --variant round4a:TOPK_ROWS=4,TOPK_TILE_PER_THREAD=32,SELECTED_DOT_WIDE_COLUMNS=None --variant topk4:TOPK_ROWS=4 \
+              --variant tile128:TOPK_TILE_PER_THREAD=128 --variant dot3:SELECTED_DOT_WIDE_COLUMNS=None --variant dot512:SELECTED_DOT_WIDE_COLUMNS=512 \
+              --variant dotrows16:SELECTED_DOT_ROWS=16 --variant op32:GRAD_ONE_PASS_ENTRIES=32 --variant op128:GRAD_ONE_PASS_ENTRIES=128 \
+              --variant gwarps4:GRAD_WARPS=4 --json $OUT/variants_b.json 2>&1 | tee $OUT/variants_b.log ;;
+    round4c) timeout ${TABLE_TIMEOUT:-300} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 65536,262144 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.3} --profile --profile-rows ${PROFILE_ROWS:-16} \
+              --variant lw8:GRAD_LOOPING_WARPS=8 --variant lw2:GRAD_LOOPING_WARPS=2 --variant cb2:GRAD_PROGRAM_COLUMN_BLOCKS=2 \
+              --variant cb9:GRAD_PROGRAM_COLUMN_BLOCKS=9 --variant th160:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=160 \
+              --variant e64:GRAD_ENTRIES=64 --json $OUT/variants_c.json 2>&1 | tee $OUT/variants_c.log ;;
+    round4d) timeout ${TABLE_TIMEOUT:-200} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-rows ${PROFILE_ROWS:-12} \
+              --variant dense20:GRAD_DENSE_ENTRIES_PER_LATENT=20 --variant dense8:GRAD_DENSE_ENTRIES_PER_LATENT=8 \
+              --json $OUT/variants_d.json 2>&1 | tee $OUT/variants_d.log ;;
+    final) timeout ${TABLE_TIMEOUT:-480} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
+              --profile-rows ${PROFILE_ROWS:-20} --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk \
+              --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
+    final2) timeout ${TABLE_TIMEOUT:-300} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
+              --profile-rows ${PROFILE_ROWS:-20} --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
     quality) timeout ${QUALITY_TIMEOUT:-160} python3 benchmarks/train_quality.py --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality.log ;;
   esac
 done

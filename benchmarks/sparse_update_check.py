@@ -124,6 +124,31 @@ def training(d_in: int, d_sae: int, k: int, batch: int, steps: int, device: torc
         f"{name} {relative(sparse, dense):.2e}" for name, sparse, dense in zip(("W_enc", "W_dec", "b_enc", "b_dec"), weights["kernels"], weights[False])))
 
 
+def selection_and_decode(batch: int, k: int, d_sae: int, d_in: int, device: torch.device) -> None:
+    """The top-k program (bf16 pre-activations, float32 bias added on the fly) against torch.topk of the float32
+    sums, the decode program against embedding_bag and the selected dots against einsum in float32, at full size."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    pre = torch.randn(1, batch, d_sae, generator=generator, device=device).bfloat16()
+    bias = torch.randn(1, d_sae, generator=generator, device=device) * 0.1
+    columns = sparse_kernels.topk_columns(pre, k, bias)
+    biased = pre.float() + bias.unsqueeze(1)
+    same = torch.equal(biased.gather(-1, columns).sort(dim=-1).values, biased.topk(k, dim=-1).values.sort(dim=-1).values)
+    distinct = bool((columns.sort(dim=-1).values.diff(dim=-1) > 0).all())
+    table = torch.randn(1, d_sae, d_in, generator=generator, device=device).bfloat16()
+    values = torch.randn(1, batch, k, generator=generator, device=device)
+    decoded = sparse_kernels.decode_rows(values, columns, table)
+    want = sparse_kernels.embedding_bag_rows(values, columns, table.float())
+    dense = torch.randn(1, batch, d_in, generator=generator, device=device)
+    dots = sparse_kernels.selected_dots(dense, columns, table)
+    want_dots = torch.einsum("sbkd,sbd->sbk", table.float()[0][columns[0]].unsqueeze(0), dense)
+    print(f"top-k ({d_sae} latents, k {k}, TOPK_ROWS {kernel_programs.TOPK_ROWS}): selected values equal torch.topk's: {same}, "
+          f"distinct: {distinct}; decode (DECODE_WIDE_COLUMNS {kernel_programs.DECODE_WIDE_COLUMNS}) vs embedding_bag: rel. error "
+          f"{relative(decoded, want):.1e}; selected dots (SELECTED_DOT_WIDE_COLUMNS {kernel_programs.SELECTED_DOT_WIDE_COLUMNS}) vs einsum: "
+          f"rel. error {relative(dots, want_dots):.1e}")
+    if not (same and distinct):
+        raise SystemExit("top-k selection differs from torch.topk")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d-in", type=int, default=512)
@@ -133,23 +158,27 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (the programs in Triton's interpreter; small sizes)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="set a constant of sae_pipeline.sae.kernels.updates first (e.g. GRAD_ONE_PASS_ENTRIES_PER_BLOCK=0: round 1's program)")
+                        help="set a constant of sae_pipeline.sae.kernels.updates or .programs first (e.g. GRAD_ONE_PASS_ENTRIES_PER_BLOCK=0: round 1's program)")
     args = parser.parse_args()
     if args.set:
         import ast
 
         from sae_pipeline.sae.kernels import updates
 
+        def holder(name: str):
+            return updates if hasattr(updates, name) else kernel_programs if hasattr(kernel_programs, name) else None
+
         for assignment in args.set:
             name, _, value = assignment.partition("=")
-            if not hasattr(updates, name):
-                parser.error(f"--set: sae_pipeline.sae.kernels.updates has no constant {name}")
-            setattr(updates, name, ast.literal_eval(value))
-        print("set: " + ", ".join(f"{name}={getattr(updates, name)!r}" for name in (part.partition("=")[0] for part in args.set)))
+            if holder(name) is None:
+                parser.error(f"--set: sae_pipeline.sae.kernels.updates / programs have no constant {name}")
+            setattr(holder(name), name, ast.literal_eval(value))
+        print("set: " + ", ".join(f"{name}={getattr(holder(name), name)!r}" for name in (part.partition("=")[0] for part in args.set)))
     device = torch.device(args.device)
     if device.type == "cpu":
         kernel_programs.INTERPRET_ON_CPU = True
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU (Triton interpreter)'}; torch {torch.__version__}")
+    selection_and_decode(args.batch, args.k, args.d_sae, args.d_in, device)
     gradient_programs(1, args.batch, args.k, args.d_sae, args.d_in, device)
     adam_program(device)
     training(args.d_in, args.d_sae, args.k, args.batch, args.steps, device)

@@ -271,7 +271,7 @@ def loader_benchmark(sizes: dict, seeds: int, device: torch.device, batches: int
 
 # Modules SAELens / sparsify import at import time but never use in a training step; stand-ins are
 # installed only where the real module is missing (the GPU machine has no wandb, plotly or datasets).
-OPTIONAL_IMPORTS = {"wandb", "plotly", "plotly_express", "babe", "nltk", "datasets", "schedulefree"}
+OPTIONAL_IMPORTS = {"wandb", "plotly", "plotly_express", "babe", "nltk", "datasets", "schedulefree", "transformers_stream_generator"}
 
 
 def install_import_stand_ins(names: set[str]) -> list[str]:
@@ -481,7 +481,7 @@ def our_measurement(sizes: dict, device: torch.device, args: argparse.Namespace,
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
     if profile:
         eager = SeedBatchedTrainer(model, device, cuda_graphs=False)
-        result["profile"] = profile_table(lambda x: eager.step(x, statistics=False), pool, device)
+        result["profile"] = profile_table(lambda x: eager.step(x, statistics=False), pool, device, rows=getattr(args, "profile_rows", 14))
     trainer = model = pool = None  # freed before the next measurement
     return result
 
@@ -506,12 +506,18 @@ def gradient_check(sizes: dict, device: torch.device) -> str:
     return f"sparse update used: {changes['kernels'][1]}; |change_sparse - change_dense| / |change_dense| after one Adam step: " + ", ".join(parts)
 
 
+def constant_module(name: str):
+    """The kernels module holding constant ``name``: :mod:`~sae_pipeline.sae.kernels.updates` or
+    :mod:`~sae_pipeline.sae.kernels.programs` (the top-k constants); None if neither has it."""
+    from sae_pipeline.sae.kernels import programs, updates
+
+    return next((module for module in (updates, programs) if hasattr(module, name)), None)
+
+
 def parse_variants(texts: list[str]) -> dict[str, dict]:
     """``LABEL:NAME=VALUE,NAME=VALUE`` (values as Python literals) -> {label: {name: value}}; names must be
-    constants of :mod:`sae_pipeline.sae.kernels.updates`."""
+    constants of :mod:`sae_pipeline.sae.kernels.updates` or :mod:`sae_pipeline.sae.kernels.programs`."""
     import ast
-
-    from sae_pipeline.sae.kernels import updates
 
     variants = {}
     for text in texts:
@@ -521,8 +527,8 @@ def parse_variants(texts: list[str]) -> dict[str, dict]:
         constants = {}
         for assignment in assignments.split(","):
             name, _, value = assignment.partition("=")
-            if not hasattr(updates, name.strip()):
-                raise ValueError(f"--variant {text!r}: sae_pipeline.sae.kernels.updates has no constant {name.strip()}")
+            if constant_module(name.strip()) is None:
+                raise ValueError(f"--variant {text!r}: sae_pipeline.sae.kernels.updates / programs have no constant {name.strip()}")
             constants[name.strip()] = ast.literal_eval(value.strip())
         variants[label] = constants
     return variants
@@ -530,25 +536,30 @@ def parse_variants(texts: list[str]) -> dict[str, dict]:
 
 @contextlib.contextmanager
 def constants_set(constants: dict):
-    """Set constants of :mod:`sae_pipeline.sae.kernels.updates` for the block, restored after."""
-    from sae_pipeline.sae.kernels import updates
-
-    saved = {name: getattr(updates, name) for name in constants}
+    """Set constants of :mod:`sae_pipeline.sae.kernels.updates` / ``programs`` for the block, restored after."""
+    saved = {name: getattr(constant_module(name), name) for name in constants}
     try:
         for name, value in constants.items():
-            setattr(updates, name, value)
+            setattr(constant_module(name), name, value)
         yield
     finally:
         for name, value in saved.items():
-            setattr(updates, name, value)
+            setattr(constant_module(name), name, value)
 
 
-def gradient_program_ms(profile: str | None) -> float | None:
-    """The gradient programs' ms/step (looping or one-pass) from a :func:`profile_table`, if listed."""
+def gradient_program_ms(profile: str | None, prefix: str = "_latent_gradients") -> float | None:
+    """The ms/step of the kernels whose names start with ``prefix`` (default: the gradient programs, looping or
+    one-pass) from a :func:`profile_table`, if listed."""
     if not profile:
         return None
-    total = [float(line.split()[1]) for line in profile.splitlines() if line.strip().startswith("_latent_gradients")]
+    total = [float(line.split()[1]) for line in profile.splitlines() if line.strip().startswith(prefix)]
     return sum(total) if total else None
+
+
+# Kernels whose ms/step the variant comparison prints per variant (profile-name prefix -> label).
+VARIANT_KERNELS = {"_latent_gradients": "gradient program", "_topk_program": "top-k", "_adam_rows_program": "Adam rows",
+                   "_adam_flat_program": "Adam flat", "_decode": "decode",
+                   "_selected_dot": "selected dots"}
 
 
 def table_main(args: argparse.Namespace, device: torch.device) -> None:
@@ -592,10 +603,11 @@ def table_main(args: argparse.Namespace, device: torch.device) -> None:
             parts += [f"{label} {1000 * measured['seconds_per_step']:.3f}" for label, measured in rows[key]["variants"].items()]
             print(f"    variants (ms/step): {'; '.join(parts)}", flush=True)
             if profiled:
-                programs_ms = [("defaults", gradient_program_ms(ours.get("profile")))]
-                programs_ms += [(label, gradient_program_ms(measured.get("profile"))) for label, measured in rows[key]["variants"].items()]
-                print("    gradient program in the profile (ms/step): "
-                      + "; ".join(f"{label} {value:.3f}" if value is not None else f"{label} n/a" for label, value in programs_ms), flush=True)
+                for prefix, kernel in VARIANT_KERNELS.items():
+                    programs_ms = [("defaults", gradient_program_ms(ours.get("profile"), prefix))]
+                    programs_ms += [(label, gradient_program_ms(measured.get("profile"), prefix)) for label, measured in rows[key]["variants"].items()]
+                    print(f"    {kernel} in the profile (ms/step): "
+                          + "; ".join(f"{label} {value:.3f}" if value is not None else f"{label} n/a" for label, value in programs_ms), flush=True)
                 for label, measured in rows[key]["variants"].items():
                     print(f"    profile, {label}:\n{measured['profile']}", flush=True)
     for architecture in [name.strip() for name in (args.architectures or "").split(",") if name.strip()]:
@@ -726,6 +738,7 @@ def main() -> None:
     parser.add_argument("--no-sparsify", action="store_true")
     parser.add_argument("--profile", action="store_true", help="table mode: per-kernel time table of our step at every size")
     parser.add_argument("--profile-d-sae", help="table mode: profile only at these widths (comma-separated)")
+    parser.add_argument("--profile-rows", type=int, default=14, help="table mode: kernels listed per profile (longest first)")
     parser.add_argument("--check", action="store_true", help="table mode: first compare one sparse-update step with the dense path at the first size")
     parser.add_argument("--architectures", help="table mode: also time these architectures (dense autograd paths), at the first d_in and k")
     parser.add_argument("--architectures-max-d-sae", type=int, default=65536)
@@ -735,23 +748,21 @@ def main() -> None:
     parser.add_argument("--table-warmup", type=int, default=3)
     parser.add_argument("--json", help="table mode: write every figure to this file")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="set a constant of sae_pipeline.sae.kernels.updates first (tuning runs; e.g. GRAD_PROGRAM_COLUMN_BLOCKS=4)")
+                        help="set a constant of sae_pipeline.sae.kernels.updates or .programs first (tuning runs; e.g. GRAD_PROGRAM_COLUMN_BLOCKS=4)")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL:NAME=VALUE[,NAME=VALUE]",
-                        help="table mode: also time our step with these constants of sae_pipeline.sae.kernels.updates, beside the defaults")
+                        help="table mode: also time our step with these constants of sae_pipeline.sae.kernels.updates / .programs, beside the defaults")
     parser.add_argument("--worker", choices=["sparsify", "saelens"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-configs", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.set:
         import ast
 
-        from sae_pipeline.sae.kernels import updates
-
         for assignment in args.set:
             name, _, value = assignment.partition("=")
-            if not hasattr(updates, name):
-                parser.error(f"--set: sae_pipeline.sae.kernels.updates has no constant {name}")
-            setattr(updates, name, ast.literal_eval(value))
-        print("set: " + ", ".join(f"{name}={getattr(updates, name)!r}" for name in (part.partition("=")[0] for part in args.set)))
+            if constant_module(name) is None:
+                parser.error(f"--set: sae_pipeline.sae.kernels.updates / programs have no constant {name}")
+            setattr(constant_module(name), name, ast.literal_eval(value))
+        print("set: " + ", ".join(f"{name}={getattr(constant_module(name), name)!r}" for name in (part.partition("=")[0] for part in args.set)))
     if args.worker:
         import json
 

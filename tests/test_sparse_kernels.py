@@ -57,11 +57,14 @@ def sparse_topk_sae(x, W_enc, b_enc, W_dec, b_dec, indices):
     return sparse_kernels.sparse_decode(values.relu(), W_dec, indices) + b_dec.unsqueeze(1)
 
 
+@pytest.mark.parametrize("decode_wide", [None, 16, 256])  # the wide decode and selected dots: 16 columns (d_in 20 in two blocks, the second masked), one block
 @pytest.mark.parametrize("k,column_block", [(5, 128), (70, 128), (5, 8)])  # 70: more selected rows than one block of the Triton programs
-def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k, column_block, monkeypatch):
+def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k, column_block, decode_wide, monkeypatch):
     # column_block 8: d_in 20 in three column blocks, decoded by two programs per token (the second's last block empty)
     monkeypatch.setattr(kernel_programs, "COLUMN_BLOCK", column_block)
     monkeypatch.setattr(kernel_programs, "DECODE_COLUMN_BLOCKS", 2)
+    monkeypatch.setattr(kernel_programs, "DECODE_WIDE_COLUMNS", decode_wide)
+    monkeypatch.setattr(kernel_programs, "SELECTED_DOT_WIDE_COLUMNS", decode_wide)  # the selected dots likewise: 16 columns, 256, the old program
     generator = torch.Generator().manual_seed(0)
     n_seeds, batch, d_sae, d_in = 2, 24, 160, 20
     x = torch.randn(batch, d_in, generator=generator)
@@ -82,7 +85,10 @@ def test_sparse_forward_and_gradients_equal_dense_autograd(backend, k, column_bl
         assert torch.allclose(sparse, dense, rtol=1e-5, atol=1e-4 * dense.abs().max().item()), name
 
 
-def test_decode_dots_and_scatter_match_hand_computation(backend):
+@pytest.mark.parametrize("decode_wide", [None, 256])
+def test_decode_dots_and_scatter_match_hand_computation(backend, decode_wide, monkeypatch):
+    monkeypatch.setattr(kernel_programs, "DECODE_WIDE_COLUMNS", decode_wide)
+    monkeypatch.setattr(kernel_programs, "SELECTED_DOT_WIDE_COLUMNS", decode_wide)
     table = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]]])  # [S=1, n=3, d=2]
     indices = torch.tensor([[[0, 2], [1, 2]]])  # token 0 picks rows 0 and 2, token 1 rows 1 and 2
     values = torch.tensor([[[2.0, 1.0], [0.5, -1.0]]])
@@ -111,6 +117,34 @@ def test_topk_columns_selects_the_k_largest_with_ties_and_bias(width, k, ties):
     assert columns.shape == (2, 3, k)
     assert (columns.sort(dim=-1).values.diff(dim=-1) > 0).all()  # k distinct columns
     assert torch.equal(biased.gather(-1, columns).sort(dim=-1).values, biased.topk(k, dim=-1).values.sort(dim=-1).values)
+
+
+@pytest.mark.parametrize("rows_per_program,tile", [(1, None), (2, 8), (4, 32), (4, None)])
+def test_topk_columns_rows_per_program_share_the_bias(rows_per_program, tile, monkeypatch):
+    """Several rows (tokens of one seed) per program, the bias tiles loaded once for them, and a cap on each
+    thread's tile (more, narrower chunk blocks): the same k largest as torch.topk; rows of another count run
+    one per program."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    monkeypatch.setattr(kernel_programs, "TOPK_ROWS", rows_per_program)
+    monkeypatch.setattr(kernel_programs, "TOPK_TILE_PER_THREAD", tile)
+    launched = []
+    launch = kernel_programs.launch
+    monkeypatch.setattr(kernel_programs, "launch", lambda name, grid, *args, **meta: (launched.append((grid, meta)), launch(name, grid, *args, **meta)))
+    generator = torch.Generator().manual_seed(rows_per_program)
+    for tokens in (8, 6):
+        pre = torch.randn(2, tokens, 1280, generator=generator)
+        pre[1, 3] = -pre[1, 3].abs() - 1  # a row of negatives only
+        bias = torch.randn(2, 1280, generator=generator)
+        columns = sparse_kernels.topk_columns(pre, 6, bias)
+        biased = pre + bias.unsqueeze(1)
+        assert (columns.sort(dim=-1).values.diff(dim=-1) > 0).all()
+        assert torch.equal(biased.gather(-1, columns).sort(dim=-1).values, biased.topk(6, dim=-1).values.sort(dim=-1).values)
+    grid, meta = launched[0]
+    assert meta["ROWS"] == rows_per_program and grid == (16 // rows_per_program,)
+    if tile is not None:
+        assert meta["CHUNK_BLOCK"] * meta["CHUNK"] <= tile * 32 * meta["num_warps"]
+    assert launched[1][1]["ROWS"] == (rows_per_program if 6 % rows_per_program == 0 else 1)
 
 
 def test_topk_indices_adds_the_bias_on_the_torch_path():
@@ -274,16 +308,30 @@ def test_adam_programs_read_bf16_gradients_as_their_float32_values(width):
             assert torch.equal(results[0][name], results[1][name]), name
         assert torch.allclose(results[0]["rows"].norm(dim=-1), torch.ones(rows))
         assert not torch.equal(results[0]["flat"], start)
+        # The projection's coefficients given per row (<g, w> / |w|^2, as sparse_adam_step forms them from the
+        # gradient program's statistics) land where the program's own two row reductions land.
+        weights = {"rows": start.clone()}
+        optimizer = torch.optim.Adam(list(weights.values()), lr=1e-2)
+        for _ in range(2):
+            kernel_updates._adam_state(optimizer, weights["rows"])["step"] += 1
+            along = (gradient.float() * weights["rows"]).sum(-1) / weights["rows"].square().sum(-1)
+            kernel_updates._adam_launch("adam_rows", optimizer, weights["rows"], gradient, None, None, lr, (rows // 2,), rows, rows // 2, width,
+                                        along=along, ROWS=2, BLOCK=64, PROJECT=True, NORMALIZE=True)
+        assert torch.allclose(weights["rows"], results[0]["rows"], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(weights["rows"], start)
     finally:
         kernel_programs.INTERPRET_ON_CPU = False
 
 
+@pytest.mark.parametrize("projection_given", [True, False])
 @pytest.mark.parametrize("unit_norm,clip", [(True, 1.0), (True, 0.01), (False, None)])
-def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(unit_norm, clip):
+def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(unit_norm, clip, projection_given, monkeypatch):
     """Three fused steps on given entries land where the unfused sequence (dense gradients, projection,
-    per-seed clipping, torch.optim.Adam, renormalisation) lands; the bf16 copies follow the weights."""
+    per-seed clipping, torch.optim.Adam, renormalisation) lands; the bf16 copies follow the weights. With
+    ``projection_given`` the Adam row program takes the projection from the gradient statistics."""
     if not _interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    monkeypatch.setattr(kernel_updates, "ADAM_ROWS_PROJECTION_GIVEN", projection_given)
     kernel_programs.INTERPRET_ON_CPU = True
     try:
         generator = torch.Generator().manual_seed(5)

@@ -24,7 +24,7 @@ as the dense path's bf16 products give them), writing every element, so no dense
 that give the clipping norm. Two optimizer programs then do the decoder-gradient projection, per-seed
 clipping, Adam, decoder renormalisation and the bf16 weight copies the next forward reads, one pass
 over each weight. (Before this, the transposed products ran as batched matrix products on dense code
-matrices, :func:`scatter_rows`, which costs ``O(B * d_sae * d)``; on the H200, sparse wins from ~12
+matrices, :func:`scatter_rows`, which costs ``O(B * d_sae * d)``; on the H200, sparse wins from ~16
 entries per latent down, see ``updates.GRAD_DENSE_ENTRIES_PER_LATENT``.)
 
 Off CUDA the same arithmetic runs as PyTorch operations (``embedding_bag``, ``index_add_``). With

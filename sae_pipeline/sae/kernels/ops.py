@@ -12,6 +12,8 @@ from sae_pipeline.sae.kernels.programs import triton
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``."""
     if programs.triton_usable(table):
+        if programs.DECODE_WIDE_COLUMNS is not None:
+            return programs.decode_wide(values, indices, table)
         return programs.per_token_program("decode", values, indices, table, table.shape[2], max_column_blocks=programs.DECODE_COLUMN_BLOCKS)
     return embedding_bag_rows(values.float(), indices, table.float())
 
@@ -32,6 +34,8 @@ def selected_dots(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tenso
     n_seeds, batch, k = indices.shape
     width = table.shape[2]
     if programs.triton_usable(table):
+        if programs.SELECTED_DOT_WIDE_COLUMNS is not None:
+            return programs.selected_dot_wide(dense, indices, table)
         return programs.per_token_program("selected_dot", dense, indices, table, k)
     rows = table.float().gather(1, indices.reshape(n_seeds, batch * k, 1).expand(-1, -1, width)).view(n_seeds, batch, k, width)
     return torch.einsum("sbkd,sbd->sbk", rows, dense.float())
@@ -86,9 +90,14 @@ def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) ->
     out = torch.empty(rows.shape[0], k, dtype=torch.int64, device=pre.device)
     rows_per_bias = rows.shape[0] // bias.shape[0] if bias is not None else rows.shape[0]
     bias_rows = bias.contiguous() if bias is not None else rows
-    programs.launch("topk", (rows.shape[0],), rows, bias_rows, chunk_maxima, chosen_chunks, out, width, k, rows_per_bias,
-            N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(programs.TOPK_CHUNK_BLOCK * warps, n_chunks), K_PAD=k_pad,
-            HAS_BIAS=bias is not None, num_warps=warps)
+    # Rows per program: they share the bias tiles (so all must lie in one seed's rows).
+    per_program = programs.TOPK_ROWS if bias is not None and rows_per_bias % programs.TOPK_ROWS == 0 else 1
+    chunk_block = programs.TOPK_CHUNK_BLOCK * warps
+    if programs.TOPK_TILE_PER_THREAD is not None:  # no more than this many loaded elements a thread, however wide the chunks
+        chunk_block = max(1, min(chunk_block, programs.TOPK_TILE_PER_THREAD * 32 * warps // chunk))
+    programs.launch("topk", (rows.shape[0] // per_program,), rows, bias_rows, chunk_maxima, chosen_chunks, out, width, k, rows_per_bias,
+            N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(chunk_block, n_chunks), K_PAD=k_pad,
+            HAS_BIAS=bias is not None, ROWS=per_program, num_warps=warps)
     return out.view(*pre.shape[:-1], k)
 
 

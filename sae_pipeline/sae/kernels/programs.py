@@ -30,6 +30,18 @@ COLUMN_BLOCK = 128
 MAX_ROW_BLOCK = 64
 # Column blocks one decode program covers (wider rows: more programs per token; 0.43 ms for d_in 2304 in one).
 DECODE_COLUMN_BLOCKS = 4
+# Wide decode (round 4): one program per (token, block of this many columns), DECODE_ROWS selected rows at a
+# time accumulated in a [DECODE_ROWS, columns] tile and summed once at the end; a warp per 256 columns, so each
+# thread holds every row of its 8 columns and the sum stays inside the thread (the [64, 128] tiles of the
+# program above are split over rows across warps: a shared-memory reduction per column block, 2x the
+# selected-dot program's time at d_in 512 on the H200). None: the program above.
+DECODE_WIDE_COLUMNS = 256
+DECODE_ROWS = 8
+# Wide selected dots (round 4), the decode's layout for the decode's backward: one program per (token, group of
+# SELECTED_DOT_ROWS selected rows), columns in blocks of this many added into a [rows, columns] tile, summed over
+# the columns once at the end. None: the per-token program (a [64, 128] tile per column block, K padded to 64).
+SELECTED_DOT_WIDE_COLUMNS = 256
+SELECTED_DOT_ROWS = 8
 # Key below that of -inf (see _sortable_keys): marks candidate slots past the row's end.
 BELOW_ALL_KEYS = tl.constexpr(-2139095042)
 # Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
@@ -39,6 +51,16 @@ TOPK_WARPS = 1
 # Wide rows: at most this many chunks (wider chunks beyond), and keys per thread (more warps beyond).
 TOPK_MAX_CHUNKS = 4096
 TOPK_KEYS_PER_THREAD = 32
+# Rows (tokens of one seed) per top-k program: the encoder-bias tile (float32, twice the bytes of the bf16
+# pre-activations it is added to) is loaded once for them all instead of once per row; 1 = a program per row.
+# On the H200 (round 4, benchmarks/issue17_logs/round4_variants.log) 4 rows did not pay: top-k 0.118 -> 0.146 ms at
+# 16,384 latents, 0.549 -> 0.578 at 65,536, 1.378 -> 1.337 at 262,144 (32-element tiles): the bias reads are not the cost.
+TOPK_ROWS = 1
+# Elements of the row one thread loads per chunk-maxima tile at most (None: TOPK_CHUNK_BLOCK chunks per warp
+# whatever the chunk's width, the shape before round 4: 256 a thread at 262,144 latents, 128 at 131,072). 64 is
+# that shape below 131,072 latents; at 262,144 x 2304 top-k took 1.40 ms uncapped, 1.13-1.14 with 64 and 1.38 with 32
+# (one row a program; round 4, benchmarks/issue17_logs/round4*_variants.log and round4_final_table.log).
+TOPK_TILE_PER_THREAD = 64
 
 
 # Run the Triton programs on CPU tensors too (tests only; needs TRITON_INTERPRET=1 set before Triton is imported).
@@ -80,6 +102,27 @@ def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
         tl.store(out + token * D + columns, total, mask=column_mask)
 
 
+def _decode_wide_program(values, indices, table, out, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    """One program per (seed, token) and block of ``COLUMNS`` columns (grid axis 1): ``out[t] = sum_j values[t, j] *
+    table[seed, indices[t, j]]``, ``ROWS`` selected rows at a time added into a ``[ROWS, COLUMNS]`` tile, summed
+    over its rows once at the end."""
+    token = tl.program_id(0).to(tl.int64)
+    columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
+    column_mask = columns < D
+    seed = token // n_tokens
+    table_seed = table + seed * table_rows * D
+    total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
+    for row_start in range(0, K, ROWS):
+        slots = row_start + tl.arange(0, ROWS)
+        slot_mask = slots < K
+        rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+        weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
+        tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
+                       mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+        total += tile * weights[:, None]
+    tl.store(out + token * D + columns, tl.sum(total, axis=0), mask=column_mask)
+
+
 def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D,
                           ROWS: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
     """One program per (seed, token): ``out[t, j] = <dense[t], table[seed, indices[t, j]]>``, ``ROWS`` at a time."""
@@ -99,6 +142,27 @@ def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D
                            mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
             dots += tl.sum(tile * row[None, :], axis=1)
         tl.store(out + token * K + slots, dots, mask=slot_mask)
+
+
+def _selected_dot_wide_program(dense, indices, table, out, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+    """One program per (seed, token) and group of ``ROWS`` selected rows (grid axis 1): ``out[t, j] = <dense[t],
+    table[seed, indices[t, j]]>``, the products of ``COLUMNS`` columns at a time added into a ``[ROWS, COLUMNS]``
+    tile, summed over its columns once at the end."""
+    token = tl.program_id(0).to(tl.int64)
+    slots = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    slot_mask = slots < K
+    seed = token // n_tokens
+    table_seed = table + seed * table_rows * D
+    rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+    total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
+    for column_start in range(0, D, COLUMNS):
+        columns = column_start + tl.arange(0, COLUMNS)
+        column_mask = columns < D
+        row = tl.load(dense + token * D + columns, mask=column_mask, other=0.0).to(tl.float32)
+        tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
+                       mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+        total += tile * row[None, :]
+    tl.store(out + token * K + slots, tl.sum(total, axis=1), mask=slot_mask)
 
 
 def _sortable_keys(values):
@@ -133,9 +197,11 @@ def _top_k_slots(keys, K):
 
 def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bias,
                   N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
-                  HAS_BIAS: tl.constexpr):
-    """One program per row of ``pre [rows, n]``: the K largest entries' columns into ``out [rows, K]``.
-    With ``HAS_BIAS`` the row is ``pre[row] + bias[row // rows_per_bias]`` (the bias added on the fly).
+                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
+    """One program per ``ROWS`` consecutive rows of ``pre [rows, n]`` (``ROWS`` divides ``rows`` and
+    ``rows_per_bias``): each row's K largest entries' columns into ``out [rows, K]``. With ``HAS_BIAS`` the row
+    is ``pre[row] + bias[row // rows_per_bias]`` (the bias added on the fly; the program's rows share one bias
+    row, whose tiles are loaded once for them all).
 
     Chunk c is columns ``[c*CHUNK, (c+1)*CHUNK)``. With T the K-th largest chunk maximum, the K
     chunks made of every chunk whose maximum exceeds T plus the first chunks whose maximum equals
@@ -144,34 +210,40 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
     largest value by bisection over order-preserving integer keys and place the winners by a
     prefix sum, so nothing is sorted.
     """
-    row = tl.program_id(0).to(tl.int64)
-    row_start = pre + row * n
-    bias_start = bias + (row // rows_per_bias) * n
+    first_row = tl.program_id(0).to(tl.int64) * ROWS
+    bias_start = bias + (first_row // rows_per_bias) * n
     members = tl.arange(0, CHUNK)
     for block_start in range(0, N_CHUNKS, CHUNK_BLOCK):
         chunk_ids = block_start + tl.arange(0, CHUNK_BLOCK)
         columns = chunk_ids[:, None] * CHUNK + members[None, :]
-        tile = tl.load(row_start + columns, mask=columns < n, other=float("-inf")).to(tl.float32)
         if HAS_BIAS:
-            tile += tl.load(bias_start + columns, mask=columns < n, other=0.0).to(tl.float32)
-        tl.store(chunk_maxima + row * N_CHUNKS + chunk_ids, tl.max(tile, axis=1))
+            bias_tile = tl.load(bias_start + columns, mask=columns < n, other=0.0).to(tl.float32)
+        for part in tl.static_range(ROWS):
+            row = first_row + part
+            tile = tl.load(pre + row * n + columns, mask=columns < n, other=float("-inf")).to(tl.float32)
+            if HAS_BIAS:
+                tile += bias_tile
+            tl.store(chunk_maxima + row * N_CHUNKS + chunk_ids, tl.max(tile, axis=1))
     tl.debug_barrier()
-    chunk_ids = tl.arange(0, N_CHUNKS)
-    keys = _sortable_keys(tl.load(chunk_maxima + row * N_CHUNKS + chunk_ids))
-    rank, chosen = _top_k_slots(keys, K)
-    tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=chosen)
-    tl.debug_barrier()
-    slots = tl.arange(0, K_PAD)
-    chunks = tl.load(chosen_chunks + row * K_PAD + slots, mask=slots < K, other=0)
-    columns = chunks[:, None] * CHUNK + members[None, :]
-    valid = (slots < K)[:, None] & (columns < n)
-    candidates = tl.load(row_start + columns, mask=valid, other=float("-inf")).to(tl.float32)
-    if HAS_BIAS:
-        candidates += tl.load(bias_start + columns, mask=valid, other=0.0).to(tl.float32)
-    columns = tl.reshape(columns, [K_PAD * CHUNK])
-    keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
-    rank, chosen = _top_k_slots(keys, K)
-    tl.store(out + row * K + rank, columns, mask=chosen)
+    for part in range(ROWS):
+        row = first_row + part
+        row_start = pre + row * n
+        chunk_ids = tl.arange(0, N_CHUNKS)
+        keys = _sortable_keys(tl.load(chunk_maxima + row * N_CHUNKS + chunk_ids))
+        rank, chosen = _top_k_slots(keys, K)
+        tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=chosen)
+        tl.debug_barrier()
+        slots = tl.arange(0, K_PAD)
+        chunks = tl.load(chosen_chunks + row * K_PAD + slots, mask=slots < K, other=0)
+        columns = chunks[:, None] * CHUNK + members[None, :]
+        valid = (slots < K)[:, None] & (columns < n)
+        candidates = tl.load(row_start + columns, mask=valid, other=float("-inf")).to(tl.float32)
+        if HAS_BIAS:
+            candidates += tl.load(bias_start + columns, mask=valid, other=0.0).to(tl.float32)
+        columns = tl.reshape(columns, [K_PAD * CHUNK])
+        keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
+        rank, chosen = _top_k_slots(keys, K)
+        tl.store(out + row * K + rank, columns, mask=chosen)
 
 
 def _entry_operands(keys, rows, decoder_weights, encoder_weights, entry_start, hi, global_latents,
@@ -428,12 +500,16 @@ def _adam_scalars(lr, step, log2_beta1, log2_beta2):
 
 
 def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per_seed, D, beta1, beta2, eps, log2_beta1, log2_beta2,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, PROJECT: tl.constexpr, NORMALIZE: tl.constexpr,
-                       CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
+                       along, ROWS: tl.constexpr, BLOCK: tl.constexpr, PROJECT: tl.constexpr, NORMALIZE: tl.constexpr,
+                       CLIP: tl.constexpr, LOW_COPY: tl.constexpr, PROJECT_GIVEN: tl.constexpr):
     """Adam on whole rows of ``W [S*rows_per_seed, D]`` (the decoder), ``ROWS`` rows per program: with ``PROJECT``
     the gradient's component along its (unit-norm) row is removed first, with ``CLIP`` it is scaled by
     ``clip_scale[seed]``, and with ``NORMALIZE`` the updated row is rescaled to unit norm; ``LOW_COPY`` also
-    writes the row in bf16 to ``W_low`` (what the next step reads). ``G`` may be bf16 (read as float32)."""
+    writes the row in bf16 to ``W_low`` (what the next step reads). ``G`` may be bf16 (read as float32).
+
+    ``PROJECT_GIVEN``: the projection's coefficients ``<g, w> / max(|w|, 1e-12)**2`` per row are read from
+    ``along [S*rows_per_seed]`` (from the gradient program's per-latent statistics) instead of two row
+    reductions here; then the only reduction left is the renormalisation's, and all four loads are issued first."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
     columns = tl.arange(0, BLOCK)
@@ -441,14 +517,21 @@ def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per
     offsets = rows[:, None] * D + columns[None, :]
     w = tl.load(W + offsets, mask=mask, other=0.0)
     g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
+    if PROJECT_GIVEN:
+        m = tl.load(M + offsets, mask=mask, other=0.0)
+        v = tl.load(V + offsets, mask=mask, other=0.0)
     if PROJECT:
-        direction = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
-        g = g - tl.sum(g * direction, axis=1)[:, None] * direction
+        if PROJECT_GIVEN:
+            g = g - tl.load(along + rows, mask=row_mask, other=0.0)[:, None] * w
+        else:
+            direction = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
+            g = g - tl.sum(g * direction, axis=1)[:, None] * direction
     if CLIP:
         g = g * tl.load(clip_scale + rows // rows_per_seed, mask=row_mask, other=1.0)[:, None]
     step_size, bias_correction2_sqrt = _adam_scalars(lr, step, log2_beta1, log2_beta2)
-    m = tl.load(M + offsets, mask=mask, other=0.0)
-    v = tl.load(V + offsets, mask=mask, other=0.0)
+    if not PROJECT_GIVEN:
+        m = tl.load(M + offsets, mask=mask, other=0.0)
+        v = tl.load(V + offsets, mask=mask, other=0.0)
     w, m, v = _adam_moments(w, g, m, v, step_size, bias_correction2_sqrt, beta1, beta2, eps)
     if NORMALIZE:
         w = w / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), 1e-12)[:, None]
@@ -493,7 +576,8 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
                for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
                             "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles")}
     programs = {name: triton.jit(_source(function)) for name, function in
-                (("decode", _decode_program), ("selected_dot", _selected_dot_program), ("topk", _topk_program),
+                (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program),
+                 ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
                  ("combine_gradients", _combine_gradients_program),
                  ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
@@ -522,3 +606,26 @@ def per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, t
     return out
 
 
+def decode_wide(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`_decode_wide_program` over ``values, indices [S,B,K]`` into ``table [S,n,d]``: float32 ``[S,B,d]``
+    (blocks of ``DECODE_WIDE_COLUMNS`` columns, narrower for narrow rows; a warp per 256 columns)."""
+    n_seeds, batch, k = indices.shape
+    n_rows, width = table.shape[1:]
+    columns = min(DECODE_WIDE_COLUMNS, max(16, triton.next_power_of_2(width)))
+    out = torch.empty(n_seeds, batch, width, dtype=torch.float32, device=table.device)
+    launch("decode_wide", (n_seeds * batch, triton.cdiv(width, columns)), values.contiguous(), indices.contiguous(), table.contiguous(), out,
+           batch, k, n_rows, width, ROWS=min(DECODE_ROWS, triton.next_power_of_2(k)), COLUMNS=columns, num_warps=max(1, min(8, columns // 256)))
+    return out
+
+
+def selected_dot_wide(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """:func:`_selected_dot_wide_program` over ``dense [S,B,d]``, ``indices [S,B,K]`` into ``table [S,n,d]``: float32
+    ``[S,B,K]`` (``SELECTED_DOT_ROWS`` rows a program, blocks of ``SELECTED_DOT_WIDE_COLUMNS`` columns; a warp per 256)."""
+    n_seeds, batch, k = indices.shape
+    n_rows, width = table.shape[1:]
+    columns = min(SELECTED_DOT_WIDE_COLUMNS, max(16, triton.next_power_of_2(width)))
+    rows = min(SELECTED_DOT_ROWS, triton.next_power_of_2(k))
+    out = torch.empty(n_seeds, batch, k, dtype=torch.float32, device=table.device)
+    launch("selected_dot_wide", (n_seeds * batch, triton.cdiv(k, rows)), dense.contiguous(), indices.contiguous(), table.contiguous(), out,
+           batch, k, n_rows, width, ROWS=rows, COLUMNS=columns, num_warps=max(1, min(8, columns // 256)))
+    return out

@@ -19,10 +19,12 @@ from sae_pipeline.sae.kernels.programs import triton
 # Latent-sorted weight gradients: latents per block, entries per product, columns of d per block (wider from
 # GRAD_WIDE_D on), column blocks one program loops over at most (its first entries' one-hot operands built once),
 # entries per work item (at least; more when there are many entries, so that the partial tiles of shared blocks
-# need at most GRAD_MAX_SLOTS slots), warps per program (None: 8 for 128-column blocks, else 4).
+# need at most GRAD_MAX_SLOTS slots), warps per program (None: GRAD_LOOPING_WARPS for the looping program; for the
+# one-pass program 8 for 128-column blocks, else 4).
 # 4 column blocks and 32 entries per product: on the H200 (benchmarks/ISSUE17_NOTES.md, round 2) the program took
 # 5.04 ms in the 262,144 x 2304 step (5.37 with one column block and 64 entries, float32 stores), but 0.28 and
 # 1.12 ms at 16,384 latents (d_in 512 / 2304; 0.19 and 0.83 before): blocks there hold ~320 entries.
+# (With 4 warps, GRAD_LOOPING_WARPS, round 4: 3.56 ms at 262,144 x 2304; 16,384 latents run the one-pass program.)
 GRAD_LATENTS = 32
 GRAD_ENTRIES = 32
 GRAD_COLUMNS = 64
@@ -31,6 +33,11 @@ GRAD_PROGRAM_COLUMN_BLOCKS = 4
 GRAD_CHUNK = 256
 GRAD_MAX_SLOTS = 1024
 GRAD_WARPS = None
+# Warps of the looping program (and its combining program) where GRAD_WARPS is None. On the H200 (round 4,
+# benchmarks/issue17_logs/round4b_variants.log, in the step) 4 instead of 8: the program 0.662 -> 0.513 ms at
+# 131,072 x 512 and 2.944 -> 2.176 at 131,072 x 2304 (step 0.95x / 0.93x). The one-pass program keeps 8 (with 4:
+# 0.176 -> 0.189 ms at 16,384 x 512, 0.782 -> 0.828 at 16,384 x 2304).
+GRAD_LOOPING_WARPS = 4
 # Program shape per call: where the latent blocks average more than this many entries (entries / blocks, known
 # from the shapes, so CUDA graphs hold), round 1's one-pass program (one column block per program, GRAD_ONE_PASS_ENTRIES
 # entries per product; programs._latent_gradients_one_pass_program) instead of the looping one; None: never.
@@ -46,12 +53,18 @@ GRAD_STORE_LOW_PRECISION = True
 # H200 the sparse program costs ~2e-12 s per entry and column of d, the bf16 products ~5.7e-15 s per
 # B * d_sae * d (cuBLAS at ~700 TFLOP/s), equal at ~12 entries per latent for B = 4096 (top-k k=40 at 16k
 # latents: 0.19 ms sparse vs 0.25 dense; an AuxK step's 512 extra entries per token favour the products below ~190k latents).
-GRAD_DENSE_ENTRIES_PER_LATENT = 12
+# Round 4 (faster one-pass program): at 16 entries per latent (top-k k 64, 16,384 latents) the sparse program won, the
+# step 0.93x at d_in 512 and 2304 (benchmarks/issue17_logs/round4d_variants.log: 1.125 vs 1.214 ms, 3.154 vs 3.395); so 16
+# (k 64 at 16k sparse; AuxK steps, 17+ entries per latent below ~131k latents, unmeasured, stay on the products).
+GRAD_DENSE_ENTRIES_PER_LATENT = 16
 # Adam over decoder rows: at most this many elements (rows x next_power_of_2(d)) per program. (A row of 2304 held
 # as a head of 2048 and a tail of 256 instead of one tile of 4096 was slower on the H200: 5.58 ms vs 4.79 at
 # 262,144 x 2304, 4.93 with 4 warps; benchmarks/ISSUE17_NOTES.md, round 2.)
 ADAM_ROW_ELEMENTS = 4096
 ADAM_BLOCK = 2048
+# The decoder-gradient projection in the Adam row program from the gradient program's per-latent statistics
+# (<g, w> and |w|^2 of the stored values) instead of two row reductions in the program (round 4; False: as before).
+ADAM_ROWS_PROJECTION_GIVEN = True
 
 
 def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int) -> dict[str, torch.Tensor]:
@@ -211,7 +224,7 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     statistics = torch.empty(column_blocks, n_seeds * d_sae, 4, dtype=torch.float32, device=W_dec.device)
     partial_dec = torch.empty(items["slots"], GRAD_LATENTS, width, dtype=torch.float32, device=W_dec.device)
     partial_enc = torch.empty_like(partial_dec)
-    warps = GRAD_WARPS or (8 if columns >= 128 else 4)
+    warps = GRAD_WARPS or (GRAD_LOOPING_WARPS if not one_pass else 8 if columns >= 128 else 4)
     operands = (items["item_block"], items["item_chunk"], items["block_items"], items["block_slot"], entries["segments"], entries["keys"],
                 entries["rows"], decoder_weights.float().contiguous(), encoder_weights.float().contiguous(), decoder_dense, encoder_dense,
                 W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1],
@@ -243,13 +256,20 @@ def _adam_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> di
 
 
 def _adam_launch(name: str, optimizer: torch.optim.Optimizer, parameter: torch.Tensor, gradient: torch.Tensor, low_copy: torch.Tensor | None,
-                 clip_scale: torch.Tensor | None, lr: torch.Tensor, grid: tuple[int, ...], *shape_args, **meta) -> None:
+                 clip_scale: torch.Tensor | None, lr: torch.Tensor, grid: tuple[int, ...], *shape_args, along: torch.Tensor | None = None,
+                 **meta) -> None:
+    """Launch ``adam_rows`` or ``adam_flat``; ``along`` (``adam_rows``): the projection's per-row coefficients, or None
+    for the program to form them itself."""
     group = optimizer.param_groups[0]
     beta1, beta2 = (float(beta) for beta in group["betas"])
     state = _adam_state(optimizer, parameter)
+    extra = ()
+    if name == "adam_rows":
+        extra = (along.contiguous() if along is not None else lr,)
+        meta["PROJECT_GIVEN"] = along is not None
     programs.launch(name, grid, parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"],
             low_copy if low_copy is not None else parameter, clip_scale if clip_scale is not None else lr, lr, state["step"],
-            *shape_args, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2),
+            *shape_args, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2), *extra,
             CLIP=clip_scale is not None, LOW_COPY=low_copy is not None, **meta)
 
 
@@ -302,10 +322,12 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     grad_b_enc = b_enc.grad if b_enc.grad is not None else torch.zeros_like(b_enc)
     grad_b_dec = b_dec.grad if b_dec.grad is not None else torch.zeros_like(b_dec)
     clip_scale = None
+    squared, dots, weight_squared, encoder_squared = statistics.unbind(-1)
+    # The projection's coefficient per decoder row, <g, w> / max(|w|, 1e-12)^2, for the Adam row program.
+    norms = weight_squared.sqrt().clamp_min(1e-12)
+    along_rows = (dots / norms.square()).reshape(-1) if unit_norm_decoder and ADAM_ROWS_PROJECTION_GIVEN else None
     if clip_norm is not None:
-        squared, dots, weight_squared, encoder_squared = statistics.unbind(-1)
         if unit_norm_decoder:  # |g - <g,u>u|^2 with u = w / |w| (as remove_parallel_decoder_gradient projects)
-            norms = weight_squared.sqrt().clamp_min(1e-12)
             along = dots / norms
             squared = (squared - 2 * along.square() + along.square() * (weight_squared / norms.square())).clamp_min(0)
         total = squared.sum(-1) + encoder_squared.sum(-1) + grad_b_enc.float().square().sum(-1) + grad_b_dec.float().square().sum(-1)
@@ -324,8 +346,8 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     block = triton.next_power_of_2(width)
     rows = max(1, ADAM_ROW_ELEMENTS // block)
     _adam_launch("adam_rows", optimizer, W_dec, grad_dec, low_dec, clip_scale, lr, (triton.cdiv(n_seeds * d_sae, rows),),
-                 n_seeds * d_sae, d_sae, width, ROWS=rows, BLOCK=block, PROJECT=unit_norm_decoder, NORMALIZE=unit_norm_decoder,
-                 num_warps=8 if block >= 2048 else 4)
+                 n_seeds * d_sae, d_sae, width, along=along_rows, ROWS=rows, BLOCK=block, PROJECT=unit_norm_decoder,
+                 NORMALIZE=unit_norm_decoder, num_warps=8 if block >= 2048 else 4)
     for parameter, gradient, low in ((W_enc, grad_enc, low_enc), (b_enc, grad_b_enc, None), (b_dec, grad_b_dec, None)):
         numel = parameter.numel()
         _adam_launch("adam_flat", optimizer, parameter, gradient, low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
