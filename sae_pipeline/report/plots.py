@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # Width of one character of a 7-point tick label (DejaVu Sans averages about 0.55 em), inches.
 LABEL_INCHES_PER_CHARACTER = 0.06
+# Fewest latents in one bin of the reappearance plot (fewer bins when a condition has few latents).
+MIN_LATENTS_PER_BIN = 5
 # Bins of the max-cosine histogram over [0, 1].
 HISTOGRAM_BINS = 50
 
@@ -200,7 +202,8 @@ def plot_reappearance(path: str | Path, relations: pd.DataFrame, bins: int = 8) 
 
     ``relations``: ``[condition, covariate, reappearance, value]`` (regress ``reappearance_relations``), one
     row per reference-seed latent and covariate. Latents are cut into up to ``bins`` quantile bins of the
-    value per condition; each point is a bin's mean value and mean reappearance with a normal 95% interval.
+    value per condition (at least :data:`MIN_LATENTS_PER_BIN` latents a bin); a covariate whose name starts
+    with "log10" is already on a log scale, the reconstruction contribution is drawn on one; each point is a bin's mean value and mean reappearance with a normal 95% interval.
     """
     if relations.empty:
         return no_data_figure(path, "Reappearance across seeds", "no match outputs with reappearance in this run")
@@ -209,11 +212,13 @@ def plot_reappearance(path: str | Path, relations: pd.DataFrame, bins: int = 8) 
     figure, axes = plt.subplots(1, len(covariates), figsize=(4.8 * len(covariates), 3.9), squeeze=False)
     for axis, covariate in zip(axes[0], covariates):
         for condition, group in relations[relations["covariate"] == covariate].groupby("condition", sort=False):
-            quantile = pd.qcut(group["value"].rank(method="first"), q=min(bins, len(group)), labels=False)
+            quantile = pd.qcut(group["value"].rank(method="first"), q=max(1, min(bins, len(group) // MIN_LATENTS_PER_BIN)), labels=False)
             binned = group.groupby(quantile).agg(value=("value", "mean"), mean=("reappearance", "mean"),
                                                  sd=("reappearance", "std"), n=("reappearance", "size"))
             half_width = 1.96 * binned["sd"].fillna(0.0) / np.sqrt(binned["n"])
             axis.errorbar(binned["value"], binned["mean"], yerr=half_width, marker="o", capsize=2, label=f"{condition} (n={len(group)})")
+        if covariate == "reconstruction contribution":
+            axis.set_xscale("symlog", linthresh=1e-6)
         axis.set_xlabel(covariate)
         axis.set_ylabel("reappearance (share of other seeds)")
         axis.set_ylim(-0.02, 1.02)
