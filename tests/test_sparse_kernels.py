@@ -323,15 +323,44 @@ def test_adam_programs_read_bf16_gradients_as_their_float32_values(width):
         kernel_programs.INTERPRET_ON_CPU = False
 
 
+@pytest.mark.parametrize("block,scale_block", [(32, 2), (1024, 1024)])  # 32: three latent blocks (the last masked); 2: the partials looped over
+@pytest.mark.parametrize("unit_norm,clip,along_given", [(True, 1.0, True), (True, 0.05, False), (False, 0.05, False), (True, None, True)])
+def test_clip_statistics_programs_equal_the_torch_formulas(unit_norm, clip, along_given, block, scale_block, monkeypatch):
+    """The two clipping programs give the torch formulas' per-seed scale and per-row projection coefficients
+    from per-column-block statistics (three column blocks summed), b_enc's and b_dec's gradients included."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    generator = torch.Generator().manual_seed(11)
+    n_seeds, d_sae, d_in, column_blocks = 2, 70, 9, 3
+    statistics = torch.rand(column_blocks, n_seeds * d_sae, 4, generator=generator)
+    statistics[..., 1] -= 0.5  # <g, w> of either sign
+    grad_b_enc, grad_b_dec = torch.randn(n_seeds, d_sae, generator=generator), torch.randn(n_seeds, d_in, generator=generator)
+    monkeypatch.setattr(kernel_updates, "CLIP_PROGRAMS", False)
+    want = kernel_updates.clip_statistics(statistics, grad_b_enc, grad_b_dec, clip, unit_norm, along_given)
+    monkeypatch.setattr(kernel_updates, "CLIP_PROGRAMS", True)
+    monkeypatch.setattr(kernel_updates, "CLIP_BLOCK", block)
+    monkeypatch.setattr(kernel_updates, "CLIP_SCALE_BLOCK", scale_block)
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
+    got = kernel_updates.clip_statistics(statistics, grad_b_enc, grad_b_dec, clip, unit_norm, along_given)
+    for expected, result in zip(want, got):
+        assert (expected is None) == (result is None)
+        if expected is not None:
+            assert torch.allclose(result, expected, rtol=1e-5, atol=1e-7)
+    if clip is not None:
+        assert (want[0] < 1).all()  # the scale is binding, so every term of the norm counts
+
+
+@pytest.mark.parametrize("clip_programs", [True, False])
 @pytest.mark.parametrize("projection_given", [True, False])
 @pytest.mark.parametrize("unit_norm,clip", [(True, 1.0), (True, 0.01), (False, None)])
-def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(unit_norm, clip, projection_given, monkeypatch):
+def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(unit_norm, clip, projection_given, clip_programs, monkeypatch):
     """Three fused steps on given entries land where the unfused sequence (dense gradients, projection,
     per-seed clipping, torch.optim.Adam, renormalisation) lands; the bf16 copies follow the weights. With
     ``projection_given`` the Adam row program takes the projection from the gradient statistics."""
     if not _interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     monkeypatch.setattr(kernel_updates, "ADAM_ROWS_PROJECTION_GIVEN", projection_given)
+    monkeypatch.setattr(kernel_updates, "CLIP_PROGRAMS", clip_programs)
     kernel_programs.INTERPRET_ON_CPU = True
     try:
         generator = torch.Generator().manual_seed(5)

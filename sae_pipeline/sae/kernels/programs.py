@@ -563,6 +563,54 @@ def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed,
         tl.store(W_low + offsets, w.to(tl.bfloat16), mask=mask)
 
 
+def _clip_statistics_program(statistics, column_blocks, stride, grad_b_enc, along, partial, d_sae, blocks_per_seed,
+                             PROJECT: tl.constexpr, ALONG: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (seed, block of ``BLOCK`` latents): sums the gradient program's per-latent statistics
+    ``[column_blocks, S * d_sae, 4]`` (``stride = S * d_sae * 4``) over the column blocks; with ``ALONG`` stores the decoder-gradient
+    projection's coefficient ``<g, w> / max(|w|, 1e-12)^2`` per row; with ``CLIP`` the block's share of the
+    seed's squared gradient norm (decoder rows projected with ``PROJECT``, encoder columns, b_enc) in ``partial``."""
+    seed = tl.program_id(0)
+    block = tl.program_id(1)
+    latents = block * BLOCK + tl.arange(0, BLOCK)
+    mask = latents < d_sae
+    rows = seed.to(tl.int64) * d_sae + latents
+    squared = tl.zeros([BLOCK], dtype=tl.float32)
+    dots = tl.zeros([BLOCK], dtype=tl.float32)
+    weight_squared = tl.zeros([BLOCK], dtype=tl.float32)
+    encoder_squared = tl.zeros([BLOCK], dtype=tl.float32)
+    for column_block in range(column_blocks):
+        base = statistics + column_block * stride + rows * 4
+        squared += tl.load(base, mask=mask, other=0.0)
+        dots += tl.load(base + 1, mask=mask, other=0.0)
+        weight_squared += tl.load(base + 2, mask=mask, other=1.0)
+        encoder_squared += tl.load(base + 3, mask=mask, other=0.0)
+    norms = tl.maximum(tl.sqrt(weight_squared), 1e-12)
+    if ALONG:
+        tl.store(along + rows, dots / (norms * norms), mask=mask)
+    if CLIP:
+        if PROJECT:  # |g - <g,u>u|^2 with u = w / |w|
+            coefficient = dots / norms
+            squared = tl.maximum(squared - 2 * coefficient * coefficient + coefficient * coefficient * (weight_squared / (norms * norms)), 0.0)
+        bias = tl.load(grad_b_enc + rows, mask=mask, other=0.0).to(tl.float32)
+        share = tl.where(mask, squared + encoder_squared + bias * bias, 0.0)
+        tl.store(partial + seed * blocks_per_seed + block, tl.sum(share, axis=0))
+
+
+def _clip_scale_program(partial, blocks_per_seed, grad_b_dec, d_in, clip_scale, clip_norm, BLOCK: tl.constexpr):
+    """One program per seed: the seed's squared gradient norm (the partial sums and b_dec's gradient) and its
+    clipping scale ``min(clip_norm / (norm + 1e-6), 1)``."""
+    seed = tl.program_id(0)
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, blocks_per_seed, BLOCK):
+        total += tl.load(partial + seed * blocks_per_seed + start + offsets, mask=start + offsets < blocks_per_seed, other=0.0)
+    for start in range(0, d_in, BLOCK):
+        g = tl.load(grad_b_dec + seed * d_in + start + offsets, mask=start + offsets < d_in, other=0.0).to(tl.float32)
+        total += g * g
+    norm = tl.sqrt(tl.sum(total, axis=0))
+    tl.store(clip_scale + seed, tl.minimum(clip_norm / (norm + 1e-6), 1.0))
+
+
 def _source(function):
     """The plain Python function behind a function or a ``triton.jit`` wrapper of it."""
     return getattr(function, "fn", function)
@@ -580,7 +628,8 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
                  ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
                  ("combine_gradients", _combine_gradients_program),
-                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
+                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program),
+                 ("clip_statistics", _clip_statistics_program), ("clip_scale", _clip_scale_program))}
     return helpers, programs
 
 
