@@ -248,7 +248,8 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
         entries, torch.cat([t.reshape(n_seeds, -1) for t in a], 1).reshape(-1)[order], torch.cat([t.reshape(n_seeds, -1) for t in c], 1).reshape(-1)[order],
         torch.cat(dec_dense, 1), torch.cat(enc_dense, 1), W_dec, low_precision)
     if backend == "triton-interpreter" and not dense:
-        assert launched[0] == ("latent_gradients" if one_pass is None else "latent_gradients_one_pass"), launched
+        gradient_programs = [name for name in launched if name != "work_items"]  # the work items' own program first
+        assert launched[0] == "work_items" and gradient_programs[0] == ("latent_gradients" if one_pass is None else "latent_gradients_one_pass"), launched
     rounded = (lambda t: t.bfloat16().float()) if low_precision else (lambda t: t)
     ref_dec = sum(torch.bmm(rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w)).transpose(1, 2), rounded(d)) for s, w, d in zip(sets, a, dec_dense))
     ref_enc = sum(torch.bmm(rounded(e).transpose(1, 2), rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w))) for s, w, e in zip(sets, c, enc_dense))
@@ -321,6 +322,35 @@ def test_adam_programs_read_bf16_gradients_as_their_float32_values(width):
         assert not torch.equal(weights["rows"], start)
     finally:
         kernel_programs.INTERPRET_ON_CPU = False
+
+
+@pytest.mark.parametrize("block", [4, 1024])  # 4: the running sums carried over many steps of the loops
+@pytest.mark.parametrize("n_seeds,d_sae,chunk", [(2, 200, 4), (1, 64, 16), (3, 100, 2)])
+def test_work_items_program_equals_the_torch_formulas(n_seeds, d_sae, chunk, block, monkeypatch):
+    """The one-program work items (blocks of 32 latents cut into items of ``chunk`` entries, shared blocks, padding
+    past the real count) equal the torch formulas' on latents of very uneven counts (empty blocks, hot latents)."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    generator = torch.Generator().manual_seed(d_sae)
+    counts = torch.randint(0, 3, (n_seeds * d_sae,), generator=generator) * (torch.rand(n_seeds * d_sae, generator=generator) < 0.5)
+    counts[:n_seeds * d_sae:37] += 20  # hot latents: blocks of many items
+    counts[32:64] = 0  # an empty block
+    segments = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    n_entries = int(counts.sum())
+    monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", chunk)
+    monkeypatch.setattr(kernel_updates, "WORK_ITEMS_PROGRAM", False)
+    want = kernel_updates._gradient_work_items(segments, n_seeds, d_sae, n_entries)
+    monkeypatch.setattr(kernel_updates, "WORK_ITEMS_PROGRAM", True)
+    monkeypatch.setattr(kernel_updates, "WORK_ITEMS_BLOCK", block)
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
+    got = kernel_updates._gradient_work_items(segments, n_seeds, d_sae, n_entries)
+    assert (want["block_items"] > 1).any() and want["item_block"].eq(want["total_blocks"]).any()  # shared blocks and padding occur
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == torch.int32 and torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
 
 
 @pytest.mark.parametrize("block,scale_block", [(32, 2), (1024, 1024)])  # 32: three latent blocks (the last masked); 2: the partials looped over

@@ -68,6 +68,10 @@ ADAM_ROWS_PROJECTION_GIVEN = True
 # The clipping scale and the projection coefficients from the statistics in two small programs (round 5,
 # :func:`clip_statistics`) instead of ~30 torch kernels; latents per program of the first, partial sums per step of the second.
 CLIP_PROGRAMS = True
+# The gradient program's work items from the segments in one program (round 5, programs._work_items_program) instead
+# of ~25 torch kernels; blocks of latents (and items) per step of its loops.
+WORK_ITEMS_PROGRAM = True
+WORK_ITEMS_BLOCK = 1024
 CLIP_BLOCK = 1024
 CLIP_SCALE_BLOCK = 1024
 
@@ -141,6 +145,21 @@ def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_ent
     ``chunk`` entries (one item for an empty block). Static sizes (for CUDA graphs): ``capacity`` items,
     those past the real count marked by block ``total_blocks``; ``slots`` partial tiles for shared blocks."""
     chunk = max(GRAD_CHUNK, triton.next_power_of_2(triton.cdiv(n_entries, GRAD_MAX_SLOTS // 2)))
+    if WORK_ITEMS_PROGRAM and programs.triton_usable(segments):
+        per_seed = triton.cdiv(d_sae, GRAD_LATENTS)
+        total_blocks = n_seeds * per_seed
+        capacity = total_blocks + triton.cdiv(n_entries, chunk)
+        max_shared = max(1, min(total_blocks, n_entries // chunk))
+        # One int32 buffer: inclusive sums, block items, block slots, item blocks, item chunks, shared blocks.
+        buffer = torch.empty(3 * total_blocks + 2 * capacity + max_shared, dtype=torch.int32, device=segments.device)
+        inclusive, block_items, block_slot = buffer[:total_blocks], buffer[total_blocks:2 * total_blocks], buffer[2 * total_blocks:3 * total_blocks]
+        item_block, item_chunk = buffer[3 * total_blocks:3 * total_blocks + capacity], buffer[3 * total_blocks + capacity:3 * total_blocks + 2 * capacity]
+        shared_blocks = buffer[3 * total_blocks + 2 * capacity:]
+        programs.launch("work_items", (1,), segments, inclusive, item_block, item_chunk, block_items, block_slot, shared_blocks, d_sae, per_seed,
+                        total_blocks, capacity, max_shared, chunk, LATENTS=GRAD_LATENTS, BLOCK=WORK_ITEMS_BLOCK, num_warps=4)
+        return {"item_block": item_block, "item_chunk": item_chunk, "block_items": block_items, "block_slot": block_slot,
+                "shared_blocks": shared_blocks, "capacity": capacity, "total_blocks": total_blocks, "chunk": chunk,
+                "slots": max(1, 2 * triton.cdiv(n_entries, chunk))}
     first, after = _block_bounds(n_seeds, d_sae, GRAD_LATENTS, segments.device)
     total_blocks = first.numel()
     counts = (segments[after] - segments[first]).long()
