@@ -177,6 +177,10 @@ def sparsity_regularizer(pre_activations: torch.Tensor, active: torch.Tensor, su
     return coefficient * per_token.mean(dim=-1)
 
 
+# The top-k kernels path's reconstruction loss through _SquaredErrorMean (round 5 of issue 17; False: autograd's passes).
+FUSED_SQUARED_ERROR = True
+
+
 class _SquaredErrorMean(torch.autograd.Function):
     """``(x_hat - x).square().sum(-1).mean(-1)`` (``[S, B, d] -> [S]``) with the gradient for ``x_hat`` formed in
     one elementwise pass from the saved difference, ``diff * (2 g / B)`` (the value autograd's three passes give:
@@ -361,7 +365,7 @@ class SeedBatchedSAE(nn.Module):
                 values = pre.gather(-1, indices)
                 codes = values.relu()
                 x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
-            recon = _squared_error_mean(x_hat, x) if sparse_gradients else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+            recon = _squared_error_mean(x_hat, x) if sparse_gradients and FUSED_SQUARED_ERROR else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
             firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
                 1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
             )
