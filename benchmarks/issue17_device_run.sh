@@ -65,6 +65,12 @@ for step in $STEPS; do
     final2) timeout ${TABLE_TIMEOUT:-300} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
               --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
               --profile-rows ${PROFILE_ROWS:-20} --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
+    check5) timeout 45 python3 benchmarks/sparse_update_check.py --d-in 512 --d-sae 16384 --k 40 --steps 20 2>&1 | tee $OUT/check.log
+            timeout 45 python3 benchmarks/sparse_update_check.py --d-in 2304 --d-sae 65536 --k 64 --steps 10 2>&1 | tee -a $OUT/check.log ;;
+    round5) timeout ${TABLE_TIMEOUT:-240} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.2} --profile --profile-d-sae 16384 --profile-rows ${PROFILE_ROWS:-40} \
+              --variant r4:CLIP_PROGRAMS=False,WORK_ITEMS_PROGRAM=False,FUSED_SQUARED_ERROR=False --variant noitems:WORK_ITEMS_PROGRAM=False \
+              --json $OUT/variants_5.json 2>&1 | tee $OUT/variants_5.log ;;
     quality) timeout ${QUALITY_TIMEOUT:-160} python3 benchmarks/train_quality.py --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality.log ;;
   esac
 done

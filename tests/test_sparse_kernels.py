@@ -248,7 +248,8 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
         entries, torch.cat([t.reshape(n_seeds, -1) for t in a], 1).reshape(-1)[order], torch.cat([t.reshape(n_seeds, -1) for t in c], 1).reshape(-1)[order],
         torch.cat(dec_dense, 1), torch.cat(enc_dense, 1), W_dec, low_precision)
     if backend == "triton-interpreter" and not dense:
-        assert launched[0] == ("latent_gradients" if one_pass is None else "latent_gradients_one_pass"), launched
+        gradient_programs = [name for name in launched if name != "work_items"]  # the work items' own program first
+        assert launched[0] == "work_items" and gradient_programs[0] == ("latent_gradients" if one_pass is None else "latent_gradients_one_pass"), launched
     rounded = (lambda t: t.bfloat16().float()) if low_precision else (lambda t: t)
     ref_dec = sum(torch.bmm(rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w)).transpose(1, 2), rounded(d)) for s, w, d in zip(sets, a, dec_dense))
     ref_enc = sum(torch.bmm(rounded(e).transpose(1, 2), rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w))) for s, w, e in zip(sets, c, enc_dense))
@@ -323,15 +324,73 @@ def test_adam_programs_read_bf16_gradients_as_their_float32_values(width):
         kernel_programs.INTERPRET_ON_CPU = False
 
 
+@pytest.mark.parametrize("block", [4, 1024])  # 4: the running sums carried over many steps of the loops
+@pytest.mark.parametrize("n_seeds,d_sae,chunk", [(2, 200, 4), (1, 64, 16), (3, 100, 2)])
+def test_work_items_program_equals_the_torch_formulas(n_seeds, d_sae, chunk, block, monkeypatch):
+    """The one-program work items (blocks of 32 latents cut into items of ``chunk`` entries, shared blocks, padding
+    past the real count) equal the torch formulas' on latents of very uneven counts (empty blocks, hot latents)."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    generator = torch.Generator().manual_seed(d_sae)
+    counts = torch.randint(0, 3, (n_seeds * d_sae,), generator=generator) * (torch.rand(n_seeds * d_sae, generator=generator) < 0.5)
+    counts[:n_seeds * d_sae:37] += 20  # hot latents: blocks of many items
+    counts[32:64] = 0  # an empty block
+    segments = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).to(torch.int32)
+    n_entries = int(counts.sum())
+    monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", chunk)
+    monkeypatch.setattr(kernel_updates, "WORK_ITEMS_PROGRAM", False)
+    want = kernel_updates._gradient_work_items(segments, n_seeds, d_sae, n_entries)
+    monkeypatch.setattr(kernel_updates, "WORK_ITEMS_PROGRAM", True)
+    monkeypatch.setattr(kernel_updates, "WORK_ITEMS_BLOCK", block)
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
+    got = kernel_updates._gradient_work_items(segments, n_seeds, d_sae, n_entries)
+    assert (want["block_items"] > 1).any() and want["item_block"].eq(want["total_blocks"]).any()  # shared blocks and padding occur
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == torch.int32 and torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
+@pytest.mark.parametrize("block,scale_block", [(32, 2), (1024, 1024)])  # 32: three latent blocks (the last masked); 2: the partials looped over
+@pytest.mark.parametrize("unit_norm,clip,along_given", [(True, 1.0, True), (True, 0.05, False), (False, 0.05, False), (True, None, True)])
+def test_clip_statistics_programs_equal_the_torch_formulas(unit_norm, clip, along_given, block, scale_block, monkeypatch):
+    """The two clipping programs give the torch formulas' per-seed scale and per-row projection coefficients
+    from per-column-block statistics (three column blocks summed), b_enc's and b_dec's gradients included."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    generator = torch.Generator().manual_seed(11)
+    n_seeds, d_sae, d_in, column_blocks = 2, 70, 9, 3
+    statistics = torch.rand(column_blocks, n_seeds * d_sae, 4, generator=generator)
+    statistics[..., 1] -= 0.5  # <g, w> of either sign
+    grad_b_enc, grad_b_dec = torch.randn(n_seeds, d_sae, generator=generator), torch.randn(n_seeds, d_in, generator=generator)
+    monkeypatch.setattr(kernel_updates, "CLIP_PROGRAMS", False)
+    want = kernel_updates.clip_statistics(statistics, grad_b_enc, grad_b_dec, clip, unit_norm, along_given)
+    monkeypatch.setattr(kernel_updates, "CLIP_PROGRAMS", True)
+    monkeypatch.setattr(kernel_updates, "CLIP_BLOCK", block)
+    monkeypatch.setattr(kernel_updates, "CLIP_SCALE_BLOCK", scale_block)
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
+    got = kernel_updates.clip_statistics(statistics, grad_b_enc, grad_b_dec, clip, unit_norm, along_given)
+    for expected, result in zip(want, got):
+        assert (expected is None) == (result is None)
+        if expected is not None:
+            assert torch.allclose(result, expected, rtol=1e-5, atol=1e-7)
+    if clip is not None:
+        assert (want[0] < 1).all()  # the scale is binding, so every term of the norm counts
+
+
+@pytest.mark.parametrize("clip_programs", [True, False])
 @pytest.mark.parametrize("projection_given", [True, False])
 @pytest.mark.parametrize("unit_norm,clip", [(True, 1.0), (True, 0.01), (False, None)])
-def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(unit_norm, clip, projection_given, monkeypatch):
+def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(unit_norm, clip, projection_given, clip_programs, monkeypatch):
     """Three fused steps on given entries land where the unfused sequence (dense gradients, projection,
     per-seed clipping, torch.optim.Adam, renormalisation) lands; the bf16 copies follow the weights. With
     ``projection_given`` the Adam row program takes the projection from the gradient statistics."""
     if not _interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     monkeypatch.setattr(kernel_updates, "ADAM_ROWS_PROJECTION_GIVEN", projection_given)
+    monkeypatch.setattr(kernel_updates, "CLIP_PROGRAMS", clip_programs)
     kernel_programs.INTERPRET_ON_CPU = True
     try:
         generator = torch.Generator().manual_seed(5)

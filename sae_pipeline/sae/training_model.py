@@ -177,6 +177,33 @@ def sparsity_regularizer(pre_activations: torch.Tensor, active: torch.Tensor, su
     return coefficient * per_token.mean(dim=-1)
 
 
+# The top-k kernels path's reconstruction loss through _SquaredErrorMean (round 5 of issue 17; False: autograd's passes).
+FUSED_SQUARED_ERROR = True
+
+
+class _SquaredErrorMean(torch.autograd.Function):
+    """``(x_hat - x).square().sum(-1).mean(-1)`` (``[S, B, d] -> [S]``) with the gradient for ``x_hat`` formed in
+    one elementwise pass from the saved difference, ``diff * (2 g / B)`` (the value autograd's three passes give:
+    the power-of-two factor is exact); ``x`` gets none."""
+
+    @staticmethod
+    def forward(ctx, x_hat, x):
+        difference = x_hat - x
+        ctx.save_for_backward(difference)
+        return difference.square().sum(dim=-1).mean(dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (difference,) = ctx.saved_tensors
+        scale = (grad / difference.shape[1]) * 2
+        return difference * scale.view(-1, *([1] * (difference.dim() - 1))).to(difference.dtype), None
+
+
+def _squared_error_mean(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-seed mean over tokens of the squared reconstruction error (see :class:`_SquaredErrorMean`)."""
+    return _SquaredErrorMean.apply(x_hat, x)
+
+
 class SeedBatchedSAE(nn.Module):
     """``S`` independent SAEs of one architecture whose parameters are stacked along dim 0.
 
@@ -323,7 +350,9 @@ class SeedBatchedSAE(nn.Module):
                 pre = torch.bmm(centered.to(encoder_table.dtype), encoder_table) if encoder_table is not None else torch.bmm(centered, self.W_enc)
         else:
             pre = self.pre_activations(x)
-        sparsity_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        # One zero tensor for every loss term this configuration leaves out (read-only: only reported, never added).
+        zero = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        sparsity_loss = zero
         if architecture == "topk":
             indices = topk_indices(pre, settings.k, bias=self.b_enc.detach() if sparse_gradients else None)
             if sparse_gradients:
@@ -336,7 +365,7 @@ class SeedBatchedSAE(nn.Module):
                 values = pre.gather(-1, indices)
                 codes = values.relu()
                 x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
-            recon = (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+            recon = _squared_error_mean(x_hat, x) if sparse_gradients and FUSED_SQUARED_ERROR else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
             firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
                 1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
             )
@@ -365,14 +394,27 @@ class SeedBatchedSAE(nn.Module):
             if architecture == "relu":
                 decoder_norms = self.W_dec.norm(dim=-1).unsqueeze(1)
                 sparsity_loss = settings.l1_coefficient * (dense_codes * decoder_norms).sum(dim=-1).mean(dim=-1)
-        aux_loss = pre.new_zeros(self.n_seeds, dtype=torch.float32)
-        if architecture in TOPK_FAMILY and self.auxk_active and settings.aux_k_coefficient > 0:
+        aux_loss = zero
+        with_aux = architecture in TOPK_FAMILY and self.auxk_active and settings.aux_k_coefficient > 0
+        if with_aux:
             aux_loss = self._auxk_loss(pre, (x - x_hat).detach(), centered)
-        penalty = weight_penalty(self.W_enc, self.W_dec, settings.weight_penalty["kind"], float(settings.weight_penalty["coefficient"]), settings.weight_penalty_on)
-        regularizer = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        penalty_kind, penalty_coefficient = settings.weight_penalty["kind"], float(settings.weight_penalty["coefficient"])
+        with_penalty = penalty_kind != "none" and penalty_coefficient != 0
+        penalty = weight_penalty(self.W_enc, self.W_dec, penalty_kind, penalty_coefficient, settings.weight_penalty_on) if with_penalty else zero
+        regularizer = zero
         if settings.regularizer["kind"] != "none":
             regularizer = sparsity_regularizer(pre, active, support_l1, settings.regularizer["kind"], float(settings.regularizer["coefficient"]))
-        loss = recon + settings.aux_k_coefficient * aux_loss + penalty + regularizer + sparsity_loss
+        # recon + aux_k_coefficient * aux_loss + penalty + regularizer + sparsity_loss, the terms left out adding
+        # exactly zero (small kernels a step saves).
+        loss = recon
+        if with_aux:
+            loss = loss + settings.aux_k_coefficient * aux_loss
+        if with_penalty:
+            loss = loss + penalty
+        if regularizer is not zero:
+            loss = loss + regularizer
+        if sparsity_loss is not zero:
+            loss = loss + sparsity_loss
         with torch.no_grad():
             self.tokens_since_fired.add_(x.shape[0]).masked_fill_(firing_counts > 0, 0)
         out = {

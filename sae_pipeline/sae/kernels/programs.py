@@ -563,6 +563,101 @@ def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed,
         tl.store(W_low + offsets, w.to(tl.bfloat16), mask=mask)
 
 
+def _clip_statistics_program(statistics, column_blocks, stride, grad_b_enc, along, partial, d_sae, blocks_per_seed,
+                             PROJECT: tl.constexpr, ALONG: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per (seed, block of ``BLOCK`` latents): sums the gradient program's per-latent statistics
+    ``[column_blocks, S * d_sae, 4]`` (``stride = S * d_sae * 4``) over the column blocks; with ``ALONG`` stores the decoder-gradient
+    projection's coefficient ``<g, w> / max(|w|, 1e-12)^2`` per row; with ``CLIP`` the block's share of the
+    seed's squared gradient norm (decoder rows projected with ``PROJECT``, encoder columns, b_enc) in ``partial``."""
+    seed = tl.program_id(0)
+    block = tl.program_id(1)
+    latents = block * BLOCK + tl.arange(0, BLOCK)
+    mask = latents < d_sae
+    rows = seed.to(tl.int64) * d_sae + latents
+    squared = tl.zeros([BLOCK], dtype=tl.float32)
+    dots = tl.zeros([BLOCK], dtype=tl.float32)
+    weight_squared = tl.zeros([BLOCK], dtype=tl.float32)
+    encoder_squared = tl.zeros([BLOCK], dtype=tl.float32)
+    for column_block in range(column_blocks):
+        base = statistics + column_block * stride + rows * 4
+        squared += tl.load(base, mask=mask, other=0.0)
+        dots += tl.load(base + 1, mask=mask, other=0.0)
+        weight_squared += tl.load(base + 2, mask=mask, other=1.0)
+        encoder_squared += tl.load(base + 3, mask=mask, other=0.0)
+    norms = tl.maximum(tl.sqrt(weight_squared), 1e-12)
+    if ALONG:
+        tl.store(along + rows, dots / (norms * norms), mask=mask)
+    if CLIP:
+        if PROJECT:  # |g - <g,u>u|^2 with u = w / |w|
+            coefficient = dots / norms
+            squared = tl.maximum(squared - 2 * coefficient * coefficient + coefficient * coefficient * (weight_squared / (norms * norms)), 0.0)
+        bias = tl.load(grad_b_enc + rows, mask=mask, other=0.0).to(tl.float32)
+        share = tl.where(mask, squared + encoder_squared + bias * bias, 0.0)
+        tl.store(partial + seed * blocks_per_seed + block, tl.sum(share, axis=0))
+
+
+def _clip_scale_program(partial, blocks_per_seed, grad_b_dec, d_in, clip_scale, clip_norm, BLOCK: tl.constexpr):
+    """One program per seed: the seed's squared gradient norm (the partial sums and b_dec's gradient) and its
+    clipping scale ``min(clip_norm / (norm + 1e-6), 1)``."""
+    seed = tl.program_id(0)
+    offsets = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, blocks_per_seed, BLOCK):
+        total += tl.load(partial + seed * blocks_per_seed + start + offsets, mask=start + offsets < blocks_per_seed, other=0.0)
+    for start in range(0, d_in, BLOCK):
+        g = tl.load(grad_b_dec + seed * d_in + start + offsets, mask=start + offsets < d_in, other=0.0).to(tl.float32)
+        total += g * g
+    norm = tl.sqrt(tl.sum(total, axis=0))
+    tl.store(clip_scale + seed, tl.minimum(clip_norm / (norm + 1e-6), 1.0))
+
+
+def _work_items_program(segments, inclusive, item_block, item_chunk, block_items, block_slot, shared_blocks, d_sae, blocks_per_seed,
+                        total_blocks, capacity, max_shared, chunk, LATENTS: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: the gradient program's work items from the latent segments (``updates._gradient_work_items``'s
+    torch formulas, ~25 small kernels there). Each block of ``LATENTS`` latents gets ``max(1, ceil(count / chunk))``
+    items (``block_items``, their running total in ``inclusive``); a block with more than one is shared (``block_slot``:
+    the exclusive running sum of the shared blocks' items; ``shared_blocks``: the j-th shared block, ``total_blocks``
+    past the last); each block then writes its items' block and chunk, and the ``capacity`` items past the real
+    count are marked by block ``total_blocks``."""
+    offsets = tl.arange(0, BLOCK)
+    carry_items = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    carry_slot = carry_items
+    carry_rank = carry_items
+    for start in range(0, total_blocks, BLOCK):
+        blocks = start + offsets
+        mask = blocks < total_blocks
+        seed = blocks // blocks_per_seed
+        first = (blocks % blocks_per_seed) * LATENTS
+        after = tl.minimum(first + LATENTS, d_sae)
+        lo = tl.load(segments + seed * d_sae + first, mask=mask, other=0)
+        hi = tl.load(segments + seed * d_sae + after, mask=mask, other=0)
+        n = tl.where(mask, tl.maximum((hi - lo + chunk - 1) // chunk, 1), 0)
+        ends = carry_items + tl.cumsum(n, axis=0)
+        tl.store(inclusive + blocks, ends, mask=mask)
+        tl.store(block_items + blocks, n, mask=mask)
+        shared = tl.where(n > 1, n, 0)
+        tl.store(block_slot + blocks, carry_slot + tl.cumsum(shared, axis=0) - shared, mask=mask)
+        is_shared = (n > 1).to(tl.int32)
+        rank = carry_rank + tl.cumsum(is_shared, axis=0)
+        tl.store(shared_blocks + rank - 1, blocks, mask=mask & (n > 1) & (rank <= max_shared))
+        for j in range(0, tl.max(n, axis=0)):
+            item_mask = mask & (j < n)
+            tl.store(item_block + ends - n + j, blocks, mask=item_mask)
+            tl.store(item_chunk + ends - n + j, tl.zeros([BLOCK], dtype=tl.int32) + j, mask=item_mask)
+        carry_items += tl.sum(n, axis=0)
+        carry_slot += tl.sum(shared, axis=0)
+        carry_rank += tl.sum(is_shared, axis=0)
+    last_start = carry_items - tl.load(block_items + total_blocks - 1)
+    for start in range(0, max_shared, BLOCK):
+        rows = start + offsets
+        tl.store(shared_blocks + rows, tl.zeros([BLOCK], dtype=tl.int32) + total_blocks, mask=(rows < max_shared) & (rows >= carry_rank))
+    for start in range(0, capacity, BLOCK):
+        items = start + offsets
+        padding = (items < capacity) & (items >= carry_items)
+        tl.store(item_block + items, tl.zeros([BLOCK], dtype=tl.int32) + total_blocks, mask=padding)
+        tl.store(item_chunk + items, items - last_start, mask=padding)
+
+
 def _source(function):
     """The plain Python function behind a function or a ``triton.jit`` wrapper of it."""
     return getattr(function, "fn", function)
@@ -580,7 +675,9 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
                  ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
                  ("combine_gradients", _combine_gradients_program),
-                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program))}
+                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program),
+                 ("clip_statistics", _clip_statistics_program), ("clip_scale", _clip_scale_program),
+                 ("work_items", _work_items_program))}
     return helpers, programs
 
 

@@ -65,6 +65,15 @@ ADAM_BLOCK = 2048
 # The decoder-gradient projection in the Adam row program from the gradient program's per-latent statistics
 # (<g, w> and |w|^2 of the stored values) instead of two row reductions in the program (round 4; False: as before).
 ADAM_ROWS_PROJECTION_GIVEN = True
+# The clipping scale and the projection coefficients from the statistics in two small programs (round 5,
+# :func:`clip_statistics`) instead of ~30 torch kernels; latents per program of the first, partial sums per step of the second.
+CLIP_PROGRAMS = True
+# The gradient program's work items from the segments in one program (round 5, programs._work_items_program) instead
+# of ~25 torch kernels; blocks of latents (and items) per step of its loops.
+WORK_ITEMS_PROGRAM = True
+WORK_ITEMS_BLOCK = 1024
+CLIP_BLOCK = 1024
+CLIP_SCALE_BLOCK = 1024
 
 
 def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int) -> dict[str, torch.Tensor]:
@@ -136,6 +145,21 @@ def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_ent
     ``chunk`` entries (one item for an empty block). Static sizes (for CUDA graphs): ``capacity`` items,
     those past the real count marked by block ``total_blocks``; ``slots`` partial tiles for shared blocks."""
     chunk = max(GRAD_CHUNK, triton.next_power_of_2(triton.cdiv(n_entries, GRAD_MAX_SLOTS // 2)))
+    if WORK_ITEMS_PROGRAM and programs.triton_usable(segments):
+        per_seed = triton.cdiv(d_sae, GRAD_LATENTS)
+        total_blocks = n_seeds * per_seed
+        capacity = total_blocks + triton.cdiv(n_entries, chunk)
+        max_shared = max(1, min(total_blocks, n_entries // chunk))
+        # One int32 buffer: inclusive sums, block items, block slots, item blocks, item chunks, shared blocks.
+        buffer = torch.empty(3 * total_blocks + 2 * capacity + max_shared, dtype=torch.int32, device=segments.device)
+        inclusive, block_items, block_slot = buffer[:total_blocks], buffer[total_blocks:2 * total_blocks], buffer[2 * total_blocks:3 * total_blocks]
+        item_block, item_chunk = buffer[3 * total_blocks:3 * total_blocks + capacity], buffer[3 * total_blocks + capacity:3 * total_blocks + 2 * capacity]
+        shared_blocks = buffer[3 * total_blocks + 2 * capacity:]
+        programs.launch("work_items", (1,), segments, inclusive, item_block, item_chunk, block_items, block_slot, shared_blocks, d_sae, per_seed,
+                        total_blocks, capacity, max_shared, chunk, LATENTS=GRAD_LATENTS, BLOCK=WORK_ITEMS_BLOCK, num_warps=4)
+        return {"item_block": item_block, "item_chunk": item_chunk, "block_items": block_items, "block_slot": block_slot,
+                "shared_blocks": shared_blocks, "capacity": capacity, "total_blocks": total_blocks, "chunk": chunk,
+                "slots": max(1, 2 * triton.cdiv(n_entries, chunk))}
     first, after = _block_bounds(n_seeds, d_sae, GRAD_LATENTS, segments.device)
     total_blocks = first.numel()
     counts = (segments[after] - segments[first]).long()
@@ -173,7 +197,7 @@ def gradient_program_shape(n_entries: int, n_blocks: int) -> str:
 
 def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Tensor, encoder_weights: torch.Tensor,
                      decoder_dense: torch.Tensor, encoder_dense: torch.Tensor, W_dec: torch.Tensor, low_precision: bool,
-                     with_W_dec: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     with_W_dec: bool = True, per_column_block: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Both weight gradients of a top-k SAE from its selected entries, without dense code matrices.
 
     ``entries`` from :func:`sort_entries_by_latent`; ``decoder_weights`` / ``encoder_weights`` (float32, in
@@ -182,7 +206,8 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     paths while ``GRAD_STORE_LOW_PRECISION``, rounded as the dense path's bf16 products round them; float32 else)
     and float32 per-latent statistics of those values ``[S, d_sae, 4]``: ``|grad_dec row|^2``,
     ``<grad_dec row, W_dec row>``, ``|W_dec row|^2`` (the last two 0 and 1 without ``with_W_dec``) and
-    ``|grad_enc column|^2``.
+    ``|grad_enc column|^2``; with ``per_column_block`` those unsummed, ``[C, S * d_sae, 4]`` (the Triton
+    programs' partial sums per column block, C = 1 on the other paths), for :func:`clip_statistics`.
 
     On CUDA (or Triton's interpreter) one program per work item (a block of latents, or part of one) and group of
     ``GRAD_PROGRAM_COLUMN_BLOCKS`` column blocks (or, past ``GRAD_ONE_PASS_ENTRIES_PER_BLOCK`` entries per block,
@@ -195,8 +220,9 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     encoder_dense = encoder_dense.to(operand_dtype).contiguous()
     gradient_dtype = torch.bfloat16 if low_precision and GRAD_STORE_LOW_PRECISION else torch.float32
     if programs.triton_usable(W_dec) and entries["keys"].numel() > GRAD_DENSE_ENTRIES_PER_LATENT * n_seeds * d_sae:
-        return _dense_latent_gradients(entries, decoder_weights, encoder_weights, decoder_dense, encoder_dense, W_dec, operand_dtype,
-                                       gradient_dtype, with_W_dec)
+        grad_dec, grad_enc, statistics = _dense_latent_gradients(entries, decoder_weights, encoder_weights, decoder_dense, encoder_dense,
+                                                                 W_dec, operand_dtype, gradient_dtype, with_W_dec)
+        return grad_dec, grad_enc, statistics.view(1, n_seeds * d_sae, 4) if per_column_block else statistics
     if not programs.triton_usable(W_dec):
         seeds = entries["keys"].long() // d_sae
         gathered = (seeds * decoder_dense.shape[1] + entries["rows"].long())
@@ -212,7 +238,7 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
             weights.square().sum(-1) if with_W_dec else torch.ones(n_seeds, d_sae, device=W_dec.device),
             grad_enc_rows.view(n_seeds, d_sae, width).square().sum(-1),
         ], dim=-1)
-        return grad_dec, grad_enc, statistics
+        return grad_dec, grad_enc, statistics.view(1, n_seeds * d_sae, 4) if per_column_block else statistics
     columns = min(GRAD_COLUMNS * (2 if width >= GRAD_WIDE_D else 1), max(16, triton.next_power_of_2(width)))
     column_blocks = triton.cdiv(width, columns)
     groups = triton.cdiv(column_blocks, max(1, GRAD_PROGRAM_COLUMN_BLOCKS))
@@ -240,7 +266,48 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
     programs.launch("combine_gradients", (items["shared_blocks"].numel(), column_blocks), items["shared_blocks"], items["block_items"],
             items["block_slot"], W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, n_seeds * d_sae,
             items["total_blocks"], LATENTS=GRAD_LATENTS, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
-    return grad_dec, grad_enc, statistics.sum(dim=0).view(n_seeds, d_sae, 4)
+    return grad_dec, grad_enc, statistics if per_column_block else statistics.sum(dim=0).view(n_seeds, d_sae, 4)
+
+
+def clip_statistics(statistics: torch.Tensor, grad_b_enc: torch.Tensor, grad_b_dec: torch.Tensor, clip_norm: float | None,
+                    unit_norm_decoder: bool, along_given: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """From :func:`latent_gradients`'s per-column-block statistics ``[C, S * d_sae, 4]``: the per-seed clipping
+    scale ``[S]`` (None without ``clip_norm``) and the decoder-gradient projection's coefficient per row
+    ``[S * d_sae]`` (None unless ``unit_norm_decoder`` and ``along_given``), as :func:`sparse_adam_step`'s torch
+    formulas give them. With ``CLIP_PROGRAMS`` on (and Triton usable) two programs instead of ~30 small torch
+    kernels: one per seed and ``CLIP_BLOCK`` latents (the sums over the column blocks, the coefficients, partial
+    squared norms), one per seed (the norm with b_dec's gradient, the scale)."""
+    along_wanted = unit_norm_decoder and along_given
+    n_seeds, d_in = grad_b_dec.shape
+    d_sae = grad_b_enc.shape[1]
+    if CLIP_PROGRAMS and programs.triton_usable(statistics):
+        along = torch.empty(n_seeds * d_sae, dtype=torch.float32, device=statistics.device) if along_wanted else None
+        clip_scale = None
+        if along is None and clip_norm is None:
+            return None, None
+        blocks = triton.cdiv(d_sae, CLIP_BLOCK)
+        partial = torch.empty(n_seeds * blocks, dtype=torch.float32, device=statistics.device) if clip_norm is not None else None
+        statistics = statistics.contiguous()
+        programs.launch("clip_statistics", (n_seeds, blocks), statistics, statistics.shape[0], n_seeds * d_sae * 4, grad_b_enc.contiguous(),
+                        along if along is not None else statistics, partial if partial is not None else statistics, d_sae, blocks,
+                        PROJECT=unit_norm_decoder, ALONG=along is not None, CLIP=partial is not None, BLOCK=CLIP_BLOCK, num_warps=4)
+        if partial is not None:
+            clip_scale = torch.empty(n_seeds, dtype=torch.float32, device=statistics.device)
+            programs.launch("clip_scale", (n_seeds,), partial, blocks, grad_b_dec.contiguous(), d_in, clip_scale, float(clip_norm),
+                            BLOCK=CLIP_SCALE_BLOCK, num_warps=4)
+        return clip_scale, along
+    squared, dots, weight_squared, encoder_squared = statistics.sum(dim=0).view(n_seeds, d_sae, 4).unbind(-1)
+    clip_scale = None
+    # The projection's coefficient per decoder row, <g, w> / max(|w|, 1e-12)^2, for the Adam row program.
+    norms = weight_squared.sqrt().clamp_min(1e-12)
+    along_rows = (dots / norms.square()).reshape(-1) if along_wanted else None
+    if clip_norm is not None:
+        if unit_norm_decoder:  # |g - <g,u>u|^2 with u = w / |w| (as remove_parallel_decoder_gradient projects)
+            along = dots / norms
+            squared = (squared - 2 * along.square() + along.square() * (weight_squared / norms.square())).clamp_min(0)
+        total = squared.sum(-1) + encoder_squared.sum(-1) + grad_b_enc.float().square().sum(-1) + grad_b_dec.float().square().sum(-1)
+        clip_scale = (float(clip_norm) / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    return clip_scale, along_rows
 
 
 def _adam_state(optimizer: torch.optim.Optimizer, parameter: torch.Tensor) -> dict:
@@ -318,20 +385,10 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     records = deferred.records
     n_seeds, d_sae, width = W_dec.shape
     grad_dec, grad_enc, statistics = latent_gradients(*deferred_operands(deferred, W_dec), W_dec, deferred.low_precision,
-                                                      with_W_dec=unit_norm_decoder)
+                                                      with_W_dec=unit_norm_decoder, per_column_block=True)
     grad_b_enc = b_enc.grad if b_enc.grad is not None else torch.zeros_like(b_enc)
     grad_b_dec = b_dec.grad if b_dec.grad is not None else torch.zeros_like(b_dec)
-    clip_scale = None
-    squared, dots, weight_squared, encoder_squared = statistics.unbind(-1)
-    # The projection's coefficient per decoder row, <g, w> / max(|w|, 1e-12)^2, for the Adam row program.
-    norms = weight_squared.sqrt().clamp_min(1e-12)
-    along_rows = (dots / norms.square()).reshape(-1) if unit_norm_decoder and ADAM_ROWS_PROJECTION_GIVEN else None
-    if clip_norm is not None:
-        if unit_norm_decoder:  # |g - <g,u>u|^2 with u = w / |w| (as remove_parallel_decoder_gradient projects)
-            along = dots / norms
-            squared = (squared - 2 * along.square() + along.square() * (weight_squared / norms.square())).clamp_min(0)
-        total = squared.sum(-1) + encoder_squared.sum(-1) + grad_b_enc.float().square().sum(-1) + grad_b_dec.float().square().sum(-1)
-        clip_scale = (float(clip_norm) / (total.sqrt() + 1e-6)).clamp(max=1.0)
+    clip_scale, along_rows = clip_statistics(statistics, grad_b_enc, grad_b_dec, clip_norm, unit_norm_decoder, ADAM_ROWS_PROJECTION_GIVEN)
     lr = group["lr"]
     if not isinstance(lr, torch.Tensor):
         lr = torch.tensor(float(lr), dtype=torch.float32, device=W_dec.device)
