@@ -43,6 +43,13 @@ def _colours(ks: Sequence[int]) -> dict[int, str]:
     return {int(k): palette[index % len(palette)] for index, k in enumerate(sorted(ks))}
 
 
+def _panel_per_k(rows: pd.DataFrame) -> tuple[object, list[tuple[object, int]]]:
+    """A figure with one panel per training k of ``rows``, and its ``(axis, k)`` pairs in increasing k."""
+    ks = sorted(int(k) for k in rows["k"].unique())
+    figure, axes = pyplot().subplots(1, len(ks), figsize=(5 * len(ks), 3.8), squeeze=False)
+    return figure, list(zip(axes[0], ks))
+
+
 def plot_tradeoff(path: str | Path, rows: pd.DataFrame, regularizer: str) -> None:
     """Reconstruction against monosemanticity, one point per coefficient, k as colour."""
     columns = [item for item in MONOSEMANTICITY if not rows.empty and _has(rows, item[0])]
@@ -80,14 +87,12 @@ def plot_k_robustness_sweep(path: str | Path, rows: pd.DataFrame, regularizer: s
     multipliers = _multipliers(rows) if not rows.empty else []
     if not multipliers:
         return no_data_figure(path, f"{regularizer}: k-robustness", "no k-robustness results")
-    plt = pyplot()
-    ks = sorted(int(k) for k in rows["k"].unique())
-    figure, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 3.8), squeeze=False)
-    for axis, k in zip(axes[0], ks):
+    figure, panels = _panel_per_k(rows)
+    for axis, k in panels:
         for _, point in rows[rows["k"] == k].sort_values("coefficient").iterrows():
             x = [m for m, _ in multipliers]
             y = [point[f"{column}_mean"] for _, column in multipliers]
-            error = np.nan_to_num(np.array([[point[f"{c}_mean"] - point[f"{c}_ci_low"], point[f"{c}_ci_high"] - point[f"{c}_mean"]] for _, c in multipliers], dtype=float).T, nan=0.0)
+            error = np.hstack([_error(point.to_frame().T, column) for _, column in multipliers])
             axis.errorbar(x, y, yerr=error, marker="o", capsize=2, label=f"{point['coefficient']:g}")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
@@ -109,10 +114,8 @@ def plot_probing_sweep(path: str | Path, rows: pd.DataFrame, regularizer: str, b
     present = [int(m) for m in budgets if not rows.empty and _has(rows, f"probe_m{int(m)}")]
     if not present:
         return no_data_figure(path, f"{regularizer}: sparse probing", "no probing results at the budgets")
-    plt = pyplot()
-    ks = sorted(int(k) for k in rows["k"].unique())
-    figure, axes = plt.subplots(1, len(ks), figsize=(5 * len(ks), 3.8), squeeze=False)
-    for axis, k in zip(axes[0], ks):
+    figure, panels = _panel_per_k(rows)
+    for axis, k in panels:
         group = rows[rows["k"] == k].sort_values("coefficient")
         for m in present:
             axis.errorbar(group["coefficient"], group[f"probe_m{m}_mean"], yerr=_error(group, f"probe_m{m}"), marker="o", capsize=2, label=f"m={m}")

@@ -78,6 +78,17 @@ def triton_usable(tensor: torch.Tensor) -> bool:
     return triton is not None and (tensor.is_cuda or (INTERPRET_ON_CPU and triton_interpreting()))
 
 
+def _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS: tl.constexpr):
+    """``values[t, j] * table_seed[indices[t, j], columns]`` for the ``ROWS`` selected slots from ``row_start``
+    (slots past ``K`` and masked columns give 0): the float32 ``[ROWS, COLUMNS]`` tile both decode programs sum."""
+    slots = row_start + tl.arange(0, ROWS)
+    slot_mask = slots < K
+    rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+    weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
+    tile = tl.load(table_seed + rows[:, None] * D + columns[None, :], mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+    return tile * weights[:, None]
+
+
 def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
                     ROWS: tl.constexpr, COLUMNS: tl.constexpr, COLUMN_BLOCKS: tl.constexpr):
     """One program per (seed, token) and group of ``COLUMN_BLOCKS`` column blocks (grid axis 1):
@@ -92,13 +103,7 @@ def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
         column_mask = columns < D
         total = tl.zeros([COLUMNS], dtype=tl.float32)
         for row_start in range(0, K, ROWS):
-            slots = row_start + tl.arange(0, ROWS)
-            slot_mask = slots < K
-            rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
-            weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
-            tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
-                           mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
-            total += tl.sum(tile * weights[:, None], axis=0)
+            total += tl.sum(_weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS), axis=0)
         tl.store(out + token * D + columns, total, mask=column_mask)
 
 
@@ -113,13 +118,7 @@ def _decode_wide_program(values, indices, table, out, n_tokens, K, table_rows, D
     table_seed = table + seed * table_rows * D
     total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
     for row_start in range(0, K, ROWS):
-        slots = row_start + tl.arange(0, ROWS)
-        slot_mask = slots < K
-        rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
-        weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
-        tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
-                       mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
-        total += tile * weights[:, None]
+        total += _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS)
     tl.store(out + token * D + columns, tl.sum(total, axis=0), mask=column_mask)
 
 
@@ -668,7 +667,7 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     """The helpers and programs compiled by ``triton.jit`` (separately for the CPU interpreter)."""
     # The interpreter runs helpers as plain Python (with triton.language patched); compiled programs need them jitted.
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
-               for name in ("_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
+               for name in ("_weighted_rows_tile", "_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
                             "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program),
