@@ -507,15 +507,14 @@ def gradient_check(sizes: dict, device: torch.device) -> str:
 
 
 def constant_module(name: str):
-    """The module holding constant ``name``: :mod:`~sae_pipeline.sae.kernels.updates`,
-    :mod:`~sae_pipeline.sae.kernels.programs` (the top-k constants) or :mod:`~sae_pipeline.sae.training_model`
-    (upper-case names only); None if none has it."""
-    from sae_pipeline.sae import training_model
+    """The first module holding constant ``name`` of :mod:`~sae_pipeline.sae.kernels.updates`,
+    :mod:`~sae_pipeline.sae.kernels.programs` (the top-k constants), :mod:`~sae_pipeline.sae.training_model` and
+    :mod:`~sae_pipeline.sae.losses` (the last two: upper-case names only); None if none has it."""
+    from sae_pipeline.sae import losses, training_model
     from sae_pipeline.sae.kernels import programs, updates
 
-    if next((module for module in (updates, programs) if hasattr(module, name)), None) is None and name.isupper() and hasattr(training_model, name):
-        return training_model
-    return next((module for module in (updates, programs) if hasattr(module, name)), None)
+    candidates = (updates, programs) + ((training_model, losses) if name.isupper() else ())
+    return next((module for module in candidates if hasattr(module, name)), None)
 
 
 def parse_variants(texts: list[str]) -> dict[str, dict]:

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from sae_pipeline.sae.trainer import SeedBatchedTrainer, learning_rate
+from sae_pipeline.sae.losses import sparsity_regularizer, weight_penalty
 from sae_pipeline.sae.training_model import (
     SeedBatchedSAE,
     geometric_median,
     initial_weights,
-    sparsity_regularizer,
     topk_indices,
-    weight_penalty,
 )
 from sae_pipeline.settings import TrainSettings
 

@@ -31,7 +31,7 @@ Architectures (pre-activations ``a = (x - b_dec) W_enc + b_enc``, shape ``[S, B,
 - ``matryoshka_batchtopk``: BatchTopK codes; each nested prefix of latents (``matryoshka_prefixes``
   plus the full width) reconstructs x on its own and the loss is the sum of the prefix losses.
 
-Loss per seed (``recon`` is the squared error summed over d_in, averaged over tokens, as in
+Loss per seed (terms in :mod:`sae_pipeline.sae.losses`; ``recon`` is the squared error summed over d_in, averaged over tokens, as in
 dictionary_learning and SAELens)::
 
     recon + aux_k_coefficient * auxk + weight_penalty + regularizer (+ relu sparsity)
@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from sae_pipeline.sae import kernels as sparse_kernels
+from sae_pipeline.sae import losses
 from sae_pipeline.sae.kernels import programs as kernel_programs
 from sae_pipeline.sae.kernels import selected_preactivations, sparse_decode
 from sae_pipeline.settings import TOPK_FAMILY, TrainSettings
@@ -100,24 +101,6 @@ def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool, device: s
     return encoder, decoder
 
 
-def weight_penalty(W_enc: torch.Tensor, W_dec: torch.Tensor, kind: str, coefficient: float, on: str) -> torch.Tensor:
-    """Per-seed weight penalty ``[S]`` for ``W_enc [S, d_in, d_sae]`` and ``W_dec [S, d_sae, d_in]``.
-
-    ``l2``: coefficient * squared Frobenius norm; ``l1``: coefficient * sum of absolute values; summed
-    over the matrices named by ``on`` (both | encoder | decoder).
-    """
-    if kind == "none" or coefficient == 0:
-        return W_enc.new_zeros(W_enc.shape[0])
-    matrices = {"both": (W_enc, W_dec), "encoder": (W_enc,), "decoder": (W_dec,)}[on]
-    if kind == "l2":
-        total = sum(matrix.square().sum(dim=(1, 2)) for matrix in matrices)
-    elif kind == "l1":
-        total = sum(matrix.abs().sum(dim=(1, 2)) for matrix in matrices)
-    else:
-        raise ValueError(f"unknown weight penalty kind {kind!r}")
-    return coefficient * total
-
-
 def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Indices ``[..., k]`` of the k largest entries in each row of ``pre_activations [S, ..., n]``
     (plus ``bias [S, n]`` when given), in no particular order, without gradient.
@@ -148,60 +131,6 @@ def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | Non
         candidates = (chunks.unsqueeze(-1) + members).flatten(-2)
         best = pre_activations.gather(-1, candidates).topk(k, dim=-1, sorted=False).indices
         return candidates.gather(-1, best)
-
-
-def sparsity_regularizer(pre_activations: torch.Tensor, active: torch.Tensor, support_l1: torch.Tensor, kind: str, coefficient: float) -> torch.Tensor:
-    """Per-seed Top-k sparsity regularizer ``[S]`` ("Beyond the Hard Budget").
-
-    Args:
-        pre_activations: ``a [S, B, d_sae]`` before any top-k or ReLU.
-        active: bool ``[S, d_sae]``, the batch-active units A (in the support of at least one token).
-        support_l1: ``[S, B]``, sum of |a_ti| over the support S_t of each token (S_t is a subset of A).
-        kind: ``off_support_l1`` (lambda * mean_t sum_{i in A \\ S_t} |a_ti|) or ``l1_l2_ratio``
-            (lambda * mean_t ||a_tA||_1 / ||a_tA||_2).
-
-    The sums over A are batched matrix-vector products with the 0/1 indicator of A, so no dense mask
-    of shape ``[S, B, d_sae]`` is built.
-    """
-    if kind == "none" or coefficient == 0:
-        return pre_activations.new_zeros(pre_activations.shape[0], dtype=torch.float32)
-    indicator = active.to(pre_activations.dtype).unsqueeze(-1)
-    active_l1 = torch.bmm(pre_activations.abs(), indicator).squeeze(-1).float()
-    if kind == "off_support_l1":
-        per_token = active_l1 - support_l1.float()
-    elif kind == "l1_l2_ratio":
-        active_l2 = torch.bmm(pre_activations.square(), indicator).squeeze(-1).float().clamp_min(1e-24).sqrt()
-        per_token = active_l1 / active_l2
-    else:
-        raise ValueError(f"unknown regularizer kind {kind!r}")
-    return coefficient * per_token.mean(dim=-1)
-
-
-# The top-k kernels path's reconstruction loss through _SquaredErrorMean (round 5 of issue 17; False: autograd's passes).
-FUSED_SQUARED_ERROR = True
-
-
-class _SquaredErrorMean(torch.autograd.Function):
-    """``(x_hat - x).square().sum(-1).mean(-1)`` (``[S, B, d] -> [S]``) with the gradient for ``x_hat`` formed in
-    one elementwise pass from the saved difference, ``diff * (2 g / B)`` (the value autograd's three passes give:
-    the power-of-two factor is exact); ``x`` gets none."""
-
-    @staticmethod
-    def forward(ctx, x_hat, x):
-        difference = x_hat - x
-        ctx.save_for_backward(difference)
-        return difference.square().sum(dim=-1).mean(dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (difference,) = ctx.saved_tensors
-        scale = (grad / difference.shape[1]) * 2
-        return difference * scale.view(-1, *([1] * (difference.dim() - 1))).to(difference.dtype), None
-
-
-def _squared_error_mean(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-seed mean over tokens of the squared reconstruction error (see :class:`_SquaredErrorMean`)."""
-    return _SquaredErrorMean.apply(x_hat, x)
 
 
 class SeedBatchedSAE(nn.Module):
@@ -365,7 +294,7 @@ class SeedBatchedSAE(nn.Module):
                 values = pre.gather(-1, indices)
                 codes = values.relu()
                 x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
-            recon = _squared_error_mean(x_hat, x) if sparse_gradients and FUSED_SQUARED_ERROR else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+            recon = losses.squared_error_mean(x_hat, x) if sparse_gradients and losses.FUSED_SQUARED_ERROR else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
             firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
                 1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
             )
@@ -400,10 +329,10 @@ class SeedBatchedSAE(nn.Module):
             aux_loss = self._auxk_loss(pre, (x - x_hat).detach(), centered)
         penalty_kind, penalty_coefficient = settings.weight_penalty["kind"], float(settings.weight_penalty["coefficient"])
         with_penalty = penalty_kind != "none" and penalty_coefficient != 0
-        penalty = weight_penalty(self.W_enc, self.W_dec, penalty_kind, penalty_coefficient, settings.weight_penalty_on) if with_penalty else zero
+        penalty = losses.weight_penalty(self.W_enc, self.W_dec, penalty_kind, penalty_coefficient, settings.weight_penalty_on) if with_penalty else zero
         regularizer = zero
         if settings.regularizer["kind"] != "none":
-            regularizer = sparsity_regularizer(pre, active, support_l1, settings.regularizer["kind"], float(settings.regularizer["coefficient"]))
+            regularizer = losses.sparsity_regularizer(pre, active, support_l1, settings.regularizer["kind"], float(settings.regularizer["coefficient"]))
         # recon + aux_k_coefficient * aux_loss + penalty + regularizer + sparsity_loss, the terms left out adding
         # exactly zero (small kernels a step saves).
         loss = recon
