@@ -64,6 +64,13 @@ from sae_pipeline.settings import TOPK_FAMILY, TrainSettings
 # topk_indices preselects whole chunks of this many latents when d_sae >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK.
 TOPK_CHUNK = 32
 TOPK_CHUNK_MIN_RATIO = 4
+# Round 6 of issue 17 (top-k with the kernels, where the top-k program runs): the program also writes the selected
+# values (no gathers in selected_preactivations), and adds the firing counts (no zeros + compare + cast + scatter_add_
+# of a torch formula but the zero fill); the dead-latent counters advance in one program (any architecture, where
+# Triton runs) instead of add_ + compare + masked_fill_. False: the torch operations, as before.
+TOPK_WRITES_VALUES = True
+TOPK_COUNTS_FIRING = True
+FIRING_PROGRAM = True
 
 
 @torch.no_grad()
@@ -118,7 +125,7 @@ def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | Non
     width = pre_activations.shape[-1]
     with torch.no_grad():
         wide = width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK
-        if wide and kernel_programs.triton_usable(pre_activations):
+        if topk_program_runs(pre_activations, k):
             return sparse_kernels.topk_columns(pre_activations, k, bias)
         if bias is not None:
             pre_activations = pre_activations + bias.view(bias.shape[0], *([1] * (pre_activations.dim() - 2)), width)
@@ -131,6 +138,12 @@ def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | Non
         candidates = (chunks.unsqueeze(-1) + members).flatten(-2)
         best = pre_activations.gather(-1, candidates).topk(k, dim=-1, sorted=False).indices
         return candidates.gather(-1, best)
+
+
+def topk_program_runs(pre_activations: torch.Tensor, k: int) -> bool:
+    """Whether :func:`topk_indices` selects from ``pre_activations [S, ..., n]`` with the top-k program (wide rows, Triton usable)."""
+    width = pre_activations.shape[-1]
+    return width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK and kernel_programs.triton_usable(pre_activations)
 
 
 class SeedBatchedSAE(nn.Module):
@@ -283,11 +296,17 @@ class SeedBatchedSAE(nn.Module):
         zero = pre.new_zeros(self.n_seeds, dtype=torch.float32)
         sparsity_loss = zero
         if architecture == "topk":
-            indices = topk_indices(pre, settings.k, bias=self.b_enc.detach() if sparse_gradients else None)
+            fused = sparse_gradients and topk_program_runs(pre, settings.k)
+            selected = pre.new_empty(*pre.shape[:2], settings.k, dtype=torch.float32) if fused and TOPK_WRITES_VALUES else None
+            firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device) if fused and TOPK_COUNTS_FIRING else None
+            if fused:
+                indices = sparse_kernels.topk_columns(pre, settings.k, self.b_enc.detach(), values_out=selected, firing_counts=firing_counts)
+            else:
+                indices = topk_indices(pre, settings.k, bias=self.b_enc.detach() if sparse_gradients else None)
             if sparse_gradients:
                 record = self._deferred.record(indices) if self._deferred is not None else None
                 values = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices, bias_separate=True,
-                                                 encoder_table=encoder_table, record=record)
+                                                 encoder_table=encoder_table, record=record, selected=selected)
                 codes = values.relu()
                 x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record) + self.b_dec.unsqueeze(1)
             else:
@@ -295,9 +314,10 @@ class SeedBatchedSAE(nn.Module):
                 codes = values.relu()
                 x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
             recon = losses.squared_error_mean(x_hat, x) if sparse_gradients and losses.FUSED_SQUARED_ERROR else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
-            firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
-                1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
-            )
+            if firing_counts is None:
+                firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
+                    1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
+                )
             if statistics:
                 l0 = (codes > 0).float().sum(dim=-1).mean(dim=-1)
             if settings.regularizer["kind"] != "none":
@@ -345,7 +365,10 @@ class SeedBatchedSAE(nn.Module):
         if sparsity_loss is not zero:
             loss = loss + sparsity_loss
         with torch.no_grad():
-            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(firing_counts > 0, 0)
+            if FIRING_PROGRAM:
+                sparse_kernels.advance_tokens_since_fired(self.tokens_since_fired, firing_counts, x.shape[0])
+            else:
+                self.tokens_since_fired.add_(x.shape[0]).masked_fill_(firing_counts > 0, 0)
         out = {
             "loss": loss,
             "recon": recon,

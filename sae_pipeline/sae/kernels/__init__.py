@@ -7,7 +7,8 @@ passes over ``[B, d_sae]`` matrices on codes that are zero but for K entries a r
 - :func:`topk_columns`: one program per row finds the k largest entries (encoder bias added on the
   fly): the maxima of chunks of ``TOPK_CHUNK`` columns, the K-th largest maximum by bisection over
   order-preserving integer keys, the K chunks that must hold the top k, then the K-th largest of
-  their entries the same way; winners are placed by prefix sums, so nothing is sorted.
+  their entries the same way; winners are placed by prefix sums, so nothing is sorted. In training it
+  also writes the selected values and adds the step's firing counts (round 6).
 - :func:`sparse_decode`: ``out[s,b] = sum_j codes[s,b,j] * W_dec[s, indices[s,b,j]]`` gathers the K
   rows (read in autocast's dtype); its gradient for the codes is the matching gathered dot product
   ``<g[s,b], W_dec[s, indices[s,b,j]]>``; for W_dec it is ``codes^T g``.
@@ -34,6 +35,7 @@ run on CPU tensors in Triton's interpreter (how the tests check them).
 
 from sae_pipeline.sae.kernels.ops import (
     DeferredWeightGradients,
+    advance_tokens_since_fired,
     autocast_dtype,
     decode_rows,
     embedding_bag_rows,
@@ -47,7 +49,7 @@ from sae_pipeline.sae.kernels.programs import triton, triton_interpreting
 from sae_pipeline.sae.kernels.updates import latent_gradients, sort_entries_by_latent, sparse_adam_step
 
 __all__ = [
-    "DeferredWeightGradients", "autocast_dtype", "decode_rows", "embedding_bag_rows",
+    "DeferredWeightGradients", "advance_tokens_since_fired", "autocast_dtype", "decode_rows", "embedding_bag_rows",
     "latent_gradients", "scatter_rows", "selected_dots", "selected_preactivations", "sort_entries_by_latent",
     "sparse_adam_step", "sparse_decode", "topk_columns", "triton", "triton_interpreting",
 ]

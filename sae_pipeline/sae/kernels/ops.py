@@ -8,6 +8,9 @@ import torch.nn.functional as F
 from sae_pipeline.sae.kernels import programs
 from sae_pipeline.sae.kernels.programs import triton
 
+# Latents per program of advance_tokens_since_fired's program.
+FIRING_BLOCK = 1024
+
 
 def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``."""
@@ -67,10 +70,16 @@ def scatter_rows(weights: torch.Tensor, indices: torch.Tensor, d_sae: int, dense
     return by_latent.transpose(1, 2).contiguous() if transposed else by_latent
 
 
-def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None, values_out: torch.Tensor | None = None,
+                 firing_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Columns ``[..., k]`` (int64, unordered) of the k largest entries in each row of ``pre [S, ..., n]``
     (plus ``bias [S, n]`` when given, added without materialising the sum) by the Triton top-k program
-    (CUDA or interpreter). Needs ``ceil(n / programs.TOPK_CHUNK) >= k``."""
+    (CUDA or interpreter). Needs ``ceil(n / programs.TOPK_CHUNK) >= k``.
+
+    ``values_out`` (float32 ``[S, ..., k]``, contiguous): also filled with the selected entries' values
+    ``float32(pre) + bias``, in the columns' order (what ``pre.gather(-1, columns).float()`` plus the gathered bias
+    gives, bit for bit). ``firing_counts`` (float32 ``[S, n]``, contiguous, zero-filled by the caller): 1 added for
+    every selected entry whose value is above 0 (``scatter_add_`` of ``relu(values) > 0``, exactly)."""
     width = pre.shape[-1]
     rows = pre.reshape(-1, width).contiguous()
     # Wide rows: wider chunks past programs.TOPK_MAX_CHUNKS chunks, and more warps so no thread holds more than
@@ -95,10 +104,28 @@ def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) ->
     chunk_block = programs.TOPK_CHUNK_BLOCK * warps
     if programs.TOPK_TILE_PER_THREAD is not None:  # no more than this many loaded elements a thread, however wide the chunks
         chunk_block = max(1, min(chunk_block, programs.TOPK_TILE_PER_THREAD * 32 * warps // chunk))
-    programs.launch("topk", (rows.shape[0] // per_program,), rows, bias_rows, chunk_maxima, chosen_chunks, out, width, k, rows_per_bias,
+    for given, shape in ((values_out, (rows.shape[0] * k,)), (firing_counts, (pre.shape[0] * width,))):
+        if given is not None and (given.dtype != torch.float32 or not given.is_contiguous() or given.numel() != shape[0]):
+            raise ValueError(f"topk_columns: values_out / firing_counts must be contiguous float32 of {shape[0]} elements")
+    programs.launch("topk", (rows.shape[0] // per_program,), rows, bias_rows, chunk_maxima, chosen_chunks, out,
+            values_out if values_out is not None else chunk_maxima, firing_counts if firing_counts is not None else chunk_maxima,
+            width, k, rows_per_bias, rows.shape[0] // pre.shape[0],
             N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(chunk_block, n_chunks), K_PAD=k_pad,
-            HAS_BIAS=bias is not None, ROWS=per_program, num_warps=warps)
+            HAS_BIAS=bias is not None, ROWS=per_program, WRITE_VALUES=values_out is not None,
+            COUNT_FIRING=firing_counts is not None, num_warps=warps)
     return out.view(*pre.shape[:-1], k)
+
+
+def advance_tokens_since_fired(tokens_since_fired: torch.Tensor, firing_counts: torch.Tensor, batch: int) -> None:
+    """In place: ``tokens_since_fired`` (int64 ``[S, d_sae]``) advanced by ``batch`` tokens and reset to 0 where
+    ``firing_counts`` (float32 ``[S, d_sae]``) is above 0; one program where Triton runs (round 6), else
+    ``add_(batch).masked_fill_(firing_counts > 0, 0)``."""
+    if programs.triton_usable(tokens_since_fired) and tokens_since_fired.is_contiguous():
+        numel = tokens_since_fired.numel()
+        programs.launch("tokens_since_fired", (triton.cdiv(numel, FIRING_BLOCK),), tokens_since_fired, firing_counts.contiguous(), numel,
+                        int(batch), BLOCK=FIRING_BLOCK, num_warps=4)
+    else:
+        tokens_since_fired.add_(batch).masked_fill_(firing_counts > 0, 0)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -157,10 +184,12 @@ class _SparseDecode(torch.autograd.Function):
 
 class _SelectedPreactivations(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pre, centered, W_enc, b_enc, b_dec, indices, bias_separate, encoder_table, record):
+    def forward(ctx, pre, centered, W_enc, b_enc, b_dec, indices, bias_separate, encoder_table, record, selected):
         ctx.low_precision = autocast_dtype(W_enc.device.type) is not None
         ctx.record = record
         ctx.save_for_backward(centered, W_enc if encoder_table is None else encoder_table, indices)
+        if selected is not None:  # the values the top-k program wrote (round 6): returned as they are (a view)
+            return selected
         selected = pre.gather(-1, indices).float()
         if bias_separate:
             selected = selected + b_enc.detach().float().gather(1, indices.flatten(1)).view_as(selected)
@@ -182,7 +211,7 @@ class _SelectedPreactivations(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             # With a bf16 encoder copy this is the bf16 product autocast gives the dense path's b_dec gradient.
             grad_b_dec = -torch.bmm(W_enc, per_latent.to(W_enc.dtype).unsqueeze(-1)).squeeze(-1).float()
-        return None, None, grad_W_enc, per_latent if ctx.needs_input_grad[3] else None, grad_b_dec, None, None, None, None
+        return None, None, grad_W_enc, per_latent if ctx.needs_input_grad[3] else None, grad_b_dec, None, None, None, None, None
 
 
 def sparse_decode(codes: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tensor, table: torch.Tensor | None = None,
@@ -197,12 +226,14 @@ def sparse_decode(codes: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tenso
 
 def selected_preactivations(pre: torch.Tensor, centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                             b_dec: torch.Tensor, indices: torch.Tensor, bias_separate: bool = False,
-                            encoder_table: torch.Tensor | None = None, record: dict | None = None) -> torch.Tensor:
+                            encoder_table: torch.Tensor | None = None, record: dict | None = None,
+                            selected: torch.Tensor | None = None) -> torch.Tensor:
     """The pre-activations ``a = centered W_enc + b_enc`` (``centered = x - b_dec``, ``[S,B,d]``) at
     ``indices [S,B,K]``, float32 ``[S,B,K]``, read from ``pre [S,B,d_sae]`` computed without autograd (``a``
     itself, or with ``bias_separate`` the product alone, b_enc then added here), with the gradients they
     would have had through the dense product flowing to W_enc, b_enc and b_dec.
 
     ``encoder_table``: a bf16 copy of W_enc for b_dec's gradient; ``record``: leave W_enc's gradient to
-    :func:`sparse_adam_step` (see :class:`DeferredWeightGradients`)."""
-    return _SelectedPreactivations.apply(pre, centered, W_enc, b_enc, b_dec, indices, bias_separate, encoder_table, record)
+    :func:`sparse_adam_step` (see :class:`DeferredWeightGradients`); ``selected``: those values already read
+    (float32 ``[S,B,K]``, by :func:`topk_columns`'s ``values_out``), returned instead of gathered again."""
+    return _SelectedPreactivations.apply(pre, centered, W_enc, b_enc, b_dec, indices, bias_separate, encoder_table, record, selected)

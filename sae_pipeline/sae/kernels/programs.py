@@ -194,13 +194,18 @@ def _top_k_slots(keys, K):
     return rank, (above | tied) & (rank < K)
 
 
-def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bias,
+def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firing, n, K, rows_per_bias, rows_per_seed,
                   N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, WRITE_VALUES: tl.constexpr, COUNT_FIRING: tl.constexpr):
     """One program per ``ROWS`` consecutive rows of ``pre [rows, n]`` (``ROWS`` divides ``rows`` and
     ``rows_per_bias``): each row's K largest entries' columns into ``out [rows, K]``. With ``HAS_BIAS`` the row
     is ``pre[row] + bias[row // rows_per_bias]`` (the bias added on the fly; the program's rows share one bias
     row, whose tiles are loaded once for them all).
+
+    Round 6: with ``WRITE_VALUES`` the chosen entries' float32 values (``pre + bias``, the sum as it was ranked)
+    also go to ``values_out [rows, K]``, in ``out``'s order; with ``COUNT_FIRING`` each chosen entry whose value is
+    above 0 (whose ReLU code fires) adds 1 to ``firing [rows // rows_per_seed, n]`` (float32 atomics of 1.0: exact
+    and order-free below 2**24 per latent; ``firing`` zero-filled by the caller).
 
     Chunk c is columns ``[c*CHUNK, (c+1)*CHUNK)``. With T the K-th largest chunk maximum, the K
     chunks made of every chunk whose maximum exceeds T plus the first chunks whose maximum equals
@@ -243,6 +248,21 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, n, K, rows_per_bi
         keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
         rank, chosen = _top_k_slots(keys, K)
         tl.store(out + row * K + rank, columns, mask=chosen)
+        if WRITE_VALUES:
+            tl.store(values_out + row * K + rank, tl.reshape(candidates, [K_PAD * CHUNK]), mask=chosen)
+        if COUNT_FIRING:
+            fires = chosen & (tl.reshape(candidates, [K_PAD * CHUNK]) > 0)
+            tl.atomic_add(firing + (row // rows_per_seed) * n + columns, tl.full([K_PAD * CHUNK], 1.0, tl.float32), mask=fires, sem="relaxed")
+
+
+def _tokens_since_fired_program(tokens_since_fired, firing_counts, numel, batch, BLOCK: tl.constexpr):
+    """Round 6: ``tokens_since_fired`` (int64) advanced by ``batch`` tokens and reset to 0 where ``firing_counts``
+    (float32, same shape, ``numel`` elements) is above 0: ``add_(batch).masked_fill_(firing_counts > 0, 0)`` in one pass."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    counts = tl.load(firing_counts + offsets, mask=mask, other=0.0)
+    since = tl.load(tokens_since_fired + offsets, mask=mask, other=0)
+    tl.store(tokens_since_fired + offsets, tl.where(counts > 0, tl.zeros_like(since), since + batch), mask=mask)
 
 
 def _entry_operands(keys, rows, decoder_weights, encoder_weights, entry_start, hi, global_latents,
@@ -672,6 +692,7 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program),
                  ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
+                 ("tokens_since_fired", _tokens_since_fired_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
                  ("combine_gradients", _combine_gradients_program),
                  ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program),
