@@ -161,3 +161,25 @@ def test_training_with_fused_top_k_equals_dense_autograd_training(aux, monkeypat
             assert torch.equal(sparse, dense)
         else:
             assert torch.allclose(sparse, dense, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aux", [False, True])
+def test_bf16_centered_record_gives_the_same_sparse_update(aux, monkeypatch):
+    """Under bf16 autocast the gradient records keep ``x - b_dec`` in bf16 (``RECORD_LOW_CENTERED``): the fused
+    optimizer step lands on the same weights, bit for bit, as with the float32 records it casts itself."""
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(8))
+    final = {}
+    for low in (True, False):
+        monkeypatch.setattr(training_model, "RECORD_LOW_CENTERED", low)
+        model = _model(aux)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            out = model(x)
+        deferred = out.pop("deferred_gradients")
+        assert deferred.low_precision and len(deferred.records) == (2 if aux else 1)
+        out["loss"].sum().backward()
+        assert all(record["encoder_dense"].dtype == (torch.bfloat16 if low else torch.float32) for record in deferred.records)
+        model.sparse_optimizer_step(optimizer, deferred)
+        final[low] = [parameter.detach().clone() for parameter in model.parameters()] + [copy.clone() for copy in model.low_precision_weights()]
+    for mine, theirs in zip(final[True], final[False]):
+        assert torch.equal(mine, theirs)

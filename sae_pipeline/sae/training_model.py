@@ -71,6 +71,9 @@ TOPK_CHUNK_MIN_RATIO = 4
 TOPK_WRITES_VALUES = True
 TOPK_COUNTS_FIRING = True
 FIRING_PROGRAM = True
+# With the bf16 encoder copy (deferred sparse update under autocast), the gradient records keep x - b_dec in bf16, the
+# encoder product's operand, instead of float32 for latent_gradients to cast again (round 6; False: float32, as before).
+RECORD_LOW_CENTERED = True
 
 
 @torch.no_grad()
@@ -289,7 +292,13 @@ class SeedBatchedSAE(nn.Module):
             with torch.no_grad():
                 centered = x.unsqueeze(0) - self.b_dec.unsqueeze(1)
                 # The encoder bias is added where pre is read (top-k, selected values), never as a [S, B, d_sae] pass.
-                pre = torch.bmm(centered.to(encoder_table.dtype), encoder_table) if encoder_table is not None else torch.bmm(centered, self.W_enc)
+                if encoder_table is not None:
+                    low_centered = centered.to(encoder_table.dtype)
+                    pre = torch.bmm(low_centered, encoder_table)
+                    if RECORD_LOW_CENTERED:  # the encoder gradient's operand, as latent_gradients would cast it
+                        centered = low_centered
+                else:
+                    pre = torch.bmm(centered, self.W_enc)
         else:
             pre = self.pre_activations(x)
         # One zero tensor for every loss term this configuration leaves out (read-only: only reported, never added).
