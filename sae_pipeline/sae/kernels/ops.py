@@ -97,7 +97,7 @@ def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None) ->
         chunk_block = max(1, min(chunk_block, programs.TOPK_TILE_PER_THREAD * 32 * warps // chunk))
     programs.launch("topk", (rows.shape[0] // per_program,), rows, bias_rows, chunk_maxima, chosen_chunks, out, width, k, rows_per_bias,
             N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(chunk_block, n_chunks), K_PAD=k_pad,
-            HAS_BIAS=bias is not None, ROWS=per_program, num_warps=warps)
+            HAS_BIAS=bias is not None, ROWS=per_program, EARLY_EXIT=programs.TOPK_EARLY_EXIT, num_warps=warps)
     return out.view(*pre.shape[:-1], k)
 
 
