@@ -119,6 +119,27 @@ def test_topk_columns_selects_the_k_largest_with_ties_and_bias(width, k, ties):
     assert torch.equal(biased.gather(-1, columns).sort(dim=-1).values, biased.topk(k, dim=-1).values.sort(dim=-1).values)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+def test_topk_early_exit_bisection_picks_the_same_columns_in_the_same_slots(ties, monkeypatch):
+    """The bisection that stops at the first probe with exactly k keys above it returns the full bisection's
+    threshold: the same columns in the same output slots, ties (rounded values, a constant row) included."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    generator = torch.Generator().manual_seed(17)
+    pre = torch.randn(2, 4, 1024, generator=generator)
+    if ties:
+        pre = (3 * pre).round()
+        pre[1, 2] = 0.5  # every key tied
+    bias = torch.randn(2, 1024, generator=generator).round() if ties else torch.randn(2, 1024, generator=generator)
+    columns = {}
+    for early_exit in (True, False):
+        monkeypatch.setattr(kernel_programs, "TOPK_EARLY_EXIT", early_exit)
+        columns[early_exit] = sparse_kernels.topk_columns(pre, 10, bias)
+    assert torch.equal(columns[True], columns[False])
+    biased = pre + bias.unsqueeze(1)
+    assert torch.equal(biased.gather(-1, columns[True]).sort(dim=-1).values, biased.topk(10, dim=-1).values.sort(dim=-1).values)
+
+
 @pytest.mark.parametrize("rows_per_program,tile", [(1, None), (2, 8), (4, 32), (4, None)])
 def test_topk_columns_rows_per_program_share_the_bias(rows_per_program, tile, monkeypatch):
     """Several rows (tokens of one seed) per program, the bias tiles loaded once for them, and a cap on each

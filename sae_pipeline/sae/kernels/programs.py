@@ -61,6 +61,9 @@ TOPK_ROWS = 1
 # that shape below 131,072 latents; at 262,144 x 2304 top-k took 1.40 ms uncapped, 1.13-1.14 with 64 and 1.38 with 32
 # (one row a program; round 4, benchmarks/issue17_logs/round4*_variants.log and round4_final_table.log).
 TOPK_TILE_PER_THREAD = 64
+# Both top-k bisections stop at the first probe with exactly k keys at or above it (False: all 33 halvings, the
+# selection before round 6; the same columns in the same slots either way).
+TOPK_EARLY_EXIT = True
 
 
 # Run the Triton programs on CPU tensors too (tests only; needs TRITON_INTERPRET=1 set before Triton is imported).
@@ -171,10 +174,21 @@ def _sortable_keys(values):
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
-def _kth_largest_key(keys, K):
-    """The K-th largest of ``keys`` (ties counted), by bisection: 33 halvings cover any range of width <= 2**33."""
+def _kth_largest_key(keys, K, EARLY_EXIT: tl.constexpr):
+    """The K-th largest of ``keys`` (ties counted), by bisection: 33 halvings cover any range of width <= 2**33.
+
+    With ``EARLY_EXIT`` the bisection stops at the first probe ``t`` with exactly K keys ``>= t`` (typically after
+    10-15 of the 33 block-wide counts) and returns the smallest of those K keys: the same key as the full bisection."""
     low = tl.min(keys, axis=0).to(tl.int64)
     high = tl.max(keys, axis=0).to(tl.int64)
+    if EARLY_EXIT:
+        # Invariant: at least K keys >= low, fewer than K keys >= high + 1; a probe hitting K exactly ends the loop.
+        while low < high:
+            middle = low + (high - low + 1) // 2
+            count = tl.sum((keys >= middle.to(tl.int32)).to(tl.int32), axis=0)
+            low = tl.where(count >= K, middle, low)
+            high = tl.where(count > K, high, tl.where(count == K, middle, middle - 1))
+        return tl.min(tl.where(keys >= low.to(tl.int32), keys, 2147483647), axis=0)
     for _ in range(33):
         middle = low + (high - low + 1) // 2
         enough = tl.sum((keys >= middle.to(tl.int32)).to(tl.int32), axis=0) >= K
@@ -183,10 +197,10 @@ def _kth_largest_key(keys, K):
     return low.to(tl.int32)
 
 
-def _top_k_slots(keys, K):
+def _top_k_slots(keys, K, EARLY_EXIT: tl.constexpr):
     """For the K largest of ``keys`` (ties broken by position): each entry's output slot ``rank``
     (0..K-1 where ``chosen``) and the mask ``chosen``; slots are filled by prefix sums, not sorting."""
-    threshold = _kth_largest_key(keys, K)
+    threshold = _kth_largest_key(keys, K, EARLY_EXIT)
     above = keys > threshold
     tied = keys == threshold
     n_above = tl.sum(above.to(tl.int32), axis=0)
@@ -196,7 +210,8 @@ def _top_k_slots(keys, K):
 
 def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firing, n, K, rows_per_bias, rows_per_seed,
                   N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, WRITE_VALUES: tl.constexpr, COUNT_FIRING: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, EARLY_EXIT: tl.constexpr, WRITE_VALUES: tl.constexpr,
+                  COUNT_FIRING: tl.constexpr):
     """One program per ``ROWS`` consecutive rows of ``pre [rows, n]`` (``ROWS`` divides ``rows`` and
     ``rows_per_bias``): each row's K largest entries' columns into ``out [rows, K]``. With ``HAS_BIAS`` the row
     is ``pre[row] + bias[row // rows_per_bias]`` (the bias added on the fly; the program's rows share one bias
@@ -234,7 +249,7 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firin
         row_start = pre + row * n
         chunk_ids = tl.arange(0, N_CHUNKS)
         keys = _sortable_keys(tl.load(chunk_maxima + row * N_CHUNKS + chunk_ids))
-        rank, chosen = _top_k_slots(keys, K)
+        rank, chosen = _top_k_slots(keys, K, EARLY_EXIT)
         tl.store(chosen_chunks + row * K_PAD + rank, chunk_ids, mask=chosen)
         tl.debug_barrier()
         slots = tl.arange(0, K_PAD)
@@ -246,7 +261,7 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firin
             candidates += tl.load(bias_start + columns, mask=valid, other=0.0).to(tl.float32)
         columns = tl.reshape(columns, [K_PAD * CHUNK])
         keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
-        rank, chosen = _top_k_slots(keys, K)
+        rank, chosen = _top_k_slots(keys, K, EARLY_EXIT)
         tl.store(out + row * K + rank, columns, mask=chosen)
         if WRITE_VALUES:
             tl.store(values_out + row * K + rank, tl.reshape(candidates, [K_PAD * CHUNK]), mask=chosen)
