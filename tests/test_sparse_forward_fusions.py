@@ -94,17 +94,21 @@ def _model(aux: bool) -> SeedBatchedSAE:
     return model
 
 
+SWITCHES = ("TOPK_WRITES_VALUES", "TOPK_COUNTS_FIRING", "FIRING_PROGRAM", "DECODE_ADDS_BIAS", "SHARED_ZERO_FILL")
+
+
 @pytest.mark.parametrize("aux", [False, True])
 def test_forward_fusions_switched_off_give_identical_steps(aux, monkeypatch):
-    """Forward and backward with the three switches on, each off alone, and all off: identical outputs, dead-latent
+    """Forward and backward with the round-6 switches on, each off alone, and all off: identical outputs, dead-latent
     counters, bias gradients and deferred gradient records (two records with AuxK)."""
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(5))
     launched = []
     launch = kernel_programs.launch
     monkeypatch.setattr(kernel_programs, "launch", lambda name, grid, *args, **meta: (launched.append((name, meta)), launch(name, grid, *args, **meta))[1])
     results = {}
-    for switches in [(True, True, True), (False, True, True), (True, False, True), (True, True, False), (False, False, False)]:
-        for name, on in zip(("TOPK_WRITES_VALUES", "TOPK_COUNTS_FIRING", "FIRING_PROGRAM"), switches):
+    settings = [dict.fromkeys(SWITCHES, True)] + [{**dict.fromkeys(SWITCHES, True), name: False} for name in SWITCHES] + [dict.fromkeys(SWITCHES, False)]
+    for switches in settings:
+        for name, on in switches.items():
             monkeypatch.setattr(training_model, name, on)
         launched.clear()
         model = _model(aux)
@@ -112,12 +116,13 @@ def test_forward_fusions_switched_off_give_identical_steps(aux, monkeypatch):
         deferred = out.pop("deferred_gradients")
         out["loss"].sum().backward()
         topk = [meta for name, meta in launched if name == "topk"]
-        assert len(topk) == 1 and (topk[0]["WRITE_VALUES"], topk[0]["COUNT_FIRING"]) == switches[:2]
-        assert ("tokens_since_fired" in [name for name, _ in launched]) is switches[2]
+        assert len(topk) == 1 and (topk[0]["WRITE_VALUES"], topk[0]["COUNT_FIRING"]) == (switches["TOPK_WRITES_VALUES"], switches["TOPK_COUNTS_FIRING"])
+        assert ("tokens_since_fired" in [name for name, _ in launched]) is switches["FIRING_PROGRAM"]
+        assert [meta["HAS_BIAS"] for name, meta in launched if name == "decode_wide"][0] is switches["DECODE_ADDS_BIAS"]
         assert len(deferred.records) == (2 if aux else 1)
         records = [{key: value for key, value in record.items()} for record in deferred.records]
-        results[switches] = (out, model.tokens_since_fired.clone(), model.b_enc.grad, model.b_dec.grad, records)
-    reference_out, reference_counters, *reference_rest = results[(True, True, True)]
+        results[tuple(switches.values())] = (out, model.tokens_since_fired.clone(), model.b_enc.grad, model.b_dec.grad, records)
+    reference_out, reference_counters, *reference_rest = results[(True,) * len(SWITCHES)]
     assert reference_out["firing_counts"][:, 2:5].sum() == 0  # selected every token, code exactly 0
     assert (reference_out["firing_counts"][:, 5:] == 0).all() and reference_out["firing_counts"].sum() > 0
     assert (reference_counters[:, 2:5] == 32).all()  # never fired: advanced by the batch
@@ -130,6 +135,17 @@ def test_forward_fusions_switched_off_give_identical_steps(aux, monkeypatch):
             assert torch.equal(mine, theirs), switches
         for mine, theirs in zip(rest[2], reference_rest[2]):
             assert mine.keys() == theirs.keys() and all(torch.equal(mine[key], theirs[key]) for key in mine), switches
+
+
+@pytest.mark.parametrize("wide", [256, None])
+def test_decode_with_bias_equals_decode_plus_bias(wide, monkeypatch):
+    """The decoder bias added inside the decode (the wide program, or after the per-token one): the same float32 sums."""
+    monkeypatch.setattr(kernel_programs, "DECODE_WIDE_COLUMNS", wide)
+    generator = torch.Generator().manual_seed(4)
+    values, table = torch.randn(2, 5, 3, generator=generator), torch.randn(2, 40, 20, generator=generator).bfloat16()
+    indices, bias = torch.randint(0, 40, (2, 5, 3), generator=generator), torch.randn(2, 20, generator=generator)
+    plain = sparse_kernels.decode_rows(values, indices, table)
+    assert torch.equal(sparse_kernels.decode_rows(values, indices, table, bias), plain + bias.unsqueeze(1))
 
 
 @pytest.mark.parametrize("aux", [False, True])

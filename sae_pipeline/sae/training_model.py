@@ -74,6 +74,10 @@ FIRING_PROGRAM = True
 # With the bf16 encoder copy (deferred sparse update under autocast), the gradient records keep x - b_dec in bf16, the
 # encoder product's operand, instead of float32 for latent_gradients to cast again (round 6; False: float32, as before).
 RECORD_LOW_CENTERED = True
+# The decoder bias added inside the decode (its gradient the decode backward's sum over tokens), and where the top-k
+# program counts firing, one zero fill for the counts and the loss terms left out (round 6; False: separate kernels).
+DECODE_ADDS_BIAS = True
+SHARED_ZERO_FILL = True
 
 
 @torch.no_grad()
@@ -301,13 +305,19 @@ class SeedBatchedSAE(nn.Module):
                     pre = torch.bmm(centered, self.W_enc)
         else:
             pre = self.pre_activations(x)
+        fused = architecture == "topk" and sparse_gradients and topk_program_runs(pre, settings.k)
+        firing_counts = None
         # One zero tensor for every loss term this configuration leaves out (read-only: only reported, never added).
-        zero = pre.new_zeros(self.n_seeds, dtype=torch.float32)
+        if fused and TOPK_COUNTS_FIRING and SHARED_ZERO_FILL:  # one fill: the firing counts [S, d_sae], then the zero [S]
+            zeros = torch.zeros(self.n_seeds * (self.d_sae + 1), device=x.device)
+            firing_counts, zero = zeros[:self.n_seeds * self.d_sae].view(self.n_seeds, self.d_sae), zeros[self.n_seeds * self.d_sae:]
+        else:
+            zero = pre.new_zeros(self.n_seeds, dtype=torch.float32)
         sparsity_loss = zero
         if architecture == "topk":
-            fused = sparse_gradients and topk_program_runs(pre, settings.k)
             selected = pre.new_empty(*pre.shape[:2], settings.k, dtype=torch.float32) if fused and TOPK_WRITES_VALUES else None
-            firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device) if fused and TOPK_COUNTS_FIRING else None
+            if fused and TOPK_COUNTS_FIRING and firing_counts is None:
+                firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device)
             if fused:
                 indices = sparse_kernels.topk_columns(pre, settings.k, self.b_enc.detach(), values_out=selected, firing_counts=firing_counts)
             else:
@@ -317,7 +327,10 @@ class SeedBatchedSAE(nn.Module):
                 values = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices, bias_separate=True,
                                                  encoder_table=encoder_table, record=record, selected=selected)
                 codes = values.relu()
-                x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record) + self.b_dec.unsqueeze(1)
+                if DECODE_ADDS_BIAS:
+                    x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record, bias=self.b_dec)
+                else:
+                    x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record) + self.b_dec.unsqueeze(1)
             else:
                 values = pre.gather(-1, indices)
                 codes = values.relu()

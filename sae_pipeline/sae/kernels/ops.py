@@ -12,13 +12,16 @@ from sae_pipeline.sae.kernels.programs import triton
 FIRING_BLOCK = 1024
 
 
-def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``."""
+def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``;
+    plus float32 ``bias [S,d]`` when given (inside the wide decode program; one float32 add either way)."""
     if programs.triton_usable(table):
         if programs.DECODE_WIDE_COLUMNS is not None:
-            return programs.decode_wide(values, indices, table)
-        return programs.per_token_program("decode", values, indices, table, table.shape[2], max_column_blocks=programs.DECODE_COLUMN_BLOCKS)
-    return embedding_bag_rows(values.float(), indices, table.float())
+            return programs.decode_wide(values, indices, table, bias)
+        decoded = programs.per_token_program("decode", values, indices, table, table.shape[2], max_column_blocks=programs.DECODE_COLUMN_BLOCKS)
+    else:
+        decoded = embedding_bag_rows(values.float(), indices, table.float())
+    return decoded if bias is None else decoded + bias.float().unsqueeze(1)
 
 
 def embedding_bag_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,7 @@ class DeferredWeightGradients:
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, codes, W_dec, indices, table, record):
+    def forward(ctx, codes, W_dec, indices, table, record, bias):
         if table is None:
             # Under autocast the rows are read in its dtype, as a dense product would read them (half the bytes).
             low_dtype = autocast_dtype(W_dec.device.type)
@@ -165,7 +168,7 @@ class _SparseDecode(torch.autograd.Function):
         ctx.d_sae = W_dec.shape[1]
         ctx.record = record
         ctx.save_for_backward(codes, table, indices)
-        return decode_rows(codes, indices, table)
+        return decode_rows(codes, indices, table, bias.detach() if bias is not None else None)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -179,7 +182,8 @@ class _SparseDecode(torch.autograd.Function):
             record["decoder_weights"], record["decoder_dense"] = codes.detach(), grad_out.detach()
         elif ctx.needs_input_grad[1]:
             grad_W_dec = scatter_rows(codes, indices, ctx.d_sae, grad_out, low_precision=ctx.low_precision).to(ctx.weight_dtype)
-        return grad_codes, grad_W_dec, None, None, None
+        grad_bias = grad_out.sum(dim=1) if ctx.needs_input_grad[5] else None  # the sum autograd forms for a broadcast add
+        return grad_codes, grad_W_dec, None, None, None, grad_bias
 
 
 class _SelectedPreactivations(torch.autograd.Function):
@@ -215,13 +219,14 @@ class _SelectedPreactivations(torch.autograd.Function):
 
 
 def sparse_decode(codes: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tensor, table: torch.Tensor | None = None,
-                  record: dict | None = None) -> torch.Tensor:
+                  record: dict | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable ``sum_j codes[s,b,j] * W_dec[s, indices[s,b,j]]``: codes ``[S,B,K]``, W_dec
-    ``[S, d_sae, d]``, indices ``[S,B,K]`` int64 -> float32 ``[S,B,d]`` (no bias).
+    ``[S, d_sae, d]``, indices ``[S,B,K]`` int64 -> float32 ``[S,B,d]`` (plus float32 ``bias [S,d]``, differentiable,
+    when given: the decoder bias added inside the decode, round 6).
 
     ``table``: the rows to read instead of ``W_dec`` (a bf16 copy kept by the optimizer); ``record`` (from
     :class:`DeferredWeightGradients`): leave W_dec's gradient to :func:`sparse_adam_step` instead of returning it."""
-    return _SparseDecode.apply(codes, W_dec, indices, table, record)
+    return _SparseDecode.apply(codes, W_dec, indices, table, record, bias)
 
 
 def selected_preactivations(pre: torch.Tensor, centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,

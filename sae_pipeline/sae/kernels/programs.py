@@ -110,10 +110,11 @@ def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
         tl.store(out + token * D + columns, total, mask=column_mask)
 
 
-def _decode_wide_program(values, indices, table, out, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+def _decode_wide_program(values, indices, table, out, bias, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
+                         HAS_BIAS: tl.constexpr):
     """One program per (seed, token) and block of ``COLUMNS`` columns (grid axis 1): ``out[t] = sum_j values[t, j] *
     table[seed, indices[t, j]]``, ``ROWS`` selected rows at a time added into a ``[ROWS, COLUMNS]`` tile, summed
-    over its rows once at the end."""
+    over its rows once at the end; with ``HAS_BIAS`` (round 6) plus ``bias[seed]`` (float32 ``[S, D]``), one float32 add."""
     token = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
     column_mask = columns < D
@@ -122,7 +123,10 @@ def _decode_wide_program(values, indices, table, out, n_tokens, K, table_rows, D
     total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
     for row_start in range(0, K, ROWS):
         total += _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS)
-    tl.store(out + token * D + columns, tl.sum(total, axis=0), mask=column_mask)
+    decoded = tl.sum(total, axis=0)
+    if HAS_BIAS:
+        decoded += tl.load(bias + seed * D + columns, mask=column_mask, other=0.0)
+    tl.store(out + token * D + columns, decoded, mask=column_mask)
 
 
 def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D,
@@ -738,15 +742,17 @@ def per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, t
     return out
 
 
-def decode_wide(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def decode_wide(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`_decode_wide_program` over ``values, indices [S,B,K]`` into ``table [S,n,d]``: float32 ``[S,B,d]``
-    (blocks of ``DECODE_WIDE_COLUMNS`` columns, narrower for narrow rows; a warp per 256 columns)."""
+    (blocks of ``DECODE_WIDE_COLUMNS`` columns, narrower for narrow rows; a warp per 256 columns), plus float32
+    ``bias [S,d]`` when given."""
     n_seeds, batch, k = indices.shape
     n_rows, width = table.shape[1:]
     columns = min(DECODE_WIDE_COLUMNS, max(16, triton.next_power_of_2(width)))
     out = torch.empty(n_seeds, batch, width, dtype=torch.float32, device=table.device)
     launch("decode_wide", (n_seeds * batch, triton.cdiv(width, columns)), values.contiguous(), indices.contiguous(), table.contiguous(), out,
-           batch, k, n_rows, width, ROWS=min(DECODE_ROWS, triton.next_power_of_2(k)), COLUMNS=columns, num_warps=max(1, min(8, columns // 256)))
+           bias.float().contiguous() if bias is not None else out, batch, k, n_rows, width, ROWS=min(DECODE_ROWS, triton.next_power_of_2(k)),
+           COLUMNS=columns, HAS_BIAS=bias is not None, num_warps=max(1, min(8, columns // 256)))
     return out
 
 
