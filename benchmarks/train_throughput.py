@@ -508,12 +508,13 @@ def gradient_check(sizes: dict, device: torch.device) -> str:
 
 def constant_module(name: str):
     """The first module holding constant ``name`` of :mod:`~sae_pipeline.sae.kernels.updates`,
-    :mod:`~sae_pipeline.sae.kernels.programs` (the top-k constants), :mod:`~sae_pipeline.sae.training_model` and
-    :mod:`~sae_pipeline.sae.losses` (the last two: upper-case names only); None if none has it."""
+    :mod:`~sae_pipeline.sae.kernels.programs` (the top-k constants), :mod:`~sae_pipeline.sae.training_model`,
+    :mod:`~sae_pipeline.sae.losses` and :mod:`~sae_pipeline.sae.kernels.ops` (the last three: upper-case names only);
+    None if none has it."""
     from sae_pipeline.sae import losses, training_model
-    from sae_pipeline.sae.kernels import programs, updates
+    from sae_pipeline.sae.kernels import ops, programs, updates
 
-    candidates = (updates, programs) + ((training_model, losses) if name.isupper() else ())
+    candidates = (updates, programs) + ((training_model, losses, ops) if name.isupper() else ())
     return next((module for module in candidates if hasattr(module, name)), None)
 
 

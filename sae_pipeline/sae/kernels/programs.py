@@ -267,10 +267,13 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firin
         keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
         rank, chosen = _top_k_slots(keys, K, EARLY_EXIT)
         tl.store(out + row * K + rank, columns, mask=chosen)
+        # The chosen values from their keys (the order-preserving map is its own inverse, so these are the float32 sums
+        # bit for bit), so the candidates need not stay live through the selection.
+        chosen_values = tl.where(keys < 0, keys ^ 0x7FFFFFFF, keys).to(tl.float32, bitcast=True)
         if WRITE_VALUES:
-            tl.store(values_out + row * K + rank, tl.reshape(candidates, [K_PAD * CHUNK]), mask=chosen)
+            tl.store(values_out + row * K + rank, chosen_values, mask=chosen)
         if COUNT_FIRING:
-            fires = chosen & (tl.reshape(candidates, [K_PAD * CHUNK]) > 0)
+            fires = chosen & (chosen_values > 0)
             tl.atomic_add(firing + (row // rows_per_seed) * n + columns, tl.full([K_PAD * CHUNK], 1.0, tl.float32), mask=fires, sem="relaxed")
 
 
