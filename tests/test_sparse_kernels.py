@@ -561,10 +561,11 @@ def test_counting_sort_equals_torch_sort(n_seeds, batch, ks, d_sae, layout, valu
         assert (got["segments"].diff() == 0).any()  # empty latents occur
 
 
+@pytest.mark.parametrize("switch,program", [("COUNTING_SORT", "sort_place"), ("ADAM_BIASES_ONE_LAUNCH", "adam_pair")])
 @pytest.mark.parametrize("aux", [False, True])
-def test_training_with_the_counting_sort_equals_training_with_torch_sort(aux, monkeypatch):
-    """Training with the sparse update lands on bit-identical weights and Adam state with COUNTING_SORT on and off
-    (AuxK's second record from the third step when ``aux``)."""
+def test_training_with_round_6_switches_on_equals_training_with_them_off(aux, switch, program, monkeypatch):
+    """Training with the sparse update lands on bit-identical weights and Adam state with ``switch`` (the counting
+    sort; b_enc's and b_dec's Adam in one launch) on and off (AuxK's second record from the third step when ``aux``)."""
     if not _interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
@@ -575,7 +576,7 @@ def test_training_with_the_counting_sort_equals_training_with_torch_sort(aux, mo
     launch = kernel_programs.launch
     monkeypatch.setattr(kernel_programs, "launch", lambda name, *args, **meta: (launched.append(name), launch(name, *args, **meta))[1])
     for counting in (False, True):
-        monkeypatch.setattr(kernel_updates, "COUNTING_SORT", counting)
+        monkeypatch.setattr(kernel_updates, switch, counting)
         launched.clear()
         settings = TrainSettings.from_mapping(dict(architecture="topk", k=3, d_sae=64, batch_size=32, total_tokens=32 * 100, warmup_steps=0,
                                                    sparse_decoder="kernels", dead_window_tokens=64 if aux else 10**9, aux_k=8, grad_clip_norm=1.0))
@@ -585,7 +586,7 @@ def test_training_with_the_counting_sort_equals_training_with_torch_sort(aux, mo
                 trainer.model.refresh_dead_flag()
             trainer.step(pool[step % 3])
         assert trainer.model.sparse_update and trainer.model.auxk_active is aux
-        assert ("sort_place" in launched) is counting
+        assert (program in launched) is counting
         results[counting] = copy.deepcopy(trainer.state_dict())
     flat = [[leaf for leaf in torch.utils._pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)] for result in (results[False], results[True])]
     assert len(flat[0]) == len(flat[1]) > 8

@@ -541,11 +541,12 @@ def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per
         tl.store(W_low + offsets, w.to(tl.bfloat16), mask=mask)
 
 
-def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
-                       BLOCK: tl.constexpr, CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
-    """Elementwise Adam over ``W`` (``per_seed`` elements a seed), the gradient (float32 or bf16) scaled by
-    ``clip_scale[seed]`` with ``CLIP``; ``LOW_COPY`` also writes the result in bf16 to ``W_low``."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _adam_flat_block(W, G, M, V, W_low, clip_scale, lr, step, block, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                     BLOCK: tl.constexpr, CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
+    """Elementwise Adam over block ``block`` of ``BLOCK`` elements of ``W`` (``per_seed`` elements a seed), the
+    gradient (float32 or bf16) scaled by ``clip_scale[seed]`` with ``CLIP``; ``LOW_COPY`` also writes the result
+    in bf16 to ``W_low``."""
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     w = tl.load(W + offsets, mask=mask, other=0.0)
     g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -560,6 +561,26 @@ def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed,
     tl.store(V + offsets, v, mask=mask)
     if LOW_COPY:
         tl.store(W_low + offsets, w.to(tl.bfloat16), mask=mask)
+
+
+def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                       BLOCK: tl.constexpr, CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
+    """Elementwise Adam over ``W`` (``per_seed`` elements a seed; :func:`_adam_flat_block`), a block a program."""
+    _adam_flat_block(W, G, M, V, W_low, clip_scale, lr, step, tl.program_id(0), numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                     BLOCK, CLIP, LOW_COPY)
+
+
+def _adam_pair_program(W, G, M, V, step, numel, per_seed, blocks, W_second, G_second, M_second, V_second, step_second, numel_second,
+                       per_seed_second, clip_scale, lr, beta1, beta2, eps, log2_beta1, log2_beta2, BLOCK: tl.constexpr, CLIP: tl.constexpr):
+    """:func:`_adam_flat_program` over two parameters in one launch (b_enc and b_dec, without bf16 copies): the
+    first ``blocks`` programs update ``W``, the rest ``W_second``, each with its own Adam state and step."""
+    block = tl.program_id(0)
+    if block < blocks:
+        _adam_flat_block(W, G, M, V, W, clip_scale, lr, step, block, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                         BLOCK, CLIP, False)
+    else:
+        _adam_flat_block(W_second, G_second, M_second, V_second, W_second, clip_scale, lr, step_second, block - blocks, numel_second,
+                         per_seed_second, beta1, beta2, eps, log2_beta1, log2_beta2, BLOCK, CLIP, False)
 
 
 def _clip_statistics_program(statistics, column_blocks, stride, grad_b_enc, along, partial, d_sae, blocks_per_seed,
@@ -769,13 +790,13 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
                for name in ("_weighted_rows_tile", "_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
                             "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles",
-                            "_entry_source", "_sort_pass_keys")}
+                            "_entry_source", "_sort_pass_keys", "_adam_flat_block")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program),
                  ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
                  ("combine_gradients", _combine_gradients_program),
-                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program),
+                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program), ("adam_pair", _adam_pair_program),
                  ("clip_statistics", _clip_statistics_program), ("clip_scale", _clip_scale_program),
                  ("work_items", _work_items_program),
                  ("sort_histogram", _sort_histogram_program), ("sort_place", _sort_place_program))}

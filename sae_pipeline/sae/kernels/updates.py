@@ -82,6 +82,8 @@ CLIP_SCALE_BLOCK = 1024
 COUNTING_SORT = True
 COUNTING_SORT_CHUNK = 128
 COUNTING_SORT_DIGIT_BITS = 8
+# Adam over b_enc and b_dec in one launch (programs._adam_pair_program, round 6) instead of one adam_flat launch each.
+ADAM_BIASES_ONE_LAUNCH = True
 
 
 def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int,
@@ -449,7 +451,7 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     1. :func:`latent_gradients` forms both weight gradients from the entries (sorted by latent) with
        per-latent statistics, from which the per-seed clipping scale follows without another pass;
     2. Adam over W_dec's rows (projection, scale, update, renormalisation, bf16 copy in one program);
-    3. elementwise Adam over W_enc (bf16 copy too), b_enc and b_dec.
+    3. elementwise Adam over W_enc (bf16 copy too), b_enc and b_dec (the two in one launch with ``ADAM_BIASES_ONE_LAUNCH``).
 
     ``low_copies``: bf16 ``(W_enc, W_dec)`` copies the step refreshes (what the next forward reads). The
     learning rate is read from device memory (a tensor ``lr`` of the optimizer's group, or one made here),
@@ -481,8 +483,21 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     _adam_launch("adam_rows", optimizer, W_dec, grad_dec, low_dec, clip_scale, lr, (triton.cdiv(n_seeds * d_sae, rows),),
                  n_seeds * d_sae, d_sae, width, along=along_rows, ROWS=rows, BLOCK=block, PROJECT=unit_norm_decoder,
                  NORMALIZE=unit_norm_decoder, num_warps=8 if block >= 2048 else 4)
-    for parameter, gradient, low in ((W_enc, grad_enc, low_enc), (b_enc, grad_b_enc, None), (b_dec, grad_b_dec, None)):
+    flat = ((W_enc, grad_enc, low_enc),) + (((b_enc, grad_b_enc, None), (b_dec, grad_b_dec, None)) if not ADAM_BIASES_ONE_LAUNCH else ())
+    for parameter, gradient, low in flat:
         numel = parameter.numel()
         _adam_launch("adam_flat", optimizer, parameter, gradient, low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
                      numel, numel // n_seeds, BLOCK=ADAM_BLOCK)
+    if ADAM_BIASES_ONE_LAUNCH:
+        group = optimizer.param_groups[0]
+        beta1, beta2 = (float(beta) for beta in group["betas"])
+        operands = []
+        for parameter, gradient in ((b_enc, grad_b_enc), (b_dec, grad_b_dec)):
+            state = _adam_state(optimizer, parameter)
+            operands.append((parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"], parameter.numel(),
+                             parameter.numel() // n_seeds))
+        blocks = triton.cdiv(b_enc.numel(), ADAM_BLOCK)
+        programs.launch("adam_pair", (blocks + triton.cdiv(b_dec.numel(), ADAM_BLOCK),), *operands[0], blocks, *operands[1],
+                        clip_scale if clip_scale is not None else lr, lr, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2),
+                        BLOCK=ADAM_BLOCK, CLIP=clip_scale is not None)
     records.clear()
