@@ -141,8 +141,7 @@ def _counting_sort_entries(indices: list[torch.Tensor], d_sae: int, weights: tup
     digit_bits = triton.cdiv(bits, passes)
     bins, chunk = 1 << digit_bits, COUNTING_SORT_CHUNK
     n_chunks = triton.cdiv(total, chunk)
-    sources = [chosen.contiguous() for chosen in indices]
-    first, second = sources[0], sources[-1]
+    first, second = indices[0].contiguous(), indices[-1].contiguous()
     counts = torch.empty(2, bins * n_chunks, dtype=torch.int32, device=device)  # the counts and their inclusive running sums
     keys = torch.empty(2 if passes > 1 else 1, total, dtype=torch.int32, device=device)
     order_between = torch.empty(2 if passes > 2 else 1, total, dtype=torch.int32, device=device) if passes > 1 else keys
@@ -170,9 +169,7 @@ def _counting_sort_entries(indices: list[torch.Tensor], d_sae: int, weights: tup
     sorted_keys = keys[(passes - 1) % keys.shape[0]]
     queries = _entry_constants(n_seeds, batch, tuple(ks), d_sae, device)[2]
     entries = {"keys": sorted_keys, "order": order, "rows": rows, "segments": torch.searchsorted(sorted_keys, queries, out_int32=True)}
-    if weights:
-        entries["weights"] = out
-    return entries
+    return {**entries, "weights": out} if weights else entries
 
 
 @functools.lru_cache(maxsize=16)
@@ -489,13 +486,9 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
         _adam_launch("adam_flat", optimizer, parameter, gradient, low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
                      numel, numel // n_seeds, BLOCK=ADAM_BLOCK)
     if ADAM_BIASES_ONE_LAUNCH:
-        group = optimizer.param_groups[0]
         beta1, beta2 = (float(beta) for beta in group["betas"])
-        operands = []
-        for parameter, gradient in ((b_enc, grad_b_enc), (b_dec, grad_b_dec)):
-            state = _adam_state(optimizer, parameter)
-            operands.append((parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"], parameter.numel(),
-                             parameter.numel() // n_seeds))
+        operands = [(parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"], parameter.numel(), parameter.numel() // n_seeds)
+                    for parameter, gradient, state in ((b_enc, grad_b_enc, states[2]), (b_dec, grad_b_dec, states[3]))]
         blocks = triton.cdiv(b_enc.numel(), ADAM_BLOCK)
         programs.launch("adam_pair", (blocks + triton.cdiv(b_dec.numel(), ADAM_BLOCK),), *operands[0], blocks, *operands[1],
                         clip_scale if clip_scale is not None else lr, lr, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2),
