@@ -269,6 +269,7 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
         entries, torch.cat([t.reshape(n_seeds, -1) for t in a], 1).reshape(-1)[order], torch.cat([t.reshape(n_seeds, -1) for t in c], 1).reshape(-1)[order],
         torch.cat(dec_dense, 1), torch.cat(enc_dense, 1), W_dec, low_precision)
     if backend == "triton-interpreter" and not dense:
+        launched = [name for name in launched if not name.startswith("sort_")]  # the entry sort's programs
         gradient_programs = [name for name in launched if name != "work_items"]  # the work items' own program first
         assert launched[0] == "work_items" and gradient_programs[0] == ("latent_gradients" if one_pass is None else "latent_gradients_one_pass"), launched
     rounded = (lambda t: t.bfloat16().float()) if low_precision else (lambda t: t)
@@ -516,3 +517,99 @@ def test_sparse_update_state_round_trip_continues_identically(monkeypatch):
         restored.step(x)
     for mine, theirs in zip(original.model.parameters(), restored.model.parameters()):
         assert torch.equal(mine, theirs)
+
+
+def _sort_case(generator, n_seeds, batch, ks, d_sae, layout):
+    """Indices ``[S,B,k]`` per record (distinct latents per token): ``random``; ``heavy`` (latent 1 in every token of
+    every record, latent d_sae - 1 in half of them); ``same`` (every token of a record picks the same latents, as AuxK
+    does where a seed has fewer dead latents than aux_k)."""
+    records = []
+    for k in ks:
+        if layout == "same":
+            chosen = torch.randperm(d_sae, generator=generator)[:k].expand(n_seeds, batch, k).clone()
+        else:
+            chosen = torch.stack([torch.stack([torch.randperm(d_sae, generator=generator)[:k] for _ in range(batch)]) for _ in range(n_seeds)])
+            if layout == "heavy":
+                for latent, tokens in ((1, batch), (d_sae - 1, batch // 2)):
+                    rows = chosen[:, :tokens]
+                    has = (rows == latent).any(-1, keepdim=True)
+                    slot = torch.where(has, (rows == latent).int().argmax(-1, keepdim=True), torch.full_like(has, k - 1, dtype=torch.long))
+                    rows.scatter_(-1, slot, latent)
+        records.append(chosen)
+    return records
+
+
+@pytest.mark.parametrize("digit_bits,chunk", [(8, 128), (3, 16)])  # 3 bits, 16 entries: several passes over many chunks
+@pytest.mark.parametrize("n_seeds,batch,ks,d_sae,layout,values", [
+    (1, 8, (3,), 30, "random", "both"),  # one pass
+    (2, 24, (5, 9), 100, "heavy", "both"),
+    (3, 17, (4,), 700, "heavy", "missing"),  # 700 latents, most empty; a record without its encoder weights
+    (2, 20, (6, 11), 333, "same", "both"),
+    (1, 40, (40,), 4099, "random", "none"),
+    (3, 9, (7, 2), 70_001, "random", "both")])  # 18 key bits: three passes of 6 at 8 bits a pass
+def test_counting_sort_equals_torch_sort(n_seeds, batch, ks, d_sae, layout, values, digit_bits, chunk, monkeypatch):
+    """The counting-sort programs give torch.sort's stable order bit for bit: keys, order, rows, segments and the
+    per-entry weights gathered in that order (float32 and bf16 sources; None gives zeros), for one to three seeds,
+    one or two records of different k, heavy latents, identical rows, empty latents, d_sae past any block size."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    generator = torch.Generator().manual_seed(d_sae + len(ks))
+    indices = _sort_case(generator, n_seeds, batch, ks, d_sae, layout)
+    weights = ()
+    if values != "none":
+        weights = tuple([None if values == "missing" and name == "encoder" else torch.randn(n_seeds, batch, k, generator=generator).to(dtype)
+                         for k, dtype in zip(ks, (torch.float32, torch.bfloat16))] for name in ("decoder", "encoder"))
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernel_updates, "COUNTING_SORT", False)
+    want = sparse_kernels.sort_entries_by_latent(indices, d_sae, weights)
+    monkeypatch.setattr(kernel_updates, "COUNTING_SORT", True)
+    monkeypatch.setattr(kernel_updates, "COUNTING_SORT_DIGIT_BITS", digit_bits)
+    monkeypatch.setattr(kernel_updates, "COUNTING_SORT_CHUNK", chunk)
+    launched = []
+    launch = kernel_programs.launch
+    monkeypatch.setattr(kernel_programs, "launch", lambda name, *args, **meta: (launched.append(name), launch(name, *args, **meta))[1])
+    got = sparse_kernels.sort_entries_by_latent(indices, d_sae, weights)
+    passes = -(-(n_seeds * d_sae - 1).bit_length() // digit_bits)
+    assert launched == ["sort_histogram", "sort_place"] * passes
+    assert want.keys() == got.keys() == {"keys", "order", "rows", "segments"} | ({"weights"} if weights else set())
+    for key in ("keys", "order", "rows", "segments"):
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    for wanted, result in zip(want.get("weights", []), got.get("weights", [])):
+        assert result.dtype == torch.float32 and torch.equal(result, wanted)
+    if values == "missing":
+        assert not got["weights"][1].any()
+    if batch * sum(ks) < d_sae or layout == "same":
+        assert (got["segments"].diff() == 0).any()  # empty latents occur
+
+
+@pytest.mark.parametrize("switch,program", [("COUNTING_SORT", "sort_place"), ("ADAM_BIASES_ONE_LAUNCH", "adam_pair")])
+@pytest.mark.parametrize("aux", [False, True])
+def test_training_with_round_6_switches_on_equals_training_with_them_off(aux, switch, program, monkeypatch):
+    """Training with the sparse update lands on bit-identical weights and Adam state with ``switch`` (the counting
+    sort; b_enc's and b_dec's Adam in one launch) on and off (AuxK's second record from the third step when ``aux``)."""
+    if not _interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
+    generator = torch.Generator().manual_seed(2)
+    pool = [torch.randn(32, 16, generator=generator) + 0.5 for _ in range(3)]
+    results = {}
+    launched = []
+    launch = kernel_programs.launch
+    monkeypatch.setattr(kernel_programs, "launch", lambda name, *args, **meta: (launched.append(name), launch(name, *args, **meta))[1])
+    for counting in (False, True):
+        monkeypatch.setattr(kernel_updates, switch, counting)
+        launched.clear()
+        settings = TrainSettings.from_mapping(dict(architecture="topk", k=3, d_sae=64, batch_size=32, total_tokens=32 * 100, warmup_steps=0,
+                                                   sparse_decoder="kernels", dead_window_tokens=64 if aux else 10**9, aux_k=8, grad_clip_norm=1.0))
+        trainer = SeedBatchedTrainer(SeedBatchedSAE(settings, 16, seeds=[0, 1], b_dec=torch.zeros(16)), "cpu")
+        for step in range(4):
+            if step % 3 == 2:
+                trainer.model.refresh_dead_flag()
+            trainer.step(pool[step % 3])
+        assert trainer.model.sparse_update and trainer.model.auxk_active is aux
+        assert (program in launched) is counting
+        results[counting] = copy.deepcopy(trainer.state_dict())
+    flat = [[leaf for leaf in torch.utils._pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)] for result in (results[False], results[True])]
+    assert len(flat[0]) == len(flat[1]) > 8
+    for want, got in zip(*flat):
+        assert torch.equal(got, want)

@@ -583,11 +583,12 @@ def _adam_rows_program(W, G, M, V, W_low, clip_scale, lr, step, n_rows, rows_per
         tl.store(W_low + offsets, w.to(tl.bfloat16), mask=mask)
 
 
-def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
-                       BLOCK: tl.constexpr, CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
-    """Elementwise Adam over ``W`` (``per_seed`` elements a seed), the gradient (float32 or bf16) scaled by
-    ``clip_scale[seed]`` with ``CLIP``; ``LOW_COPY`` also writes the result in bf16 to ``W_low``."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _adam_flat_block(W, G, M, V, W_low, clip_scale, lr, step, block, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                     BLOCK: tl.constexpr, CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
+    """Elementwise Adam over block ``block`` of ``BLOCK`` elements of ``W`` (``per_seed`` elements a seed), the
+    gradient (float32 or bf16) scaled by ``clip_scale[seed]`` with ``CLIP``; ``LOW_COPY`` also writes the result
+    in bf16 to ``W_low``."""
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < numel
     w = tl.load(W + offsets, mask=mask, other=0.0)
     g = tl.load(G + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -602,6 +603,26 @@ def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed,
     tl.store(V + offsets, v, mask=mask)
     if LOW_COPY:
         tl.store(W_low + offsets, w.to(tl.bfloat16), mask=mask)
+
+
+def _adam_flat_program(W, G, M, V, W_low, clip_scale, lr, step, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                       BLOCK: tl.constexpr, CLIP: tl.constexpr, LOW_COPY: tl.constexpr):
+    """Elementwise Adam over ``W`` (``per_seed`` elements a seed; :func:`_adam_flat_block`), a block a program."""
+    _adam_flat_block(W, G, M, V, W_low, clip_scale, lr, step, tl.program_id(0), numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                     BLOCK, CLIP, LOW_COPY)
+
+
+def _adam_pair_program(W, G, M, V, step, numel, per_seed, blocks, W_second, G_second, M_second, V_second, step_second, numel_second,
+                       per_seed_second, clip_scale, lr, beta1, beta2, eps, log2_beta1, log2_beta2, BLOCK: tl.constexpr, CLIP: tl.constexpr):
+    """:func:`_adam_flat_program` over two parameters in one launch (b_enc and b_dec, without bf16 copies): the
+    first ``blocks`` programs update ``W``, the rest ``W_second``, each with its own Adam state and step."""
+    block = tl.program_id(0)
+    if block < blocks:
+        _adam_flat_block(W, G, M, V, W, clip_scale, lr, step, block, numel, per_seed, beta1, beta2, eps, log2_beta1, log2_beta2,
+                         BLOCK, CLIP, False)
+    else:
+        _adam_flat_block(W_second, G_second, M_second, V_second, W_second, clip_scale, lr, step_second, block - blocks, numel_second,
+                         per_seed_second, beta1, beta2, eps, log2_beta1, log2_beta2, BLOCK, CLIP, False)
 
 
 def _clip_statistics_program(statistics, column_blocks, stride, grad_b_enc, along, partial, d_sae, blocks_per_seed,
@@ -699,6 +720,106 @@ def _work_items_program(segments, inclusive, item_block, item_chunk, block_items
         tl.store(item_chunk + items, items - last_start, mask=padding)
 
 
+
+def _entry_source(entries, per_seed, first_per_seed, TWO_RECORDS: tl.constexpr):
+    """For entries at positions ``entries`` (int32) of the seed-major concatenation of one or two records'
+    flattened ``indices [S, B*K_p]`` (``per_seed`` entries a seed, the first record's ``first_per_seed``
+    first): their seed, whether they are the second record's, and their position in their own record's
+    flattened ``[S * B * K_p]`` (int32)."""
+    seed = entries // per_seed
+    position = entries - seed * per_seed
+    second = position >= first_per_seed
+    local = seed * first_per_seed + position
+    if TWO_RECORDS:
+        local = tl.where(second, seed * (per_seed - first_per_seed) + position - first_per_seed, local)
+    return seed, second, local
+
+
+def _sort_pass_keys(keys_in, order_in, indices_first, indices_second, entries, mask, per_seed, first_per_seed, d_sae,
+                    FIRST: tl.constexpr, TWO_RECORDS: tl.constexpr):
+    """The keys (int32 ``seed * d_sae + latent``) and original positions (int32) of one counting-sort pass's
+    input entries ``entries``: from the records' indices in the first pass, else from the previous pass's output."""
+    if FIRST:
+        seed, second, local = _entry_source(entries, per_seed, first_per_seed, TWO_RECORDS)
+        latents = tl.load(indices_first + local, mask=mask & (second == 0), other=0).to(tl.int32)
+        if TWO_RECORDS:
+            latents = tl.where(second, tl.load(indices_second + local, mask=mask & second, other=0).to(tl.int32), latents)
+        keys = seed * d_sae + latents
+        order = entries
+    else:
+        keys = tl.load(keys_in + entries, mask=mask, other=0)
+        order = tl.load(order_in + entries, mask=mask, other=0)
+    return keys, order
+
+
+def _sort_histogram_program(keys_in, order_in, indices_first, indices_second, counts, total, n_chunks, per_seed, first_per_seed, d_sae,
+                            shift, FIRST: tl.constexpr, TWO_RECORDS: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr,
+                            BIN_BLOCK: tl.constexpr):
+    """One program per chunk of ``CHUNK`` consecutive entries of a counting-sort pass's input: how many of them
+    have each digit ``(key >> shift) % BINS``, stored digit-major (``counts[digit * n_chunks + chunk]``, int32) so
+    that one running sum over ``counts`` gives each (digit, chunk) its first output position."""
+    chunk = tl.program_id(0)
+    entries = chunk * CHUNK + tl.arange(0, CHUNK)
+    mask = entries < total
+    keys, order = _sort_pass_keys(keys_in, order_in, indices_first, indices_second, entries, mask, per_seed, first_per_seed, d_sae,
+                                  FIRST, TWO_RECORDS)
+    digits = tl.where(mask, (keys >> shift) & (BINS - 1), BINS)
+    for start in tl.static_range(0, BINS, BIN_BLOCK):
+        bins = start + tl.arange(0, BIN_BLOCK)
+        tl.store(counts + bins * n_chunks + chunk, tl.sum((digits[:, None] == bins[None, :]).to(tl.int32), axis=0))
+
+
+def _sort_place_program(keys_in, order_in, indices_first, indices_second, counts, ends, keys_out, order_out, rows_out, order_final,
+                        values_a_first, values_a_second, values_b_first, values_b_second, values_a_out, values_b_out,
+                        total, n_chunks, per_seed, first_per_seed, first_k, second_k, batch, d_sae, shift,
+                        FIRST: tl.constexpr, LAST: tl.constexpr, TWO_RECORDS: tl.constexpr, CHUNK: tl.constexpr, BINS: tl.constexpr,
+                        HAS_A_FIRST: tl.constexpr, HAS_A_SECOND: tl.constexpr, HAS_B_FIRST: tl.constexpr, HAS_B_SECOND: tl.constexpr,
+                        VALUES: tl.constexpr):
+    """One program per chunk of ``CHUNK`` consecutive entries of a counting-sort pass's input (stable by digit
+    ``(key >> shift) % BINS``): an entry goes to its (digit, chunk)'s first position (``ends - counts``, the
+    inclusive running sum over the digit-major counts less the count) plus the number of the chunk's earlier
+    entries with its digit. Not ``LAST``: the keys and original positions (int32) to ``keys_out`` / ``order_out``.
+    ``LAST``: the keys (int32) to ``keys_out``, the original positions (int64) to ``order_final``, the entries'
+    dense rows (int32 ``p * batch + token``) to ``rows_out`` and, for the first ``VALUES`` (0-2) of the per-entry
+    value vectors a and b (one tensor per record, float32 out; a record without one gives 0), their values."""
+    chunk = tl.program_id(0)
+    lanes = tl.arange(0, CHUNK)
+    entries = chunk * CHUNK + lanes
+    mask = entries < total
+    keys, order = _sort_pass_keys(keys_in, order_in, indices_first, indices_second, entries, mask, per_seed, first_per_seed, d_sae,
+                                  FIRST, TWO_RECORDS)
+    digits = tl.where(mask, (keys >> shift) & (BINS - 1), BINS)
+    earlier = (lanes[None, :] < lanes[:, None]) & (digits[None, :] == digits[:, None])
+    slots = digits * n_chunks + chunk
+    first = tl.load(ends + slots, mask=mask, other=0) - tl.load(counts + slots, mask=mask, other=0)
+    targets = first + tl.sum(earlier.to(tl.int32), axis=1)
+    tl.store(keys_out + targets, keys, mask=mask)
+    if LAST:
+        tl.store(order_final + targets, order.to(tl.int64), mask=mask)
+        seed, second, local = _entry_source(order, per_seed, first_per_seed, TWO_RECORDS)
+        rows = local // first_k - seed * batch
+        if TWO_RECORDS:
+            rows = tl.where(second, batch + local // second_k - seed * batch, rows)
+        tl.store(rows_out + targets, rows, mask=mask)
+        in_first = mask & (second == 0)
+        in_second = mask & second
+        if VALUES >= 1:
+            a = tl.zeros([CHUNK], dtype=tl.float32)
+            if HAS_A_FIRST:
+                a = tl.load(values_a_first + local, mask=in_first, other=0.0).to(tl.float32)
+            if HAS_A_SECOND:
+                a = tl.where(second, tl.load(values_a_second + local, mask=in_second, other=0.0).to(tl.float32), a)
+            tl.store(values_a_out + targets, a, mask=mask)
+        if VALUES >= 2:
+            b = tl.zeros([CHUNK], dtype=tl.float32)
+            if HAS_B_FIRST:
+                b = tl.load(values_b_first + local, mask=in_first, other=0.0).to(tl.float32)
+            if HAS_B_SECOND:
+                b = tl.where(second, tl.load(values_b_second + local, mask=in_second, other=0.0).to(tl.float32), b)
+            tl.store(values_b_out + targets, b, mask=mask)
+    else:
+        tl.store(order_out + targets, order, mask=mask)
+
 def _source(function):
     """The plain Python function behind a function or a ``triton.jit`` wrapper of it."""
     return getattr(function, "fn", function)
@@ -710,16 +831,18 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     # The interpreter runs helpers as plain Python (with triton.language patched); compiled programs need them jitted.
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
                for name in ("_weighted_rows_tile", "_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
-                            "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles")}
+                            "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles",
+                            "_entry_source", "_sort_pass_keys", "_adam_flat_block")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program),
                  ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
                  ("tokens_since_fired", _tokens_since_fired_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
                  ("combine_gradients", _combine_gradients_program),
-                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program),
+                 ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program), ("adam_pair", _adam_pair_program),
                  ("clip_statistics", _clip_statistics_program), ("clip_scale", _clip_scale_program),
-                 ("work_items", _work_items_program))}
+                 ("work_items", _work_items_program),
+                 ("sort_histogram", _sort_histogram_program), ("sort_place", _sort_place_program))}
     return helpers, programs
 
 

@@ -74,26 +74,102 @@ WORK_ITEMS_PROGRAM = True
 WORK_ITEMS_BLOCK = 1024
 CLIP_BLOCK = 1024
 CLIP_SCALE_BLOCK = 1024
+# The entry sort (round 6): a stable least-significant-digit counting sort in Triton programs (:func:`_counting_sort_entries`;
+# per pass of at most COUNTING_SORT_DIGIT_BITS key bits a digit histogram per chunk of COUNTING_SORT_CHUNK entries, one
+# torch.cumsum over them and a placing program; two passes at 16,384 latents and one seed) whose last pass also writes the
+# rows and the per-entry weights in the sorted order, instead of torch.sort (a stable radix sort over all 32 key bits),
+# the gathers of the rows and weights, the concatenations and casts. Output identical to torch.sort's; False: torch.sort.
+COUNTING_SORT = True
+COUNTING_SORT_CHUNK = 128
+COUNTING_SORT_DIGIT_BITS = 8
+# Adam over b_enc and b_dec in one launch (programs._adam_pair_program, round 6) instead of one adam_flat launch each.
+ADAM_BIASES_ONE_LAUNCH = True
 
 
-def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int) -> dict[str, torch.Tensor]:
+def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int,
+                           weights: tuple[list[torch.Tensor | None], ...] = ()) -> dict[str, torch.Tensor]:
     """The entries of several ``indices [S,B,K_p]`` tensors sorted by (seed, latent), stably.
 
-    Returns ``keys`` (int32 ``s * d_sae + latent`` per sorted entry), ``order`` (each sorted entry's
+    Returns ``keys`` (int32 ``s * d_sae + latent`` per sorted entry), ``order`` (int64: each sorted entry's
     position in the concatenation of the flattened tensors, per seed), ``rows`` (int32 ``p * B + token``,
-    the entry's row in the stacked dense operands) and ``segments`` (int32 ``[S * d_sae + 1]``: latent
-    ``s * d_sae + i`` owns sorted entries ``segments[i] .. segments[i+1]``)."""
+    the entry's row in the stacked dense operands), ``segments`` (int32 ``[S * d_sae + 1]``: latent
+    ``s * d_sae + i`` owns sorted entries ``segments[i] .. segments[i+1]``) and, with ``weights`` (per-entry
+    values: one ``[S,B,K_p]`` tensor per record, or None for zeros), ``weights``: each as float32 in the sorted
+    order. With ``COUNTING_SORT`` (Triton usable, at most two records and two weights) the counting-sort programs
+    (:func:`_counting_sort_entries`), else torch.sort; the two give the same values."""
     n_seeds, batch = indices[0].shape[:2]
     device = indices[0].device
     if n_seeds * d_sae >= 2**31:
         raise ValueError("sort_entries_by_latent: seeds x d_sae must stay below 2**31")
+    n_entries = n_seeds * batch * sum(chosen.shape[2] for chosen in indices)
+    # int32 positions: the entries, and the (digit, chunk) counts (at most 2**COUNTING_SORT_DIGIT_BITS per chunk).
+    fits = triton is not None and 0 < n_entries < 2**31 and (1 << COUNTING_SORT_DIGIT_BITS) * triton.cdiv(n_entries, COUNTING_SORT_CHUNK) < 2**31
+    if COUNTING_SORT and fits and programs.triton_usable(indices[0]) and len(indices) <= 2 and len(weights) <= 2:
+        return _counting_sort_entries(indices, d_sae, weights)
     offsets, rows, queries = _entry_constants(n_seeds, batch, tuple(chosen.shape[2] for chosen in indices), d_sae, device)
     flat = indices[0].reshape(n_seeds, -1) if len(indices) == 1 else torch.cat([chosen.reshape(n_seeds, -1) for chosen in indices], dim=1)
     keys = (flat.to(torch.int32) + offsets).reshape(-1)
     sorted_keys, order = torch.sort(keys, stable=True)
     sorted_rows = rows.reshape(-1)[order]
     segments = torch.searchsorted(sorted_keys, queries, out_int32=True)
-    return {"keys": sorted_keys, "order": order, "rows": sorted_rows, "segments": segments}
+    entries = {"keys": sorted_keys, "order": order, "rows": sorted_rows, "segments": segments}
+    if weights:
+        def flattened(values: list[torch.Tensor | None]) -> torch.Tensor:
+            parts = [value.reshape(n_seeds, -1).float() if value is not None else torch.zeros(n_seeds, chosen[0].numel(), device=device)
+                     for value, chosen in zip(values, indices)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+        entries["weights"] = [flattened(values).reshape(-1)[order] for values in weights]
+    return entries
+
+
+def _counting_sort_entries(indices: list[torch.Tensor], d_sae: int, weights: tuple[list[torch.Tensor | None], ...]) -> dict[str, torch.Tensor]:
+    """:func:`sort_entries_by_latent` (one or two records, at most two weights) by a stable least-significant-digit
+    counting sort over the keys' ``ceil(log2(S * d_sae))`` bits, in passes of at most ``COUNTING_SORT_DIGIT_BITS``
+    bits. Per pass: ``sort_histogram`` counts each chunk's digits (``[bins, chunks]`` int32), ``torch.cumsum`` gives
+    their inclusive running sums, ``sort_place`` puts each entry at its (digit, chunk)'s first position plus the
+    number of the chunk's earlier entries with its digit (no atomics: deterministic and stable). The first pass reads
+    the keys from the records' indices, the last writes the sorted keys, ``order``, ``rows`` and the weights; the
+    segments are ``torch.searchsorted`` over the sorted keys, as on the torch path."""
+    n_seeds, batch = indices[0].shape[:2]
+    device = indices[0].device
+    ks = [chosen.shape[2] for chosen in indices]
+    per_seed = batch * sum(ks)
+    total = n_seeds * per_seed
+    bits = max(1, (n_seeds * d_sae - 1).bit_length())
+    passes = triton.cdiv(bits, COUNTING_SORT_DIGIT_BITS)
+    digit_bits = triton.cdiv(bits, passes)
+    bins, chunk = 1 << digit_bits, COUNTING_SORT_CHUNK
+    n_chunks = triton.cdiv(total, chunk)
+    first, second = indices[0].contiguous(), indices[-1].contiguous()
+    counts = torch.empty(2, bins * n_chunks, dtype=torch.int32, device=device)  # the counts and their inclusive running sums
+    keys = torch.empty(2 if passes > 1 else 1, total, dtype=torch.int32, device=device)
+    order_between = torch.empty(2 if passes > 2 else 1, total, dtype=torch.int32, device=device) if passes > 1 else keys
+    order, rows = torch.empty(total, dtype=torch.int64, device=device), torch.empty(total, dtype=torch.int32, device=device)
+    values = [[value.contiguous() if value is not None else None for value in per_record] for per_record in weights]
+    out = [torch.empty(total, dtype=torch.float32, device=device) for _ in weights]
+    value_pointers = [(per_record[0] if per_record[0] is not None else first, per_record[-1] if per_record[-1] is not None else first)
+                      for per_record in values] + [(first, first)] * (2 - len(values))
+    flags = {f"HAS_{name}_{part}": index < len(values) and (slot == 0 or len(indices) == 2) and values[index][slot] is not None
+             for index, name in enumerate("AB") for slot, part in enumerate(("FIRST", "SECOND"))}
+    outputs = out + [rows] * (2 - len(out))
+    for step in range(passes):
+        source_keys = keys[(step - 1) % keys.shape[0]] if step > 0 else first
+        source_order = order_between[(step - 1) % order_between.shape[0]] if step > 0 else first
+        target_keys = keys[step % keys.shape[0]]
+        target_order = order_between[step % order_between.shape[0]]
+        shape = dict(FIRST=step == 0, TWO_RECORDS=len(indices) == 2, CHUNK=chunk, BINS=bins)
+        common = (total, n_chunks, per_seed, batch * ks[0], d_sae)
+        programs.launch("sort_histogram", (n_chunks,), source_keys, source_order, first, second, counts[0], *common, step * digit_bits,
+                        BIN_BLOCK=min(bins, 64), num_warps=4, **shape)
+        torch.cumsum(counts[0], 0, dtype=torch.int32, out=counts[1])
+        programs.launch("sort_place", (n_chunks,), source_keys, source_order, first, second, counts[0], counts[1], target_keys, target_order,
+                        rows, order, *value_pointers[0], *value_pointers[1], *outputs, total, n_chunks, per_seed, batch * ks[0], ks[0], ks[-1],
+                        batch, d_sae, step * digit_bits, LAST=step == passes - 1, VALUES=len(values), num_warps=4, **flags, **shape)
+    sorted_keys = keys[(passes - 1) % keys.shape[0]]
+    queries = _entry_constants(n_seeds, batch, tuple(ks), d_sae, device)[2]
+    entries = {"keys": sorted_keys, "order": order, "rows": rows, "segments": torch.searchsorted(sorted_keys, queries, out_int32=True)}
+    return {**entries, "weights": out} if weights else entries
 
 
 @functools.lru_cache(maxsize=16)
@@ -346,16 +422,15 @@ def deferred_operands(deferred: DeferredWeightGradients, W_dec: torch.Tensor) ->
     along the rows (record p's rows p*B ..; zeros for a record whose backward left none)."""
     records = deferred.records
     n_seeds, d_sae, width = W_dec.shape
-    entries = sort_entries_by_latent([record["indices"] for record in records], d_sae)
+    entries = sort_entries_by_latent([record["indices"] for record in records], d_sae,
+                                     weights=tuple([record.get(key) for record in records] for key in ("decoder_weights", "encoder_weights")))
+    per_entry = entries.pop("weights")
     batch = records[0]["indices"].shape[1]
 
     def stacked(key: str, per_record: Callable[[dict], torch.Tensor], missing: Callable[[dict], torch.Tensor]) -> torch.Tensor:
         parts = [per_record(record) if key in record else missing(record) for record in records]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    per_entry = [stacked(key, lambda record, key=key: record[key].reshape(n_seeds, -1).float(),
-                         lambda record: torch.zeros(n_seeds, record["indices"][0].numel(), device=W_dec.device)).reshape(-1)[entries["order"]]
-                 for key in ("decoder_weights", "encoder_weights")]
     decoder_dense, encoder_dense = (stacked(key, lambda record, key=key: record[key], lambda record: torch.zeros(n_seeds, batch, width, device=W_dec.device))
                                     for key in ("decoder_dense", "encoder_dense"))
     return entries, *per_entry, decoder_dense, encoder_dense
@@ -373,7 +448,7 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     1. :func:`latent_gradients` forms both weight gradients from the entries (sorted by latent) with
        per-latent statistics, from which the per-seed clipping scale follows without another pass;
     2. Adam over W_dec's rows (projection, scale, update, renormalisation, bf16 copy in one program);
-    3. elementwise Adam over W_enc (bf16 copy too), b_enc and b_dec.
+    3. elementwise Adam over W_enc (bf16 copy too), b_enc and b_dec (the two in one launch with ``ADAM_BIASES_ONE_LAUNCH``).
 
     ``low_copies``: bf16 ``(W_enc, W_dec)`` copies the step refreshes (what the next forward reads). The
     learning rate is read from device memory (a tensor ``lr`` of the optimizer's group, or one made here),
@@ -405,8 +480,17 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
     _adam_launch("adam_rows", optimizer, W_dec, grad_dec, low_dec, clip_scale, lr, (triton.cdiv(n_seeds * d_sae, rows),),
                  n_seeds * d_sae, d_sae, width, along=along_rows, ROWS=rows, BLOCK=block, PROJECT=unit_norm_decoder,
                  NORMALIZE=unit_norm_decoder, num_warps=8 if block >= 2048 else 4)
-    for parameter, gradient, low in ((W_enc, grad_enc, low_enc), (b_enc, grad_b_enc, None), (b_dec, grad_b_dec, None)):
+    flat = ((W_enc, grad_enc, low_enc),) + (((b_enc, grad_b_enc, None), (b_dec, grad_b_dec, None)) if not ADAM_BIASES_ONE_LAUNCH else ())
+    for parameter, gradient, low in flat:
         numel = parameter.numel()
         _adam_launch("adam_flat", optimizer, parameter, gradient, low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
                      numel, numel // n_seeds, BLOCK=ADAM_BLOCK)
+    if ADAM_BIASES_ONE_LAUNCH:
+        beta1, beta2 = (float(beta) for beta in group["betas"])
+        operands = [(parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"], parameter.numel(), parameter.numel() // n_seeds)
+                    for parameter, gradient, state in ((b_enc, grad_b_enc, states[2]), (b_dec, grad_b_dec, states[3]))]
+        blocks = triton.cdiv(b_enc.numel(), ADAM_BLOCK)
+        programs.launch("adam_pair", (blocks + triton.cdiv(b_dec.numel(), ADAM_BLOCK),), *operands[0], blocks, *operands[1],
+                        clip_scale if clip_scale is not None else lr, lr, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2),
+                        BLOCK=ADAM_BLOCK, CLIP=clip_scale is not None)
     records.clear()
