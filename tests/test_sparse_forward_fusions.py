@@ -36,12 +36,14 @@ def _switches(monkeypatch, on: bool) -> None:
         monkeypatch.setattr(training_model, name, on)
 
 
+@pytest.mark.parametrize("read_back", [True, False])
 @pytest.mark.parametrize("n_seeds,dtype,rows_per_program", [(1, torch.float32, 1), (3, torch.bfloat16, 1), (2, torch.bfloat16, 2)])
-def test_topk_program_values_and_firing_counts_equal_the_gather_and_scatter(n_seeds, dtype, rows_per_program, monkeypatch):
+def test_topk_program_values_and_firing_counts_equal_the_gather_and_scatter(n_seeds, dtype, rows_per_program, read_back, monkeypatch):
     """The values the program writes are bit for bit the gather path's (``pre.gather().float()`` plus the gathered
     bias); its firing counts are ``scatter_add_`` of ``relu(values) > 0``: selected entries of value exactly 0
-    (and negative ones) do not count."""
+    (and negative ones) do not count. ``read_back``: from the chosen columns read back, or from the keys."""
     monkeypatch.setattr(kernel_programs, "TOPK_ROWS", rows_per_program)
+    monkeypatch.setattr(kernel_programs, "TOPK_VALUES_READ_BACK", read_back)
     generator = torch.Generator().manual_seed(n_seeds)
     batch, width, k = 6, 640, 5
     pre = torch.randn(n_seeds, batch, width, generator=generator).to(dtype)

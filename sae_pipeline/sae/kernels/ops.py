@@ -115,7 +115,7 @@ def topk_columns(pre: torch.Tensor, k: int, bias: torch.Tensor | None = None, va
             width, k, rows_per_bias, rows.shape[0] // pre.shape[0],
             N_CHUNKS=n_chunks, CHUNK=chunk, CHUNK_BLOCK=min(chunk_block, n_chunks), K_PAD=k_pad,
             HAS_BIAS=bias is not None, ROWS=per_program, EARLY_EXIT=programs.TOPK_EARLY_EXIT, WRITE_VALUES=values_out is not None,
-            COUNT_FIRING=firing_counts is not None, num_warps=warps)
+            COUNT_FIRING=firing_counts is not None, READ_BACK=programs.TOPK_VALUES_READ_BACK, num_warps=warps)
     return out.view(*pre.shape[:-1], k)
 
 

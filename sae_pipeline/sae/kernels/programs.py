@@ -61,6 +61,10 @@ TOPK_ROWS = 1
 # that shape below 131,072 latents; at 262,144 x 2304 top-k took 1.40 ms uncapped, 1.13-1.14 with 64 and 1.38 with 32
 # (one row a program; round 4, benchmarks/issue17_logs/round4*_variants.log and round4_final_table.log).
 TOPK_TILE_PER_THREAD = 64
+# Round 6: the top-k program's selected values and firing counts from the chosen columns read back after their store
+# (a K_PAD vector) instead of over the [K_PAD * CHUNK] candidates in registers (False; on the H200 that made top-k
+# 0.088 -> 0.109 ms at 512 x 16k, k 40: benchmarks/issue17_logs/round6_forward_variants.log).
+TOPK_VALUES_READ_BACK = True
 # Both top-k bisections stop at the first probe with exactly k keys at or above it (False: all 33 halvings, the
 # selection before round 6; the same columns in the same slots either way).
 TOPK_EARLY_EXIT = True
@@ -215,7 +219,7 @@ def _top_k_slots(keys, K, EARLY_EXIT: tl.constexpr):
 def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firing, n, K, rows_per_bias, rows_per_seed,
                   N_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, CHUNK_BLOCK: tl.constexpr, K_PAD: tl.constexpr,
                   HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, EARLY_EXIT: tl.constexpr, WRITE_VALUES: tl.constexpr,
-                  COUNT_FIRING: tl.constexpr):
+                  COUNT_FIRING: tl.constexpr, READ_BACK: tl.constexpr):
     """One program per ``ROWS`` consecutive rows of ``pre [rows, n]`` (``ROWS`` divides ``rows`` and
     ``rows_per_bias``): each row's K largest entries' columns into ``out [rows, K]``. With ``HAS_BIAS`` the row
     is ``pre[row] + bias[row // rows_per_bias]`` (the bias added on the fly; the program's rows share one bias
@@ -267,14 +271,30 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firin
         keys = tl.where(tl.reshape(valid, [K_PAD * CHUNK]), _sortable_keys(tl.reshape(candidates, [K_PAD * CHUNK])), BELOW_ALL_KEYS)
         rank, chosen = _top_k_slots(keys, K, EARLY_EXIT)
         tl.store(out + row * K + rank, columns, mask=chosen)
-        # The chosen values from their keys (the order-preserving map is its own inverse, so these are the float32 sums
-        # bit for bit), so the candidates need not stay live through the selection.
-        chosen_values = tl.where(keys < 0, keys ^ 0x7FFFFFFF, keys).to(tl.float32, bitcast=True)
-        if WRITE_VALUES:
-            tl.store(values_out + row * K + rank, chosen_values, mask=chosen)
-        if COUNT_FIRING:
-            fires = chosen & (chosen_values > 0)
-            tl.atomic_add(firing + (row // rows_per_seed) * n + columns, tl.full([K_PAD * CHUNK], 1.0, tl.float32), mask=fires, sem="relaxed")
+        if READ_BACK:
+            if WRITE_VALUES or COUNT_FIRING:
+                # The K chosen columns read back as a K_PAD vector (a few a thread, where the [K_PAD * CHUNK] candidates are
+                # 32 a thread at one warp: masked stores and atomics over them cost per candidate), their sums pre + bias
+                # formed again as they were ranked (the same bits).
+                tl.debug_barrier()
+                kept = slots < K
+                chosen_columns = tl.load(out + row * K + slots, mask=kept, other=0)
+                chosen_values = tl.load(row_start + chosen_columns, mask=kept, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    chosen_values += tl.load(bias_start + chosen_columns, mask=kept, other=0.0).to(tl.float32)
+                if WRITE_VALUES:
+                    tl.store(values_out + row * K + slots, chosen_values, mask=kept)
+                if COUNT_FIRING:
+                    tl.atomic_add(firing + (row // rows_per_seed) * n + chosen_columns, tl.full([K_PAD], 1.0, tl.float32),
+                                  mask=kept & (chosen_values > 0), sem="relaxed")
+        else:
+            # The chosen values from their keys (the order-preserving map is its own inverse: the float32 sums bit for bit).
+            chosen_values = tl.where(keys < 0, keys ^ 0x7FFFFFFF, keys).to(tl.float32, bitcast=True)
+            if WRITE_VALUES:
+                tl.store(values_out + row * K + rank, chosen_values, mask=chosen)
+            if COUNT_FIRING:
+                fires = chosen & (chosen_values > 0)
+                tl.atomic_add(firing + (row // rows_per_seed) * n + columns, tl.full([K_PAD * CHUNK], 1.0, tl.float32), mask=fires, sem="relaxed")
 
 
 def _tokens_since_fired_program(tokens_since_fired, firing_counts, numel, batch, BLOCK: tl.constexpr):
