@@ -289,11 +289,11 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firin
                                   mask=kept & (chosen_values > 0), sem="relaxed")
         else:
             # The chosen values from their keys (the order-preserving map is its own inverse: the float32 sums bit for bit).
-            chosen_values = tl.where(keys < 0, keys ^ 0x7FFFFFFF, keys).to(tl.float32, bitcast=True)
+            key_values = tl.where(keys < 0, keys ^ 0x7FFFFFFF, keys).to(tl.float32, bitcast=True)
             if WRITE_VALUES:
-                tl.store(values_out + row * K + rank, chosen_values, mask=chosen)
+                tl.store(values_out + row * K + rank, key_values, mask=chosen)
             if COUNT_FIRING:
-                fires = chosen & (chosen_values > 0)
+                fires = chosen & (key_values > 0)
                 tl.atomic_add(firing + (row // rows_per_seed) * n + columns, tl.full([K_PAD * CHUNK], 1.0, tl.float32), mask=fires, sem="relaxed")
 
 
