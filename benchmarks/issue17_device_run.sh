@@ -75,7 +75,7 @@ for step in $STEPS; do
     round6) timeout ${TABLE_TIMEOUT:-240} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,262144 --k 40,64 \
               --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.2} --profile --profile-d-sae 16384 --profile-rows ${PROFILE_ROWS:-30} \
               --variant r5:TOPK_EARLY_EXIT=False,COUNTING_SORT=False,ADAM_BIASES_ONE_LAUNCH=False,TOPK_WRITES_VALUES=False,TOPK_COUNTS_FIRING=False,FIRING_PROGRAM=False,RECORD_LOW_CENTERED=False,DECODE_ADDS_BIAS=False,SHARED_ZERO_FILL=False \
-              --variant noexit:TOPK_EARLY_EXIT=False --variant torchsort:COUNTING_SORT=False --variant chunk64:COUNTING_SORT_CHUNK=64 \
+              --variant noexit:TOPK_EARLY_EXIT=False --variant torchsort:COUNTING_SORT=False --variant chunk64:COUNTING_SORT_CHUNK=64 --variant chunk256:COUNTING_SORT_CHUNK=256 \
               --variant bits7:COUNTING_SORT_DIGIT_BITS=7 --variant bits9:COUNTING_SORT_DIGIT_BITS=9 --variant adam2:ADAM_BIASES_ONE_LAUNCH=False \
               --json $OUT/variants_6.json 2>&1 | tee $OUT/variants_6.log ;;
     final6) timeout ${TABLE_TIMEOUT:-540} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \

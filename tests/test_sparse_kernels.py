@@ -539,7 +539,7 @@ def _sort_case(generator, n_seeds, batch, ks, d_sae, layout):
     return records
 
 
-@pytest.mark.parametrize("digit_bits,chunk", [(8, 128), (3, 16)])  # 3 bits, 16 entries: several passes over many chunks
+@pytest.mark.parametrize("digit_bits,chunk", [(8, 128), (3, 16), (9, 64), (7, 256)])  # 3 bits, 16 entries: several passes over many chunks
 @pytest.mark.parametrize("n_seeds,batch,ks,d_sae,layout,values", [
     (1, 8, (3,), 30, "random", "both"),  # one pass
     (2, 24, (5, 9), 100, "heavy", "both"),
