@@ -81,7 +81,7 @@ for step in $STEPS; do
     final6) timeout ${TABLE_TIMEOUT:-540} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
               --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
               --profile-rows ${PROFILE_ROWS:-20} --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk \
-              --variant r5:TOPK_EARLY_EXIT=False,COUNTING_SORT=False,ADAM_BIASES_ONE_LAUNCH=False,TOPK_WRITES_VALUES=False,TOPK_COUNTS_FIRING=False,FIRING_PROGRAM=False,RECORD_LOW_CENTERED=False,DECODE_ADDS_BIAS=False,SHARED_ZERO_FILL=False --variant torchsort:COUNTING_SORT=False --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
+              --variant r5:TOPK_EARLY_EXIT=False,COUNTING_SORT=False,ADAM_BIASES_ONE_LAUNCH=False,TOPK_WRITES_VALUES=False,TOPK_COUNTS_FIRING=False,FIRING_PROGRAM=False,RECORD_LOW_CENTERED=False,DECODE_ADDS_BIAS=False,SHARED_ZERO_FILL=False --variant countsort:COUNTING_SORT=True --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
   esac
 done
 echo "=== done ($(date +%T))"

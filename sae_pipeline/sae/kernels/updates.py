@@ -78,8 +78,11 @@ CLIP_SCALE_BLOCK = 1024
 # per pass of at most COUNTING_SORT_DIGIT_BITS key bits a digit histogram per chunk of COUNTING_SORT_CHUNK entries, one
 # torch.cumsum over them and a placing program; two passes at 16,384 latents and one seed) whose last pass also writes the
 # rows and the per-entry weights in the sorted order, instead of torch.sort (a stable radix sort over all 32 key bits),
-# the gathers of the rows and weights, the concatenations and casts. Output identical to torch.sort's; False: torch.sort.
-COUNTING_SORT = True
+# the gathers of the rows and weights, the concatenations and casts. Output identical to torch.sort's. Off by default:
+# on the H200 it did not pay (round 6, benchmarks/issue17_logs/round6_final_table.log: the torch.sort path 0.98-1.007x
+# the step with it at all 16 sizes, faster at 14; its placing program alone 0.042 ms at 512 x 16k, k 40, as much as
+# the radix sort and gathers it replaces).
+COUNTING_SORT = False
 COUNTING_SORT_CHUNK = 128
 COUNTING_SORT_DIGIT_BITS = 8
 # Adam over b_enc and b_dec in one launch (programs._adam_pair_program, round 6) instead of one adam_flat launch each.
