@@ -789,6 +789,18 @@ def _sort_histogram_program(keys_in, order_in, indices_first, indices_second, co
         tl.store(counts + bins * n_chunks + chunk, tl.sum((digits[:, None] == bins[None, :]).to(tl.int32), axis=0))
 
 
+def _record_values(first, second_values, local, second, in_first, in_second,
+                   HAS_FIRST: tl.constexpr, HAS_SECOND: tl.constexpr, CHUNK: tl.constexpr):
+    """One per-entry weight ``[CHUNK]`` (float32) for the entries at ``local`` of the first or the ``second``
+    record: loaded from the record's vector where it has one, 0 where it has none."""
+    values = tl.zeros([CHUNK], dtype=tl.float32)
+    if HAS_FIRST:
+        values = tl.load(first + local, mask=in_first, other=0.0).to(tl.float32)
+    if HAS_SECOND:
+        values = tl.where(second, tl.load(second_values + local, mask=in_second, other=0.0).to(tl.float32), values)
+    return values
+
+
 def _sort_place_program(keys_in, order_in, indices_first, indices_second, counts, ends, keys_out, order_out, rows_out, order_final,
                         values_a_first, values_a_second, values_b_first, values_b_second, values_a_out, values_b_out,
                         total, n_chunks, per_seed, first_per_seed, first_k, second_k, batch, d_sae, shift,
@@ -824,19 +836,11 @@ def _sort_place_program(keys_in, order_in, indices_first, indices_second, counts
         in_first = mask & (second == 0)
         in_second = mask & second
         if VALUES >= 1:
-            a = tl.zeros([CHUNK], dtype=tl.float32)
-            if HAS_A_FIRST:
-                a = tl.load(values_a_first + local, mask=in_first, other=0.0).to(tl.float32)
-            if HAS_A_SECOND:
-                a = tl.where(second, tl.load(values_a_second + local, mask=in_second, other=0.0).to(tl.float32), a)
-            tl.store(values_a_out + targets, a, mask=mask)
+            tl.store(values_a_out + targets, _record_values(values_a_first, values_a_second, local, second, in_first, in_second,
+                                                            HAS_A_FIRST, HAS_A_SECOND, CHUNK), mask=mask)
         if VALUES >= 2:
-            b = tl.zeros([CHUNK], dtype=tl.float32)
-            if HAS_B_FIRST:
-                b = tl.load(values_b_first + local, mask=in_first, other=0.0).to(tl.float32)
-            if HAS_B_SECOND:
-                b = tl.where(second, tl.load(values_b_second + local, mask=in_second, other=0.0).to(tl.float32), b)
-            tl.store(values_b_out + targets, b, mask=mask)
+            tl.store(values_b_out + targets, _record_values(values_b_first, values_b_second, local, second, in_first, in_second,
+                                                            HAS_B_FIRST, HAS_B_SECOND, CHUNK), mask=mask)
     else:
         tl.store(order_out + targets, order, mask=mask)
 
@@ -852,7 +856,7 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
                for name in ("_weighted_rows_tile", "_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
                             "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles",
-                            "_entry_source", "_sort_pass_keys", "_adam_flat_block")}
+                            "_entry_source", "_sort_pass_keys", "_record_values", "_adam_flat_block")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program),
                  ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
