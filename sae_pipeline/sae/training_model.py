@@ -131,8 +131,8 @@ def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | Non
     """
     width = pre_activations.shape[-1]
     with torch.no_grad():
-        wide = width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK
-        if topk_program_runs(pre_activations, k):
+        wide = _wide_rows(width, k)
+        if wide and kernel_programs.triton_usable(pre_activations):
             return sparse_kernels.topk_columns(pre_activations, k, bias)
         if bias is not None:
             pre_activations = pre_activations + bias.view(bias.shape[0], *([1] * (pre_activations.dim() - 2)), width)
@@ -149,8 +149,12 @@ def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | Non
 
 def topk_program_runs(pre_activations: torch.Tensor, k: int) -> bool:
     """Whether :func:`topk_indices` selects from ``pre_activations [S, ..., n]`` with the top-k program (wide rows, Triton usable)."""
-    width = pre_activations.shape[-1]
-    return width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK and kernel_programs.triton_usable(pre_activations)
+    return _wide_rows(pre_activations.shape[-1], k) and kernel_programs.triton_usable(pre_activations)
+
+
+def _wide_rows(width: int, k: int) -> bool:
+    """Whether rows of ``width`` entries are wide enough for the chunked top-k selection of :func:`topk_indices`."""
+    return width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK
 
 
 class SeedBatchedSAE(nn.Module):

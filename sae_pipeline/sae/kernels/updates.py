@@ -74,14 +74,10 @@ WORK_ITEMS_PROGRAM = True
 WORK_ITEMS_BLOCK = 1024
 CLIP_BLOCK = 1024
 CLIP_SCALE_BLOCK = 1024
-# The entry sort (round 6): a stable least-significant-digit counting sort in Triton programs (:func:`_counting_sort_entries`;
-# per pass of at most COUNTING_SORT_DIGIT_BITS key bits a digit histogram per chunk of COUNTING_SORT_CHUNK entries, one
-# torch.cumsum over them and a placing program; two passes at 16,384 latents and one seed) whose last pass also writes the
-# rows and the per-entry weights in the sorted order, instead of torch.sort (a stable radix sort over all 32 key bits),
-# the gathers of the rows and weights, the concatenations and casts. Output identical to torch.sort's. Off by default:
-# on the H200 it did not pay (round 6, benchmarks/issue17_logs/round6_final_table.log: the torch.sort path 0.98-1.007x
-# the step with it at all 16 sizes, faster at 14; its placing program alone 0.042 ms at 512 x 16k, k 40, as much as
-# the radix sort and gathers it replaces).
+# The entry sort as a stable counting sort in Triton programs (round 6, :func:`_counting_sort_entries`; passes of at most
+# COUNTING_SORT_DIGIT_BITS key bits over chunks of COUNTING_SORT_CHUNK entries), output identical to torch.sort's and the
+# gathers it replaces. Off: on the H200 the torch.sort path was 0.98-1.007x the step with it at all 16 sizes, faster at
+# 14 (its placing program alone 0.042 ms at 512 x 16k, k 40; benchmarks/issue17_logs/round6_final_table.log).
 COUNTING_SORT = False
 COUNTING_SORT_CHUNK = 128
 COUNTING_SORT_DIGIT_BITS = 8
@@ -406,8 +402,6 @@ def _adam_launch(name: str, optimizer: torch.optim.Optimizer, parameter: torch.T
                  **meta) -> None:
     """Launch ``adam_rows`` or ``adam_flat``; ``along`` (``adam_rows``): the projection's per-row coefficients, or None
     for the program to form them itself."""
-    group = optimizer.param_groups[0]
-    beta1, beta2 = (float(beta) for beta in group["betas"])
     state = _adam_state(optimizer, parameter)
     extra = ()
     if name == "adam_rows":
@@ -415,8 +409,15 @@ def _adam_launch(name: str, optimizer: torch.optim.Optimizer, parameter: torch.T
         meta["PROJECT_GIVEN"] = along is not None
     programs.launch(name, grid, parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"],
             low_copy if low_copy is not None else parameter, clip_scale if clip_scale is not None else lr, lr, state["step"],
-            *shape_args, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2), *extra,
+            *shape_args, *_adam_hyperparameters(optimizer), *extra,
             CLIP=clip_scale is not None, LOW_COPY=low_copy is not None, **meta)
+
+
+def _adam_hyperparameters(optimizer: torch.optim.Optimizer) -> tuple[float, ...]:
+    """The Adam programs' scalar arguments: ``beta1, beta2, eps, log2(beta1), log2(beta2)``."""
+    group = optimizer.param_groups[0]
+    beta1, beta2 = (float(beta) for beta in group["betas"])
+    return beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2)
 
 
 def deferred_operands(deferred: DeferredWeightGradients, W_dec: torch.Tensor) -> tuple:
@@ -489,11 +490,10 @@ def sparse_adam_step(optimizer: torch.optim.Optimizer, deferred: DeferredWeightG
         _adam_launch("adam_flat", optimizer, parameter, gradient, low, clip_scale, lr, (triton.cdiv(numel, ADAM_BLOCK),),
                      numel, numel // n_seeds, BLOCK=ADAM_BLOCK)
     if ADAM_BIASES_ONE_LAUNCH:
-        beta1, beta2 = (float(beta) for beta in group["betas"])
         operands = [(parameter, gradient.contiguous(), state["exp_avg"], state["exp_avg_sq"], state["step"], parameter.numel(), parameter.numel() // n_seeds)
                     for parameter, gradient, state in ((b_enc, grad_b_enc, states[2]), (b_dec, grad_b_dec, states[3]))]
         blocks = triton.cdiv(b_enc.numel(), ADAM_BLOCK)
         programs.launch("adam_pair", (blocks + triton.cdiv(b_dec.numel(), ADAM_BLOCK),), *operands[0], blocks, *operands[1],
-                        clip_scale if clip_scale is not None else lr, lr, beta1, beta2, float(group["eps"]), math.log2(beta1), math.log2(beta2),
+                        clip_scale if clip_scale is not None else lr, lr, *_adam_hyperparameters(optimizer),
                         BLOCK=ADAM_BLOCK, CLIP=clip_scale is not None)
     records.clear()
