@@ -82,6 +82,15 @@ for step in $STEPS; do
               --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384,262144 \
               --profile-rows ${PROFILE_ROWS:-20} --memory-d-sae 1048576 --memory-try-largest --architectures batchtopk,matryoshka_batchtopk \
               --variant r5:TOPK_EARLY_EXIT=False,COUNTING_SORT=False,ADAM_BIASES_ONE_LAUNCH=False,TOPK_WRITES_VALUES=False,TOPK_COUNTS_FIRING=False,FIRING_PROGRAM=False,RECORD_LOW_CENTERED=False,DECODE_ADDS_BIAS=False,SHARED_ZERO_FILL=False --variant countsort:COUNTING_SORT=True --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
+    batch7) for d_in in 512 2304; do
+              timeout ${TABLE_TIMEOUT:-200} python3 benchmarks/train_throughput.py --d-in $d_in --d-sae 16384,65536,131072 --k 40 \
+                --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.3} --profile --profile-d-sae 16384 --profile-rows ${PROFILE_ROWS:-16} \
+                --architectures-max-d-sae 131072 --architectures "batchtopk,batchtopk:batch_topk_cap_multiple=0,batchtopk:batch_topk_cap_multiple=2,matryoshka_batchtopk,matryoshka_batchtopk:batch_topk_cap_multiple=0" \
+                --json $OUT/batch7_$d_in.json 2>&1 | tee $OUT/batch7_$d_in.log
+            done ;;
+    quality7) for architecture in batchtopk matryoshka_batchtopk; do
+              timeout ${QUALITY_TIMEOUT:-200} python3 benchmarks/train_quality.py --architecture $architecture --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality7_$architecture.log
+            done ;;
   esac
 done
 echo "=== done ($(date +%T))"

@@ -10,6 +10,7 @@ cosine with a decoder row (1.0 = every planted feature recovered).
     python benchmarks/train_quality.py                      # GPU size: d=256, 4096 features, k=16, 8 M tokens
     python benchmarks/train_quality.py --small              # CPU size
     python benchmarks/train_quality.py --widths 4096,16384 --seeds 1   # SAEs of two widths on the same planted features
+    python benchmarks/train_quality.py --architecture batchtopk --seeds 1   # BatchTopK: candidates (kernels) against dense
 
 The kernels mode on CUDA is the sparse update (weight gradients from the selected entries, fused
 projection / clipping / Adam / renormalisation); dense is autograd with dense products and torch's Adam.
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--widths", help="comma-separated SAE widths (d_sae) to train; default: as many latents as planted features")
     parser.add_argument("--tokens", type=int, help="training tokens per run")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--architecture", default="topk", help="topk, batchtopk or matryoshka_batchtopk (prefixes at 1/8 and 1/2 of the width)")
     args = parser.parse_args()
     sizes = dict(SMALL if args.small else FULL)
     if args.tokens:
@@ -90,7 +92,7 @@ def main() -> None:
         x, dictionary = planted_activations(sizes, device)
         cache = write_synthetic_cache(folder / "cache", x, context_size=128, rows_per_shard=131072, dtype="float16")
         print(f"wrote {len(x)} rows of planted activations in {time.perf_counter() - start:.1f} s")
-        settings = dict(architecture="topk", k=sizes["active"], batch_size=sizes["batch"],
+        settings = dict(architecture=args.architecture, k=sizes["active"], batch_size=sizes["batch"],
                         total_tokens=sizes["tokens"], lr=4e-3, lr_scale_with_width=False, warmup_steps=100, decay_fraction=0.2,
                         holdout_tokens=min(65536, sizes["rows"] // 8), shuffle_buffer_rows=262144, dead_window_tokens=1_000_000, log_every=200,
                         checkpoint_every=1000, device=str(device))
@@ -99,7 +101,8 @@ def main() -> None:
             for seeds in ([list(range(args.seeds)), [0]] if args.seeds > 1 else [[0]]):
                 run = folder / f"{width}-{mode}-{len(seeds)}"
                 start = time.perf_counter()
-                metrics = train_saes(cache, run / "out", {**settings, "d_sae": width, "sparse_decoder": MODES[mode]}, seeds, run / "state", progress=False)
+                variant = {**settings, "d_sae": width, "sparse_decoder": MODES[mode], "matryoshka_prefixes": [width // 8, width // 2]}
+                metrics = train_saes(cache, run / "out", variant, seeds, run / "state", progress=False)
                 elapsed = time.perf_counter() - start
                 for seed in seeds:
                     found = recovery(dictionary, load_sae_arrays(run / "out" / f"seed{seed}")["W_dec"])
@@ -107,7 +110,9 @@ def main() -> None:
                     print(f"d_sae {width:6d} {mode:<13} {len(seeds)} seed(s) in one job: {elapsed:6.1f} s for the stage, "
                           f"training loop (with checkpoints) {metrics[seed]['tokens_seen'] / metrics[seed]['wall_time_s'] / 1e6:5.2f} M tokens/s; "
                           f"seed {seed}: FVU {metrics[seed]['fvu']:.4f}, L0 {metrics[seed]['l0']:.2f}, "
-                          f"dead {metrics[seed]['dead_fraction']:.4f}, planted features recovered (mean max cos) {found:.3f}")
+                          f"dead {metrics[seed]['dead_fraction']:.4f}, planted features recovered (mean max cos) {found:.3f}"
+                          + (f"; selection {metrics[seed]['batch_topk_selection']}, capped tokens {metrics[seed].get('batch_topk_capped_tokens', 0)}"
+                             if "batch_topk_selection" in metrics[seed] else ""))
         print("| d_sae | mode | seeds in job | seed | held-out FVU | planted recovered (mean max cos) | L0 | dead |")
         print("|---|---|---|---|---|---|---|---|")
         for width, mode, n_seeds, seed, fvu, found, l0, dead in summary:

@@ -455,8 +455,9 @@ def profile_table(step: Callable[[torch.Tensor], object], pool: torch.Tensor, de
 
 
 def our_measurement(sizes: dict, device: torch.device, args: argparse.Namespace, architecture: str = "topk",
-                    profile: bool = False, min_steps: int | None = None) -> dict:
-    """Our 1-seed step (graph replay on CUDA) at ``sizes``: seconds per step, peak memory beyond the inputs, optional profile."""
+                    profile: bool = False, min_steps: int | None = None, overrides: dict | None = None) -> dict:
+    """Our 1-seed step (graph replay on CUDA) at ``sizes``: seconds per step, peak memory beyond the inputs, optional profile;
+    ``overrides``: further TrainSettings (``--architectures NAME:KEY=VALUE``)."""
     result: dict = {}
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -464,13 +465,13 @@ def our_measurement(sizes: dict, device: torch.device, args: argparse.Namespace,
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     settings = TrainSettings.from_mapping(dict(
         architecture=architecture, k=sizes["k"], d_sae=sizes["d_sae"], batch_size=sizes["batch"], total_tokens=sizes["batch"] * 1_000_000,
-        lr=2e-4, warmup_steps=0, sparse_decoder="auto", device=str(device)))
+        lr=2e-4, warmup_steps=0, sparse_decoder="auto", device=str(device), **(overrides or {})))
     model = SeedBatchedSAE(settings, sizes["d_in"], seeds=[0], b_dec=torch.zeros(sizes["d_in"]), init_device=device)
     trainer = SeedBatchedTrainer(model, device)
     if device.type == "cuda":  # the peak of training (weights, optimizer state, step buffers), not of drawing the initial weights
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    result["path"] = "sparse update" if model.sparse_update else model.decoder_mode if architecture == "topk" else "dense autograd"
+    result["path"] = "sparse update" if model.sparse_update else model.decoder_mode if model.sparse_codes else "dense autograd"
 
     def step(x: torch.Tensor) -> None:
         trainer.step(x, statistics=False)
@@ -479,6 +480,8 @@ def our_measurement(sizes: dict, device: torch.device, args: argparse.Namespace,
     result["cuda_graph"] = device.type == "cuda" and not trainer._uncapturable
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device) - before
+    if settings.architecture == "batchtopk" and model.sparse_codes:  # tokens whose candidates were all kept, over every step timed
+        result["capped_token_share"] = float(model.capped_tokens.sum()) / max(1, trainer.step_index * sizes["batch"])
     if profile:
         eager = SeedBatchedTrainer(model, device, cuda_graphs=False)
         result["profile"] = profile_table(lambda x: eager.step(x, statistics=False), pool, device, rows=getattr(args, "profile_rows", 14))
@@ -614,16 +617,19 @@ def table_main(args: argparse.Namespace, device: torch.device) -> None:
                           + "; ".join(f"{label} {value:.3f}" if value is not None else f"{label} n/a" for label, value in programs_ms), flush=True)
                 for label, measured in rows[key]["variants"].items():
                     print(f"    profile, {label}:\n{measured['profile']}", flush=True)
-    for architecture in [name.strip() for name in (args.architectures or "").split(",") if name.strip()]:
+    for label in [name.strip() for name in (args.architectures or "").split(",") if name.strip()]:
+        architecture, _, assignments = label.partition(":")
+        overrides = {key: int(value) for key, value in (part.split("=") for part in assignments.split(";") if part)}
         for sizes in configs:
             if sizes["d_in"] != d_ins[0] or sizes["k"] != ks[0] or sizes["d_sae"] > args.architectures_max_d_sae:
                 continue
             profile_widths = {int(width) for width in args.profile_d_sae.split(",")} if args.profile_d_sae else None
-            measured = our_measurement(sizes, device, args, architecture=architecture, min_steps=5,
+            measured = our_measurement(sizes, device, args, architecture=architecture, min_steps=5, overrides=overrides,
                                        profile=args.profile and (profile_widths is None or sizes["d_sae"] in profile_widths))
-            rows[(sizes["d_in"], sizes["d_sae"], sizes["k"])][architecture] = measured
-            print(f"  {architecture} d_in {sizes['d_in']} d_sae {sizes['d_sae']} k {sizes['k']}: {1000 * measured['seconds_per_step']:.3f} ms/step "
-                  f"({measured['path']}), peak {measured.get('peak_bytes', 0) / 2**30:.2f} GiB", flush=True)
+            rows[(sizes["d_in"], sizes["d_sae"], sizes["k"])][label] = measured
+            print(f"  {label} d_in {sizes['d_in']} d_sae {sizes['d_sae']} k {sizes['k']}: {1000 * measured['seconds_per_step']:.3f} ms/step "
+                  f"({measured['path']}), peak {measured.get('peak_bytes', 0) / 2**30:.2f} GiB"
+                  + (f", capped tokens {measured['capped_token_share']:.2e} of those stepped" if "capped_token_share" in measured else ""), flush=True)
             if "profile" in measured:
                 print(measured["profile"], flush=True)
     others = {}
@@ -744,7 +750,8 @@ def main() -> None:
     parser.add_argument("--profile-d-sae", help="table mode: profile only at these widths (comma-separated)")
     parser.add_argument("--profile-rows", type=int, default=14, help="table mode: kernels listed per profile (longest first)")
     parser.add_argument("--check", action="store_true", help="table mode: first compare one sparse-update step with the dense path at the first size")
-    parser.add_argument("--architectures", help="table mode: also time these architectures (dense autograd paths), at the first d_in and k")
+    parser.add_argument("--architectures", help="table mode: also time these architectures at the first d_in and k; NAME:KEY=VALUE[;KEY=VALUE] "
+                        "sets integer TrainSettings too (batchtopk:batch_topk_cap_multiple=0 = BatchTopK's dense selection)")
     parser.add_argument("--architectures-max-d-sae", type=int, default=65536)
     parser.add_argument("--memory-d-sae", type=int, help="table mode: time our step at this many latents (largest d_in) for peak memory")
     parser.add_argument("--memory-try-largest", action="store_true", help="then try the widest dictionary estimated to fit")

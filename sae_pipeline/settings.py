@@ -305,6 +305,7 @@ class TrainSettings(Settings):
     l1_coefficient: float = 5.0
     matryoshka_prefixes: Sequence[int] = (128, 512)
     threshold_lr: float = 0.01
+    batch_topk_cap_multiple: int = 4
     sparse_decoder: bool | str = "auto"
     shuffle_buffer_rows: int = 131072
     data_seed: int = 0
@@ -351,6 +352,8 @@ class TrainSettings(Settings):
         for key, value in positive.items():
             if int(value) < 1:
                 raise ValueError(f"train: {key} must be at least 1, got {value}")
+        if int(self.batch_topk_cap_multiple) < 0:
+            raise ValueError(f"train: batch_topk_cap_multiple must be at least 0, got {self.batch_topk_cap_multiple}")
         if self.architecture in TOPK_FAMILY and self.k > self.d_sae:
             raise ValueError(f"train: k={self.k} exceeds d_sae={self.d_sae}")
         if self.architecture == "matryoshka_batchtopk":

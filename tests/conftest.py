@@ -113,3 +113,27 @@ def tiny_topk_sae(tmp_path_factory, tiny_cache):
     folder = tmp_path_factory.mktemp("sae") / "seed0"
     save_sae(folder, tensors, {"architecture": "topk", "k": 4, "metadata": {"hook_name": store.manifest["hook_name"]}})
     return folder
+
+
+def interpreter_works() -> bool:
+    """Whether Triton's CPU interpreter can run the sparse-kernel programs here (triton >= 3.9 with numpy 2, installed by .ci/run)."""
+    from sae_pipeline.sae import kernels as sparse_kernels
+
+    if sparse_kernels.triton is None:
+        return False
+    major, minor = (int(part) for part in sparse_kernels.triton.__version__.split(".")[:2])
+    return (major, minor) >= (3, 9) and sparse_kernels.triton_interpreting()
+
+
+@pytest.fixture(params=["torch", "triton-interpreter"])
+def backend(request, monkeypatch):
+    """Run a sparse-kernel test on the PyTorch path, then on the Triton programs in the CPU interpreter."""
+    from sae_pipeline.sae.kernels import programs as kernel_programs
+
+    if request.param == "triton-interpreter":
+        if not interpreter_works():
+            pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+        monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
+    else:
+        monkeypatch.setattr(kernel_programs, "triton_usable", lambda tensor: False)
+    return request.param

@@ -18,27 +18,9 @@ from sae_pipeline.sae.kernels import updates as kernel_updates
 from sae_pipeline.sae.trainer import SeedBatchedTrainer
 from sae_pipeline.sae.training_model import SeedBatchedSAE, topk_indices
 from sae_pipeline.settings import TrainSettings
+from tests.conftest import interpreter_works
 
 torch.set_num_threads(1)
-
-
-def _interpreter_works() -> bool:
-    if sparse_kernels.triton is None:
-        return False
-    major, minor = (int(part) for part in sparse_kernels.triton.__version__.split(".")[:2])
-    return (major, minor) >= (3, 9) and sparse_kernels.triton_interpreting()
-
-
-@pytest.fixture(params=["torch", "triton-interpreter"])
-def backend(request, monkeypatch):
-    """Run a test on the PyTorch path, then on the Triton programs in the CPU interpreter."""
-    if request.param == "triton-interpreter":
-        if not _interpreter_works():
-            pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
-        monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
-    else:
-        monkeypatch.setattr(kernel_programs, "triton_usable", lambda tensor: False)
-    return request.param
 
 
 def dense_topk_sae(x, W_enc, b_enc, W_dec, b_dec, k):
@@ -104,7 +86,7 @@ def test_decode_dots_and_scatter_match_hand_computation(backend, decode_wide, mo
 
 @pytest.mark.parametrize("width,k,ties", [(2048, 8, False), (1000, 7, True), (640, 20, False)])
 def test_topk_columns_selects_the_k_largest_with_ties_and_bias(width, k, ties):
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     generator = torch.Generator().manual_seed(width)
     pre = torch.randn(2, 3, width, generator=generator)
@@ -123,7 +105,7 @@ def test_topk_columns_selects_the_k_largest_with_ties_and_bias(width, k, ties):
 def test_topk_early_exit_bisection_picks_the_same_columns_in_the_same_slots(ties, monkeypatch):
     """The bisection that stops at the first probe with exactly k keys above it returns the full bisection's
     threshold: the same columns in the same output slots, ties (rounded values, a constant row) included."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     generator = torch.Generator().manual_seed(17)
     pre = torch.randn(2, 4, 1024, generator=generator)
@@ -145,7 +127,7 @@ def test_topk_columns_rows_per_program_share_the_bias(rows_per_program, tile, mo
     """Several rows (tokens of one seed) per program, the bias tiles loaded once for them, and a cap on each
     thread's tile (more, narrower chunk blocks): the same k largest as torch.topk; rows of another count run
     one per program."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     monkeypatch.setattr(kernel_programs, "TOPK_ROWS", rows_per_program)
     monkeypatch.setattr(kernel_programs, "TOPK_TILE_PER_THREAD", tile)
@@ -305,7 +287,7 @@ def test_gradient_program_shape_follows_entries_per_block(monkeypatch):
 def test_adam_programs_read_bf16_gradients_as_their_float32_values(width):
     """The Adam programs given a bf16 gradient (the gradient program's output under autocast) update exactly as
     with its float32 values (rows of 40 columns: a masked tile of 64)."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     kernel_programs.INTERPRET_ON_CPU = True
     try:
@@ -351,7 +333,7 @@ def test_adam_programs_read_bf16_gradients_as_their_float32_values(width):
 def test_work_items_program_equals_the_torch_formulas(n_seeds, d_sae, chunk, block, monkeypatch):
     """The one-program work items (blocks of 32 latents cut into items of ``chunk`` entries, shared blocks, padding
     past the real count) equal the torch formulas' on latents of very uneven counts (empty blocks, hot latents)."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     generator = torch.Generator().manual_seed(d_sae)
     counts = torch.randint(0, 3, (n_seeds * d_sae,), generator=generator) * (torch.rand(n_seeds * d_sae, generator=generator) < 0.5)
@@ -380,7 +362,7 @@ def test_work_items_program_equals_the_torch_formulas(n_seeds, d_sae, chunk, blo
 def test_clip_statistics_programs_equal_the_torch_formulas(unit_norm, clip, along_given, block, scale_block, monkeypatch):
     """The two clipping programs give the torch formulas' per-seed scale and per-row projection coefficients
     from per-column-block statistics (three column blocks summed), b_enc's and b_dec's gradients included."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     generator = torch.Generator().manual_seed(11)
     n_seeds, d_sae, d_in, column_blocks = 2, 70, 9, 3
@@ -409,7 +391,7 @@ def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(un
     """Three fused steps on given entries land where the unfused sequence (dense gradients, projection,
     per-seed clipping, torch.optim.Adam, renormalisation) lands; the bf16 copies follow the weights. With
     ``projection_given`` the Adam row program takes the projection from the gradient statistics."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     monkeypatch.setattr(kernel_updates, "ADAM_ROWS_PROJECTION_GIVEN", projection_given)
     monkeypatch.setattr(kernel_updates, "CLIP_PROGRAMS", clip_programs)
@@ -459,7 +441,7 @@ def test_sparse_adam_step_equals_projection_clipping_adam_and_renormalisation(un
 def test_sparse_update_leaves_no_gradient_record_alive(monkeypatch):
     """A step's gradient records (and so its autograd graph) are freed with the step: a record kept alive
     by a reference cycle with the graph kept its AccumulateGrad nodes into the next step, which broke CUDA-graph capture."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     import weakref
 
@@ -486,7 +468,7 @@ def test_sparse_update_leaves_no_gradient_record_alive(monkeypatch):
 
 def test_topk_columns_on_wide_rows_uses_wider_chunks_and_more_warps(monkeypatch):
     """Past TOPK_MAX_CHUNKS chunks the chunks widen (and warps are added): the same k largest are selected."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     monkeypatch.setattr(kernel_programs, "TOPK_MAX_CHUNKS", 16)
     monkeypatch.setattr(kernel_programs, "TOPK_KEYS_PER_THREAD", 4)
@@ -500,7 +482,7 @@ def test_topk_columns_on_wide_rows_uses_wider_chunks_and_more_warps(monkeypatch)
 def test_sparse_update_state_round_trip_continues_identically(monkeypatch):
     """A trainer restored from another's state_dict (optimizer state kept in torch.optim.Adam's layout) continues
     the sparse update exactly as the original does."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
     generator = torch.Generator().manual_seed(7)
@@ -551,7 +533,7 @@ def test_counting_sort_equals_torch_sort(n_seeds, batch, ks, d_sae, layout, valu
     """The counting-sort programs give torch.sort's stable order bit for bit: keys, order, rows, segments and the
     per-entry weights gathered in that order (float32 and bf16 sources; None gives zeros), for one to three seeds,
     one or two records of different k, heavy latents, identical rows, empty latents, d_sae past any block size."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     generator = torch.Generator().manual_seed(d_sae + len(ks))
     indices = _sort_case(generator, n_seeds, batch, ks, d_sae, layout)
@@ -587,7 +569,7 @@ def test_counting_sort_equals_torch_sort(n_seeds, batch, ks, d_sae, layout, valu
 def test_training_with_round_6_switches_on_equals_training_with_them_off(aux, switch, program, monkeypatch):
     """Training with the sparse update lands on bit-identical weights and Adam state with ``switch`` (the counting
     sort; b_enc's and b_dec's Adam in one launch) on and off (AuxK's second record from the third step when ``aux``)."""
-    if not _interpreter_works():
+    if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
     monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
     generator = torch.Generator().manual_seed(2)

@@ -26,10 +26,15 @@ Architectures (pre-activations ``a = (x - b_dec) W_enc + b_enc``, shape ``[S, B,
   - ``auto`` (default): ``kernels`` on CUDA when Triton is importable, else ``true`` off CUDA and
     ``false`` on it.
 - ``batchtopk``: keep the k*B largest ReLU(a) over the whole batch; a scalar inference threshold
-  follows an exponential moving average of the smallest kept value (SAELens's rule).
+  follows an exponential moving average of the smallest kept value (SAELens's rule). With the
+  ``kernels`` decoder (and ``batch_topk_cap_multiple`` > 0) the k*B are kept from each token's
+  ``cap_multiple * k`` largest, so the codes are sparse and train through the same kernels and fused
+  optimizer step as top-k (:mod:`sae_pipeline.sae.selection` says when that is exact); else dense autograd.
 - ``relu``: z = ReLU(a), loss += l1_coefficient * mean_t sum_i z_ti * ||W_dec[i]||.
 - ``matryoshka_batchtopk``: BatchTopK codes; each nested prefix of latents (``matryoshka_prefixes``
-  plus the full width) reconstructs x on its own and the loss is the sum of the prefix losses.
+  plus the full width) reconstructs x on its own and the loss is the sum of the prefix losses. On the
+  ``kernels`` decoder the codes come from candidates as for ``batchtopk`` and each group of latents
+  between two prefix bounds is decoded by the sparse kernels (:meth:`SeedBatchedSAE._nested_sparse_decode`).
 
 Loss per seed (terms in :mod:`sae_pipeline.sae.losses`; ``recon`` is the squared error summed over d_in, averaged over tokens, as in
 dictionary_learning and SAELens)::
@@ -59,11 +64,11 @@ from sae_pipeline.sae import kernels as sparse_kernels
 from sae_pipeline.sae import losses
 from sae_pipeline.sae.kernels import programs as kernel_programs
 from sae_pipeline.sae.kernels import selected_preactivations, sparse_decode
+from sae_pipeline.sae.selection import dense_batch_codes, keep_candidates, topk_indices, topk_program_runs
 from sae_pipeline.settings import TOPK_FAMILY, TrainSettings
 
-# topk_indices preselects whole chunks of this many latents when d_sae >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK.
-TOPK_CHUNK = 32
-TOPK_CHUNK_MIN_RATIO = 4
+# Architectures whose codes are a batch-level top-k (sparse through per-token candidates, see sparse_codes).
+BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
 # Round 6 of issue 17 (top-k with the kernels, where the top-k program runs): the program also writes the selected
 # values (no gathers in selected_preactivations), and adds the firing counts (no zeros + compare + cast + scatter_add_
 # of a torch formula but the zero fill); the dead-latent counters advance in one program (any architecture, where
@@ -115,48 +120,6 @@ def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool, device: s
     return encoder, decoder
 
 
-def topk_indices(pre_activations: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Indices ``[..., k]`` of the k largest entries in each row of ``pre_activations [S, ..., n]``
-    (plus ``bias [S, n]`` when given), in no particular order, without gradient.
-
-    Selects the same values as ``torch.topk`` (ties may pick other indices of equal value) but,
-    for wide rows, faster on a GPU: the row is cut into ``n / TOPK_CHUNK`` interleaved chunks
-    (chunk c holds entries c, c + n/TOPK_CHUNK, ...), and the k chunks with the largest maxima hold
-    every top-k entry (an entry above the k-th largest chunk maximum lies in a chunk whose maximum
-    beats it, and those k chunks hold at least k entries no smaller than that maximum). So the
-    top k of their ``k * TOPK_CHUNK`` entries are the top k of the row; the chunk maxima are one
-    coalesced reduction and both selections are over short rows. Narrow rows use ``torch.topk``.
-    Where Triton runs (CUDA), wide rows go to :func:`sae_pipeline.sae.kernels.topk_columns`, the
-    same two-stage selection (over contiguous chunks) fused into one pass over the row.
-    """
-    width = pre_activations.shape[-1]
-    with torch.no_grad():
-        wide = _wide_rows(width, k)
-        if wide and kernel_programs.triton_usable(pre_activations):
-            return sparse_kernels.topk_columns(pre_activations, k, bias)
-        if bias is not None:
-            pre_activations = pre_activations + bias.view(bias.shape[0], *([1] * (pre_activations.dim() - 2)), width)
-        if not wide:
-            return pre_activations.topk(k, dim=-1, sorted=False).indices
-        n_chunks = width // TOPK_CHUNK
-        chunk_maxima = pre_activations.unflatten(-1, (TOPK_CHUNK, n_chunks)).amax(dim=-2)
-        chunks = chunk_maxima.topk(k, dim=-1, sorted=False).indices
-        members = torch.arange(0, width, n_chunks, device=pre_activations.device)
-        candidates = (chunks.unsqueeze(-1) + members).flatten(-2)
-        best = pre_activations.gather(-1, candidates).topk(k, dim=-1, sorted=False).indices
-        return candidates.gather(-1, best)
-
-
-def topk_program_runs(pre_activations: torch.Tensor, k: int) -> bool:
-    """Whether :func:`topk_indices` selects from ``pre_activations [S, ..., n]`` with the top-k program (wide rows, Triton usable)."""
-    return _wide_rows(pre_activations.shape[-1], k) and kernel_programs.triton_usable(pre_activations)
-
-
-def _wide_rows(width: int, k: int) -> bool:
-    """Whether rows of ``width`` entries are wide enough for the chunked top-k selection of :func:`topk_indices`."""
-    return width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK
-
-
 class SeedBatchedSAE(nn.Module):
     """``S`` independent SAEs of one architecture whose parameters are stacked along dim 0.
 
@@ -165,6 +128,8 @@ class SeedBatchedSAE(nn.Module):
         W_enc ``[S, d_in, d_sae]``, W_dec ``[S, d_sae, d_in]``, b_enc ``[S, d_sae]``, b_dec ``[S, d_in]``.
         threshold ``[S]`` (buffer): batch-top-k inference threshold.
         tokens_since_fired ``[S, d_sae]`` int64 (buffer): tokens since each latent last fired.
+        capped_tokens ``[S]`` int64 (buffer): BatchTopK on the sparse path, tokens whose candidates were all kept
+            (where the per-token cap may have bound; :func:`batch_topk.keep_candidates`).
     """
 
     def __init__(self, settings: TrainSettings, d_in: int, seeds: Sequence[int], b_dec: torch.Tensor | None = None,
@@ -184,6 +149,7 @@ class SeedBatchedSAE(nn.Module):
         self.b_dec = nn.Parameter(initial_b_dec.to(init_device).expand(n_seeds, self.d_in).clone())
         self.register_buffer("threshold", torch.zeros(n_seeds, device=init_device))
         self.register_buffer("tokens_since_fired", torch.zeros(n_seeds, self.d_sae, dtype=torch.int64, device=init_device))
+        self.register_buffer("capped_tokens", torch.zeros(n_seeds, dtype=torch.int64, device=init_device))
         # Python mirror of "some latent is dead" so the AuxK pass is skipped without a device sync;
         # refreshed by refresh_dead_flag() at logging steps.
         self.auxk_active = False
@@ -226,7 +192,7 @@ class SeedBatchedSAE(nn.Module):
         (top-k with the ``kernels`` decoder where Triton runs, no weight penalty): the gradients are then
         formed from the selected entries only, and projection, clipping, Adam and renormalisation run fused."""
         penalty = self.settings.weight_penalty
-        return (self.settings.architecture == "topk" and self.decoder_mode == "kernels" and kernel_programs.triton_usable(self.W_dec)
+        return (self.sparse_codes and kernel_programs.triton_usable(self.W_dec)
                 and (penalty["kind"] == "none" or float(penalty["coefficient"]) == 0)
                 and self.W_enc.is_contiguous() and self.W_dec.is_contiguous())
 
@@ -250,6 +216,21 @@ class SeedBatchedSAE(nn.Module):
                                         settings.grad_clip_norm, settings.unit_norm_decoder)
 
     @property
+    def sparse_codes(self) -> bool:
+        """Whether a step's codes are per-token selected entries decoded by the sparse kernels: top-k, or BatchTopK
+        from ``batch_topk_cap_multiple * k`` candidates a token (:mod:`sae_pipeline.sae.selection`), with the
+        ``kernels`` decoder."""
+        architecture = self.settings.architecture
+        return self.decoder_mode == "kernels" and (architecture == "topk" or (architecture in BATCH_TOPK and self.settings.batch_topk_cap_multiple > 0))
+
+    @property
+    def candidates_per_token(self) -> int:
+        """Entries selected per token: k (top-k), or BatchTopK's candidates ``min(cap multiple * k, d_sae)``."""
+        if self.settings.architecture == "topk":
+            return self.settings.k
+        return min(self.settings.batch_topk_cap_multiple * self.settings.k, self.d_sae)
+
+    @property
     def uses_sparse_decoder(self) -> bool:
         """Whether the autograd top-k reconstruction gathers the selected rows (``embedding_bag``)."""
         return self.decoder_mode == "embedding_bag"
@@ -260,18 +241,6 @@ class SeedBatchedSAE(nn.Module):
             return sparse_kernels.embedding_bag_rows(values.to(self.W_dec.dtype), indices, self.W_dec)
         dense = values.new_zeros(*indices.shape[:2], self.d_sae).scatter(-1, indices, values)
         return torch.bmm(dense, self.W_dec)
-
-    def _batch_topk(self, pre: torch.Tensor) -> torch.Tensor:
-        """Dense codes ``[S, B, d_sae]`` keeping the k*B largest ReLU(pre) of each seed's batch."""
-        n_seeds, batch, width = pre.shape
-        flat = pre.relu().reshape(n_seeds, batch * width)
-        values, indices = flat.topk(min(self.settings.k * batch, batch * width), dim=-1, sorted=False)
-        with torch.no_grad():
-            smallest = torch.where(values > 0, values, torch.full_like(values, float("inf"))).amin(dim=-1).float()
-            rate = self.settings.threshold_lr
-            updated = (1 - rate) * self.threshold + rate * smallest
-            self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
-        return torch.zeros_like(flat).scatter(-1, indices, values).view(n_seeds, batch, width)
 
     def forward(self, x: torch.Tensor, statistics: bool = True) -> dict[str, torch.Tensor]:
         """Losses and statistics on one batch ``x [B, d_in]``; also updates the dead-latent counters
@@ -287,7 +256,7 @@ class SeedBatchedSAE(nn.Module):
         settings = self.settings
         architecture = settings.architecture
         x = x.float()
-        sparse_gradients = architecture == "topk" and self.decoder_mode == "kernels"
+        sparse_gradients = self.sparse_codes
         centered = None
         self._deferred = None
         encoder_table = decoder_table = None
@@ -309,37 +278,49 @@ class SeedBatchedSAE(nn.Module):
                     pre = torch.bmm(centered, self.W_enc)
         else:
             pre = self.pre_activations(x)
-        fused = architecture == "topk" and sparse_gradients and topk_program_runs(pre, settings.k)
+        selected_k = self.candidates_per_token if sparse_gradients else settings.k
+        batch_candidates = architecture in BATCH_TOPK and sparse_gradients
+        fused = sparse_gradients and topk_program_runs(pre, selected_k, any_width=batch_candidates)
+        counts_in_program = fused and TOPK_COUNTS_FIRING and not batch_candidates
         firing_counts = None
         # One zero tensor for every loss term this configuration leaves out (read-only: only reported, never added).
-        if fused and TOPK_COUNTS_FIRING and SHARED_ZERO_FILL:  # one fill: the firing counts [S, d_sae], then the zero [S]
+        if counts_in_program and SHARED_ZERO_FILL:  # one fill: the firing counts [S, d_sae], then the zero [S]
             zeros = torch.zeros(self.n_seeds * (self.d_sae + 1), device=x.device)
             firing_counts, zero = zeros[:self.n_seeds * self.d_sae].view(self.n_seeds, self.d_sae), zeros[self.n_seeds * self.d_sae:]
         else:
             zero = pre.new_zeros(self.n_seeds, dtype=torch.float32)
         sparsity_loss = zero
-        if architecture == "topk":
-            selected = pre.new_empty(*pre.shape[:2], settings.k, dtype=torch.float32) if fused and TOPK_WRITES_VALUES else None
-            if fused and TOPK_COUNTS_FIRING and firing_counts is None:
+        if architecture == "topk" or sparse_gradients:
+            selected = pre.new_empty(*pre.shape[:2], selected_k, dtype=torch.float32) if fused and TOPK_WRITES_VALUES else None
+            if counts_in_program and firing_counts is None:
                 firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device)
             if fused:
-                indices = sparse_kernels.topk_columns(pre, settings.k, self.b_enc.detach(), values_out=selected, firing_counts=firing_counts)
+                indices = sparse_kernels.topk_columns(pre, selected_k, self.b_enc.detach(), values_out=selected, firing_counts=firing_counts)
             else:
-                indices = topk_indices(pre, settings.k, bias=self.b_enc.detach() if sparse_gradients else None)
+                indices = topk_indices(pre, selected_k, bias=self.b_enc.detach() if sparse_gradients else None)
             if sparse_gradients:
                 record = self._deferred.record(indices) if self._deferred is not None else None
                 values = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices, bias_separate=True,
                                                  encoder_table=encoder_table, record=record, selected=selected)
                 codes = values.relu()
-                if DECODE_ADDS_BIAS:
-                    x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record, bias=self.b_dec)
+                if batch_candidates:
+                    keep, positions = keep_candidates(values.detach(), settings.k, self.threshold, settings.threshold_lr, self.capped_tokens)
+                    codes = codes * keep
+                    if record is not None:
+                        record["positions"] = positions
+                if architecture == "matryoshka_batchtopk":
+                    x_hat, recon = self._nested_sparse_decode(x, codes, indices, decoder_table, record)
                 else:
-                    x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record) + self.b_dec.unsqueeze(1)
+                    if DECODE_ADDS_BIAS:
+                        x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record, bias=self.b_dec)
+                    else:
+                        x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record) + self.b_dec.unsqueeze(1)
+                    recon = losses.squared_error_mean(x_hat, x) if losses.FUSED_SQUARED_ERROR else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
             else:
                 values = pre.gather(-1, indices)
                 codes = values.relu()
                 x_hat = self.decode_selected(codes, indices) + self.b_dec.unsqueeze(1)
-            recon = losses.squared_error_mean(x_hat, x) if sparse_gradients and losses.FUSED_SQUARED_ERROR else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+                recon = (x_hat - x).square().sum(dim=-1).mean(dim=-1)
             if firing_counts is None:
                 firing_counts = torch.zeros(self.n_seeds, self.d_sae, device=x.device).scatter_add_(
                     1, indices.reshape(self.n_seeds, -1), (codes > 0).float().reshape(self.n_seeds, -1)
@@ -350,7 +331,7 @@ class SeedBatchedSAE(nn.Module):
                 active = torch.zeros(self.n_seeds, self.d_sae, dtype=torch.bool, device=x.device).scatter_(1, indices.reshape(self.n_seeds, -1), True)
                 support_l1 = values.abs().sum(dim=-1)
         else:
-            dense_codes = pre.relu() if architecture == "relu" else self._batch_topk(pre)
+            dense_codes = pre.relu() if architecture == "relu" else dense_batch_codes(pre, settings.k, self.threshold, settings.threshold_lr)
             bounds = list(settings.matryoshka_prefixes) + [self.d_sae] if architecture == "matryoshka_batchtopk" else [self.d_sae]
             x_hat = self.b_dec.unsqueeze(1).expand(self.n_seeds, x.shape[0], self.d_in)
             recon = pre.new_zeros(self.n_seeds, dtype=torch.float32)
@@ -413,6 +394,27 @@ class SeedBatchedSAE(nn.Module):
                 out["total_variance"] = (x - x.mean(dim=0)).square().sum()
                 out["l0"] = l0
         return out
+
+    def _nested_sparse_decode(self, x: torch.Tensor, codes: torch.Tensor, indices: torch.Tensor, table: torch.Tensor | None,
+                              record: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Matryoshka on the sparse kernels: ``(x_hat [S,B,d], recon [S])``, recon the sum over the nested prefixes
+        (``matryoshka_prefixes`` and the full width) of each prefix's squared error. Each group of latents between
+        two prefix bounds is decoded on its own (its codes masked to the group) and the prefix reconstructions are
+        running sums of the groups', so autograd gives group q the sum of the gradients of every prefix holding it;
+        each group's decode leaves its own gradient record (the first shares the encoder's)."""
+        bounds = [0, *self.settings.matryoshka_prefixes, self.d_sae]
+        x_hat = self.b_dec.unsqueeze(1).float()
+        recon = 0.0
+        for group, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            group_record = record
+            if record is not None and group > 0:
+                group_record = self._deferred.record(indices)
+                if "positions" in record:
+                    group_record["positions"] = record["positions"]
+            in_group = (indices >= start) & (indices < end)
+            x_hat = x_hat + sparse_decode(codes * in_group, self.W_dec, indices, table=table, record=group_record)
+            recon = recon + (x_hat - x).square().sum(dim=-1).mean(dim=-1)
+        return x_hat, recon
 
     def dead_mask(self) -> torch.Tensor:
         """bool ``[S, d_sae]``: latents that have not fired for ``dead_window_tokens`` tokens."""
@@ -488,7 +490,7 @@ class SeedBatchedSAE(nn.Module):
             "b_enc": self.b_enc[index].detach().float().cpu().contiguous(),
             "b_dec": self.b_dec[index].detach().float().cpu().contiguous(),
         }
-        if self.settings.architecture in ("batchtopk", "matryoshka_batchtopk"):
+        if self.settings.architecture in BATCH_TOPK:
             tensors["threshold"] = self.threshold[index].detach().float().cpu().expand(self.d_sae).contiguous()
         return tensors
 

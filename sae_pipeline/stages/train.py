@@ -39,7 +39,7 @@ from sae_pipeline.runtime.devices import resolve_device
 from sae_pipeline.sae.metrics import firing_frequencies, reconstruction_metrics
 from sae_pipeline.sae.model import SparseAutoencoder
 from sae_pipeline.sae.trainer import STEP_STATISTICS, SeedBatchedTrainer
-from sae_pipeline.sae.training_model import SeedBatchedSAE, geometric_median
+from sae_pipeline.sae.training_model import BATCH_TOPK, SeedBatchedSAE, geometric_median
 from sae_pipeline.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -247,6 +247,18 @@ def fold_activation_scale(tensors: Mapping[str, torch.Tensor], scale: float) -> 
     return folded
 
 
+def _batch_topk_entry(config: TrainSettings, model: SeedBatchedSAE, index: int) -> dict[str, Any]:
+    """BatchTopK's (and Matryoshka's) selection in metrics.json: ``batch_topk_selection`` (``candidates``: the k*B kept from each token's
+    ``batch_topk_candidates`` largest, the sparse kernels; ``dense``: over the whole batch) and, for candidates,
+    ``batch_topk_capped_tokens`` (tokens, over all steps, whose candidates were all kept: where the cap may have bound)."""
+    if config.architecture not in BATCH_TOPK:
+        return {}
+    if not model.sparse_codes:
+        return {"batch_topk_selection": "dense"}
+    return {"batch_topk_selection": "candidates", "batch_topk_candidates": model.candidates_per_token,
+            "batch_topk_capped_tokens": int(model.capped_tokens[index])}
+
+
 def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: Mapping[str, Any], cache_dir: str | os.PathLike,
                        output_dir: str | os.PathLike, model: SeedBatchedSAE, seeds: list[int], variant: str, device: str,
                        curves: list[dict[str, Any]], train_wall: float, epochs: float, scale: float = 1.0) -> dict[int, dict[str, Any]]:
@@ -286,6 +298,7 @@ def _evaluate_and_save(config: TrainSettings, store: ActivationStore, manifest: 
                 "firing_window_rows": window_rows,
                 "never_fired_in_window_fraction": float((window_frequencies[index] == 0).mean()),
                 **_cross_entropy_entry(cross_entropy, index),
+                **_batch_topk_entry(config, model, index),
                 "W_enc_norm": float(tensors["W_enc"].norm()),
                 "W_dec_norm": float(tensors["W_dec"].norm()),
                 "W_dec_row_norm_mean": float(tensors["W_dec"].norm(dim=1).mean()),

@@ -232,7 +232,7 @@ def _topk_program(pre, bias, chunk_maxima, chosen_chunks, out, values_out, firin
 
     Chunk c is columns ``[c*CHUNK, (c+1)*CHUNK)``. With T the K-th largest chunk maximum, the K
     chunks made of every chunk whose maximum exceeds T plus the first chunks whose maximum equals
-    T hold a top-k set (see :func:`sae_pipeline.sae.training_model.topk_indices`); the K largest of their
+    T hold a top-k set (see :func:`sae_pipeline.sae.selection.topk_indices`); the K largest of their
     ``K*CHUNK`` entries are chosen with ties broken by position. Both selections find the K-th
     largest value by bisection over order-preserving integer keys and place the winners by a
     prefix sum, so nothing is sorted.

@@ -7,7 +7,6 @@ are sorted by latent; :func:`latent_gradients` forms the W_dec and W_enc gradien
 
 import functools
 import math
-from typing import Callable
 
 import torch
 
@@ -86,7 +85,8 @@ ADAM_BIASES_ONE_LAUNCH = True
 
 
 def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int,
-                           weights: tuple[list[torch.Tensor | None], ...] = ()) -> dict[str, torch.Tensor]:
+                           weights: tuple[list[torch.Tensor | None], ...] = (),
+                           positions: list[torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
     """The entries of several ``indices [S,B,K_p]`` tensors sorted by (seed, latent), stably.
 
     Returns ``keys`` (int32 ``s * d_sae + latent`` per sorted entry), ``order`` (int64: each sorted entry's
@@ -94,8 +94,11 @@ def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int,
     the entry's row in the stacked dense operands), ``segments`` (int32 ``[S * d_sae + 1]``: latent
     ``s * d_sae + i`` owns sorted entries ``segments[i] .. segments[i+1]``) and, with ``weights`` (per-entry
     values: one ``[S,B,K_p]`` tensor per record, or None for zeros), ``weights``: each as float32 in the sorted
-    order. With ``COUNTING_SORT`` (Triton usable, at most two records and two weights) the counting-sort programs
-    (:func:`_counting_sort_entries`), else torch.sort; the two give the same values."""
+    order. ``positions`` (one per record, or None): int64 ``[S, N_p]``, ascending flat positions ``token * K_p + j``
+    of the entries of that record that count (BatchTopK's kept candidates), the others left out (``order`` then
+    counts positions in the concatenation of what is kept). With ``COUNTING_SORT`` (Triton usable, at most two
+    records and two weights, no ``positions``) the counting-sort programs (:func:`_counting_sort_entries`), else
+    torch.sort; the two give the same values."""
     n_seeds, batch = indices[0].shape[:2]
     device = indices[0].device
     if n_seeds * d_sae >= 2**31:
@@ -103,10 +106,14 @@ def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int,
     n_entries = n_seeds * batch * sum(chosen.shape[2] for chosen in indices)
     # int32 positions: the entries, and the (digit, chunk) counts (at most 2**COUNTING_SORT_DIGIT_BITS per chunk).
     fits = triton is not None and 0 < n_entries < 2**31 and (1 << COUNTING_SORT_DIGIT_BITS) * triton.cdiv(n_entries, COUNTING_SORT_CHUNK) < 2**31
-    if COUNTING_SORT and fits and programs.triton_usable(indices[0]) and len(indices) <= 2 and len(weights) <= 2:
+    positions = list(positions) if positions is not None and any(kept is not None for kept in positions) else None
+    if COUNTING_SORT and fits and positions is None and programs.triton_usable(indices[0]) and len(indices) <= 2 and len(weights) <= 2:
         return _counting_sort_entries(indices, d_sae, weights)
     offsets, rows, queries = _entry_constants(n_seeds, batch, tuple(chosen.shape[2] for chosen in indices), d_sae, device)
-    flat = indices[0].reshape(n_seeds, -1) if len(indices) == 1 else torch.cat([chosen.reshape(n_seeds, -1) for chosen in indices], dim=1)
+    if positions is None:
+        flat = indices[0].reshape(n_seeds, -1) if len(indices) == 1 else torch.cat([chosen.reshape(n_seeds, -1) for chosen in indices], dim=1)
+    else:
+        flat, rows = _kept_entries(indices, positions, batch)
     keys = (flat.to(torch.int32) + offsets).reshape(-1)
     sorted_keys, order = torch.sort(keys, stable=True)
     sorted_rows = rows.reshape(-1)[order]
@@ -116,6 +123,8 @@ def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int,
         def flattened(values: list[torch.Tensor | None]) -> torch.Tensor:
             parts = [value.reshape(n_seeds, -1).float() if value is not None else torch.zeros(n_seeds, chosen[0].numel(), device=device)
                      for value, chosen in zip(values, indices)]
+            if positions is not None:
+                parts = [part if kept is None else part.gather(1, kept) for part, kept in zip(parts, positions)]
             return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
         entries["weights"] = [flattened(values).reshape(-1)[order] for values in weights]
@@ -169,6 +178,19 @@ def _counting_sort_entries(indices: list[torch.Tensor], d_sae: int, weights: tup
     queries = _entry_constants(n_seeds, batch, tuple(ks), d_sae, device)[2]
     entries = {"keys": sorted_keys, "order": order, "rows": rows, "segments": torch.searchsorted(sorted_keys, queries, out_int32=True)}
     return {**entries, "weights": out} if weights else entries
+
+
+def _kept_entries(indices: list[torch.Tensor], positions: list[torch.Tensor | None], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For :func:`sort_entries_by_latent` with ``positions``: the kept entries' latents and dense rows (``p * B + token``),
+    both ``[S, N]`` over the records in order (int64, int32)."""
+    latents, rows = [], []
+    for part, (chosen, kept) in enumerate(zip(indices, positions)):
+        n_seeds, _, k = chosen.shape
+        if kept is None:
+            kept = torch.arange(batch * k, device=chosen.device).expand(n_seeds, -1)
+        latents.append(chosen.reshape(n_seeds, -1).gather(1, kept))
+        rows.append((kept // k + part * batch).to(torch.int32))
+    return torch.cat(latents, dim=1), torch.cat(rows, dim=1)
 
 
 @functools.lru_cache(maxsize=16)
@@ -427,16 +449,17 @@ def deferred_operands(deferred: DeferredWeightGradients, W_dec: torch.Tensor) ->
     records = deferred.records
     n_seeds, d_sae, width = W_dec.shape
     entries = sort_entries_by_latent([record["indices"] for record in records], d_sae,
-                                     weights=tuple([record.get(key) for record in records] for key in ("decoder_weights", "encoder_weights")))
+                                     weights=tuple([record.get(key) for record in records] for key in ("decoder_weights", "encoder_weights")),
+                                     positions=[record.get("positions") for record in records])
     per_entry = entries.pop("weights")
     batch = records[0]["indices"].shape[1]
 
-    def stacked(key: str, per_record: Callable[[dict], torch.Tensor], missing: Callable[[dict], torch.Tensor]) -> torch.Tensor:
-        parts = [per_record(record) if key in record else missing(record) for record in records]
+    def stacked(key: str) -> torch.Tensor:
+        dtype = next((record[key].dtype for record in records if key in record), torch.float32)
+        parts = [record[key] if key in record else torch.zeros(n_seeds, batch, width, dtype=dtype, device=W_dec.device) for record in records]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    decoder_dense, encoder_dense = (stacked(key, lambda record, key=key: record[key], lambda record: torch.zeros(n_seeds, batch, width, device=W_dec.device))
-                                    for key in ("decoder_dense", "encoder_dense"))
+    decoder_dense, encoder_dense = (stacked(key) for key in ("decoder_dense", "encoder_dense"))
     return entries, *per_entry, decoder_dense, encoder_dense
 
 
