@@ -144,3 +144,36 @@ def test_cap_multiple_zero_keeps_the_dense_selection():
     assert not SeedBatchedSAE(settings, 8, seeds=[0]).sparse_codes
     with pytest.raises(ValueError, match="batch_topk_cap_multiple"):
         TrainSettings.from_mapping(dict(architecture="batchtopk", batch_topk_cap_multiple=-1))
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_wide_decode_and_dots_leave_rows_of_zero_codes_unread(skip, monkeypatch):
+    """Rows of zero codes hold NaN: with SKIP_ZERO_CODES the wide decode never reads them (the sum stays the
+    decode of the nonzero codes) and the dots given the codes are 0 there, the others unchanged; without, the
+    NaN rows reach the decode, so the check can fail."""
+    if not interpreter_works():
+        pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
+    monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
+    monkeypatch.setattr(kernel_programs, "SKIP_ZERO_CODES", skip)
+    generator = torch.Generator().manual_seed(5)
+    n_seeds, batch, k, d_sae, width = 2, 5, 12, 40, 20
+    indices = torch.stack([torch.stack([torch.randperm(d_sae, generator=generator)[:k] for _ in range(batch)]) for _ in range(n_seeds)])
+    codes = torch.randn(n_seeds, batch, k, generator=generator).relu()  # about half zero
+    table = torch.randn(n_seeds, d_sae, width, generator=generator)
+    dense = torch.randn(n_seeds, batch, width, generator=generator)
+    poisoned = table.clone()
+    for seed in range(n_seeds):  # latents selected only with zero codes get NaN rows
+        live = set(indices[seed][codes[seed] > 0].tolist())
+        for latent in set(indices[seed].flatten().tolist()) - live:
+            poisoned[seed, latent] = float("nan")
+    assert torch.isnan(poisoned).any()
+    clean = torch.where(torch.isnan(poisoned), torch.zeros_like(poisoned), poisoned)
+    decoded = sparse_kernels.decode_rows(codes, indices, poisoned)
+    dots = sparse_kernels.selected_dots(dense, indices, poisoned, zero_where=codes)
+    expected_decode = torch.einsum("sbk,sbkd->sbd", codes, clean.gather(1, indices.flatten(1).unsqueeze(-1).expand(-1, -1, width)).view(n_seeds, batch, k, width))
+    expected_dots = torch.einsum("sbd,sbkd->sbk", dense, clean.gather(1, indices.flatten(1).unsqueeze(-1).expand(-1, -1, width)).view(n_seeds, batch, k, width))
+    if skip:
+        assert torch.allclose(decoded, expected_decode, atol=1e-5)
+        assert torch.allclose(dots, expected_dots * (codes > 0), atol=1e-5) and (dots[codes == 0] == 0).all()
+    else:
+        assert torch.isnan(decoded).any()

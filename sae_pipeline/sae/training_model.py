@@ -398,21 +398,30 @@ class SeedBatchedSAE(nn.Module):
     def _nested_sparse_decode(self, x: torch.Tensor, codes: torch.Tensor, indices: torch.Tensor, table: torch.Tensor | None,
                               record: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Matryoshka on the sparse kernels: ``(x_hat [S,B,d], recon [S])``, recon the sum over the nested prefixes
-        (``matryoshka_prefixes`` and the full width) of each prefix's squared error. Each group of latents between
-        two prefix bounds is decoded on its own (its codes masked to the group) and the prefix reconstructions are
-        running sums of the groups', so autograd gives group q the sum of the gradients of every prefix holding it;
-        each group's decode leaves its own gradient record (the first shares the encoder's)."""
+        (``matryoshka_prefixes`` and the full width) of each prefix's squared error.
+
+        The G groups of latents between two prefix bounds are decoded in one call as G*B rows (row ``q*B + b``: token
+        b's codes of group q, the others zero and unread); the prefix reconstructions are running sums of the groups',
+        so autograd gives group q the sum of the gradients of every prefix holding it. The gradient record then has
+        G*B rows too: each kept entry (``positions`` moved to its group's rows) meets its group's decode gradient, and
+        ``groups`` tells :func:`sae_pipeline.sae.kernels.updates.deferred_operands` to repeat the encoder's per-token
+        operands G times."""
         bounds = [0, *self.settings.matryoshka_prefixes, self.d_sae]
+        n_groups = len(bounds) - 1
+        n_seeds, batch, cap = indices.shape
+        group_of = sum((indices >= bound).to(torch.int64) for bound in bounds[1:-1])  # [S,B,C]: 0 .. G-1
+        grouped = torch.stack([codes * (group_of == group) for group in range(n_groups)], dim=1).view(n_seeds, n_groups * batch, cap)
+        grouped_indices = indices.unsqueeze(1).expand(n_seeds, n_groups, batch, cap).reshape(n_seeds, n_groups * batch, cap)
+        if record is not None:
+            record["indices"], record["groups"] = grouped_indices, n_groups
+            if "positions" in record:
+                kept_groups = group_of.view(n_seeds, -1).gather(1, record["positions"])
+                record["positions"] = record["positions"] + kept_groups * (batch * cap)
+        per_group = sparse_decode(grouped, self.W_dec, grouped_indices, table=table, record=record).view(n_seeds, n_groups, batch, self.d_in)
         x_hat = self.b_dec.unsqueeze(1).float()
         recon = 0.0
-        for group, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            group_record = record
-            if record is not None and group > 0:
-                group_record = self._deferred.record(indices)
-                if "positions" in record:
-                    group_record["positions"] = record["positions"]
-            in_group = (indices >= start) & (indices < end)
-            x_hat = x_hat + sparse_decode(codes * in_group, self.W_dec, indices, table=table, record=group_record)
+        for group in range(n_groups):
+            x_hat = x_hat + per_group[:, group]
             recon = recon + (x_hat - x).square().sum(dim=-1).mean(dim=-1)
         return x_hat, recon
 

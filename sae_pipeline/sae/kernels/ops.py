@@ -35,16 +35,19 @@ def embedding_bag_rows(values: torch.Tensor, indices: torch.Tensor, table: torch
     return flat.view(n_seeds, batch, width)
 
 
-def selected_dots(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``out[s,b,j] = <dense[s,b], table[s, indices[s,b,j]]>``: ``[S,B,d]`` x ``[S,n,d]`` -> float32 ``[S,B,K]``."""
+def selected_dots(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, zero_where: torch.Tensor | None = None) -> torch.Tensor:
+    """``out[s,b,j] = <dense[s,b], table[s, indices[s,b,j]]>``: ``[S,B,d]`` x ``[S,n,d]`` -> float32 ``[S,B,K]``; with
+    ``zero_where [S,B,K]`` (the codes) 0 wherever it is 0, those rows unread by the wide program (``programs.SKIP_ZERO_CODES``)."""
     n_seeds, batch, k = indices.shape
     width = table.shape[2]
+    if programs.triton_usable(table) and programs.SELECTED_DOT_WIDE_COLUMNS is not None:
+        return programs.selected_dot_wide(dense, indices, table, zero_where if programs.SKIP_ZERO_CODES else None)
     if programs.triton_usable(table):
-        if programs.SELECTED_DOT_WIDE_COLUMNS is not None:
-            return programs.selected_dot_wide(dense, indices, table)
-        return programs.per_token_program("selected_dot", dense, indices, table, k)
-    rows = table.float().gather(1, indices.reshape(n_seeds, batch * k, 1).expand(-1, -1, width)).view(n_seeds, batch, k, width)
-    return torch.einsum("sbkd,sbd->sbk", rows, dense.float())
+        dots = programs.per_token_program("selected_dot", dense, indices, table, k)
+    else:
+        rows = table.float().gather(1, indices.reshape(n_seeds, batch * k, 1).expand(-1, -1, width)).view(n_seeds, batch, k, width)
+        dots = torch.einsum("sbkd,sbd->sbk", rows, dense.float())
+    return dots if zero_where is None or not programs.SKIP_ZERO_CODES else dots * (zero_where != 0)
 
 
 def scatter_rows(weights: torch.Tensor, indices: torch.Tensor, d_sae: int, dense: torch.Tensor, transposed: bool = False,
@@ -173,7 +176,9 @@ class _SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         codes, table, indices = ctx.saved_tensors
-        grad_codes = selected_dots(grad_out, indices, table) if ctx.needs_input_grad[0] else None
+        # A zero code's gradient is reported as 0 (its row unread): every caller's zero codes are ReLU-clamped or masked
+        # (top-k, BatchTopK's dropped candidates, Matryoshka's other groups, AuxK's live latents), so nothing flows there.
+        grad_codes = selected_dots(grad_out, indices, table, zero_where=codes) if ctx.needs_input_grad[0] else None
         grad_W_dec = None
         if ctx.record is not None:
             # Detached, and the ctx lets go of the record: a record referring back to the graph would keep the
@@ -225,7 +230,9 @@ def sparse_decode(codes: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tenso
     when given: the decoder bias added inside the decode, round 6).
 
     ``table``: the rows to read instead of ``W_dec`` (a bf16 copy kept by the optimizer); ``record`` (from
-    :class:`DeferredWeightGradients`): leave W_dec's gradient to :func:`sparse_adam_step` instead of returning it."""
+    :class:`DeferredWeightGradients`): leave W_dec's gradient to :func:`sparse_adam_step` instead of returning it.
+    The gradient of a zero code is returned as 0 (round 7): callers pass codes whose zeros get no gradient further
+    down (a ReLU or a mask), and rows of zero codes are then read neither forward nor backward."""
     return _SparseDecode.apply(codes, W_dec, indices, table, record, bias)
 
 

@@ -42,6 +42,9 @@ DECODE_ROWS = 8
 # the columns once at the end. None: the per-token program (a [64, 128] tile per column block, K padded to 64).
 SELECTED_DOT_WIDE_COLUMNS = 256
 SELECTED_DOT_ROWS = 8
+# Round 7: the wide decode reads no row whose code is 0, and the wide selected dots (given the codes) none either,
+# writing 0 there (BatchTopK's dropped candidates and Matryoshka's other groups are zero codes). False: every row read.
+SKIP_ZERO_CODES = True
 # Key below that of -inf (see _sortable_keys): marks candidate slots past the row's end.
 BELOW_ALL_KEYS = tl.constexpr(-2139095042)
 # Top-k: columns per chunk, chunks whose maxima one load covers, warps per row.
@@ -85,14 +88,17 @@ def triton_usable(tensor: torch.Tensor) -> bool:
     return triton is not None and (tensor.is_cuda or (INTERPRET_ON_CPU and triton_interpreting()))
 
 
-def _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS: tl.constexpr):
+def _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS: tl.constexpr,
+                        SKIP_ZERO: tl.constexpr = False):
     """``values[t, j] * table_seed[indices[t, j], columns]`` for the ``ROWS`` selected slots from ``row_start``
-    (slots past ``K`` and masked columns give 0): the float32 ``[ROWS, COLUMNS]`` tile both decode programs sum."""
+    (slots past ``K`` and masked columns give 0): the float32 ``[ROWS, COLUMNS]`` tile both decode programs sum.
+    ``SKIP_ZERO``: rows whose value is 0 are not read (they add 0 either way)."""
     slots = row_start + tl.arange(0, ROWS)
     slot_mask = slots < K
     rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
     weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
-    tile = tl.load(table_seed + rows[:, None] * D + columns[None, :], mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
+    row_mask = slot_mask & (weights != 0) if SKIP_ZERO else slot_mask
+    tile = tl.load(table_seed + rows[:, None] * D + columns[None, :], mask=row_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
     return tile * weights[:, None]
 
 
@@ -115,10 +121,11 @@ def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
 
 
 def _decode_wide_program(values, indices, table, out, bias, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
-                         HAS_BIAS: tl.constexpr):
+                         HAS_BIAS: tl.constexpr, SKIP_ZERO: tl.constexpr):
     """One program per (seed, token) and block of ``COLUMNS`` columns (grid axis 1): ``out[t] = sum_j values[t, j] *
     table[seed, indices[t, j]]``, ``ROWS`` selected rows at a time added into a ``[ROWS, COLUMNS]`` tile, summed
-    over its rows once at the end; with ``HAS_BIAS`` (round 6) plus ``bias[seed]`` (float32 ``[S, D]``), one float32 add."""
+    over its rows once at the end; with ``HAS_BIAS`` (round 6) plus ``bias[seed]`` (float32 ``[S, D]``), one float32 add;
+    with ``SKIP_ZERO`` (round 7) rows of zero values unread."""
     token = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
     column_mask = columns < D
@@ -126,7 +133,7 @@ def _decode_wide_program(values, indices, table, out, bias, n_tokens, K, table_r
     table_seed = table + seed * table_rows * D
     total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
     for row_start in range(0, K, ROWS):
-        total += _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS)
+        total += _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS, SKIP_ZERO)
     decoded = tl.sum(total, axis=0)
     if HAS_BIAS:
         decoded += tl.load(bias + seed * D + columns, mask=column_mask, other=0.0)
@@ -154,16 +161,19 @@ def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D
         tl.store(out + token * K + slots, dots, mask=slot_mask)
 
 
-def _selected_dot_wide_program(dense, indices, table, out, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr):
+def _selected_dot_wide_program(dense, indices, table, out, codes, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
+                               SKIP_ZERO: tl.constexpr):
     """One program per (seed, token) and group of ``ROWS`` selected rows (grid axis 1): ``out[t, j] = <dense[t],
     table[seed, indices[t, j]]>``, the products of ``COLUMNS`` columns at a time added into a ``[ROWS, COLUMNS]``
-    tile, summed over its columns once at the end."""
+    tile, summed over its columns once at the end; with ``SKIP_ZERO`` (round 7) 0 where ``codes[t, j]`` is 0, its row unread."""
     token = tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     slot_mask = slots < K
     seed = token // n_tokens
     table_seed = table + seed * table_rows * D
     rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
+    if SKIP_ZERO:
+        slot_mask = slot_mask & (tl.load(codes + token * K + slots, mask=slot_mask, other=0.0) != 0)
     total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
     for column_start in range(0, D, COLUMNS):
         columns = column_start + tl.arange(0, COLUMNS)
@@ -172,7 +182,7 @@ def _selected_dot_wide_program(dense, indices, table, out, n_tokens, K, table_ro
         tile = tl.load(table_seed + rows[:, None] * D + columns[None, :],
                        mask=slot_mask[:, None] & column_mask[None, :], other=0.0).to(tl.float32)
         total += tile * row[None, :]
-    tl.store(out + token * K + slots, tl.sum(total, axis=1), mask=slot_mask)
+    tl.store(out + token * K + slots, tl.sum(total, axis=1), mask=slots < K)
 
 
 def _sortable_keys(values):
@@ -902,18 +912,21 @@ def decode_wide(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor
     out = torch.empty(n_seeds, batch, width, dtype=torch.float32, device=table.device)
     launch("decode_wide", (n_seeds * batch, triton.cdiv(width, columns)), values.contiguous(), indices.contiguous(), table.contiguous(), out,
            bias.float().contiguous() if bias is not None else out, batch, k, n_rows, width, ROWS=min(DECODE_ROWS, triton.next_power_of_2(k)),
-           COLUMNS=columns, HAS_BIAS=bias is not None, num_warps=max(1, min(8, columns // 256)))
+           COLUMNS=columns, HAS_BIAS=bias is not None, SKIP_ZERO=SKIP_ZERO_CODES, num_warps=max(1, min(8, columns // 256)))
     return out
 
 
-def selected_dot_wide(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def selected_dot_wide(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`_selected_dot_wide_program` over ``dense [S,B,d]``, ``indices [S,B,K]`` into ``table [S,n,d]``: float32
-    ``[S,B,K]`` (``SELECTED_DOT_ROWS`` rows a program, blocks of ``SELECTED_DOT_WIDE_COLUMNS`` columns; a warp per 256)."""
+    ``[S,B,K]`` (``SELECTED_DOT_ROWS`` rows a program, blocks of ``SELECTED_DOT_WIDE_COLUMNS`` columns; a warp per 256);
+    0 where ``codes [S,B,K]`` (when given) is 0."""
     n_seeds, batch, k = indices.shape
     n_rows, width = table.shape[1:]
     columns = min(SELECTED_DOT_WIDE_COLUMNS, max(16, triton.next_power_of_2(width)))
     rows = min(SELECTED_DOT_ROWS, triton.next_power_of_2(k))
     out = torch.empty(n_seeds, batch, k, dtype=torch.float32, device=table.device)
+    skip = codes is not None
     launch("selected_dot_wide", (n_seeds * batch, triton.cdiv(k, rows)), dense.contiguous(), indices.contiguous(), table.contiguous(), out,
-           batch, k, n_rows, width, ROWS=rows, COLUMNS=columns, num_warps=max(1, min(8, columns // 256)))
+           codes.contiguous() if skip else out, batch, k, n_rows, width, ROWS=rows, COLUMNS=columns, SKIP_ZERO=skip,
+           num_warps=max(1, min(8, columns // 256)))
     return out

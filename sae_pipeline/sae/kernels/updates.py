@@ -94,9 +94,9 @@ def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int,
     the entry's row in the stacked dense operands), ``segments`` (int32 ``[S * d_sae + 1]``: latent
     ``s * d_sae + i`` owns sorted entries ``segments[i] .. segments[i+1]``) and, with ``weights`` (per-entry
     values: one ``[S,B,K_p]`` tensor per record, or None for zeros), ``weights``: each as float32 in the sorted
-    order. ``positions`` (one per record, or None): int64 ``[S, N_p]``, ascending flat positions ``token * K_p + j``
-    of the entries of that record that count (BatchTopK's kept candidates), the others left out (``order`` then
-    counts positions in the concatenation of what is kept). With ``COUNTING_SORT`` (Triton usable, at most two
+    order. ``positions`` (one per record, or None): int64 ``[S, N_p]``, the flat positions ``row * K_p + j`` of the
+    entries of that record that count (BatchTopK's kept candidates), the others left out (``order`` then counts
+    positions in the concatenation of what is kept, and the records' rows follow one another, whatever their number). With ``COUNTING_SORT`` (Triton usable, at most two
     records and two weights, no ``positions``) the counting-sort programs (:func:`_counting_sort_entries`), else
     torch.sort; the two give the same values."""
     n_seeds, batch = indices[0].shape[:2]
@@ -113,7 +113,7 @@ def sort_entries_by_latent(indices: list[torch.Tensor], d_sae: int,
     if positions is None:
         flat = indices[0].reshape(n_seeds, -1) if len(indices) == 1 else torch.cat([chosen.reshape(n_seeds, -1) for chosen in indices], dim=1)
     else:
-        flat, rows = _kept_entries(indices, positions, batch)
+        flat, rows = _kept_entries(indices, positions)
     keys = (flat.to(torch.int32) + offsets).reshape(-1)
     sorted_keys, order = torch.sort(keys, stable=True)
     sorted_rows = rows.reshape(-1)[order]
@@ -180,16 +180,18 @@ def _counting_sort_entries(indices: list[torch.Tensor], d_sae: int, weights: tup
     return {**entries, "weights": out} if weights else entries
 
 
-def _kept_entries(indices: list[torch.Tensor], positions: list[torch.Tensor | None], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For :func:`sort_entries_by_latent` with ``positions``: the kept entries' latents and dense rows (``p * B + token``),
-    both ``[S, N]`` over the records in order (int64, int32)."""
-    latents, rows = [], []
-    for part, (chosen, kept) in enumerate(zip(indices, positions)):
-        n_seeds, _, k = chosen.shape
+def _kept_entries(indices: list[torch.Tensor], positions: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For :func:`sort_entries_by_latent` with ``positions``: the kept entries' latents and dense rows (the token plus
+    the rows of the records before), both ``[S, N]`` over the records in order (int64, int32). Records may have
+    different numbers of rows (Matryoshka's grouped record has G*B)."""
+    latents, rows, first_row = [], [], 0
+    for chosen, kept in zip(indices, positions):
+        n_seeds, n_rows, k = chosen.shape
         if kept is None:
-            kept = torch.arange(batch * k, device=chosen.device).expand(n_seeds, -1)
+            kept = torch.arange(n_rows * k, device=chosen.device).expand(n_seeds, -1)
         latents.append(chosen.reshape(n_seeds, -1).gather(1, kept))
-        rows.append((kept // k + part * batch).to(torch.int32))
+        rows.append((kept // k + first_row).to(torch.int32))
+        first_row += n_rows
     return torch.cat(latents, dim=1), torch.cat(rows, dim=1)
 
 
@@ -448,15 +450,20 @@ def deferred_operands(deferred: DeferredWeightGradients, W_dec: torch.Tensor) ->
     along the rows (record p's rows p*B ..; zeros for a record whose backward left none)."""
     records = deferred.records
     n_seeds, d_sae, width = W_dec.shape
+    for record in records:  # Matryoshka's grouped rows: the encoder's per-token operands repeated once per group
+        groups = record.pop("groups", 1)
+        for key in ("encoder_weights", "encoder_dense"):
+            if groups > 1 and key in record:
+                record[key] = record[key].repeat(1, groups, 1)
     entries = sort_entries_by_latent([record["indices"] for record in records], d_sae,
                                      weights=tuple([record.get(key) for record in records] for key in ("decoder_weights", "encoder_weights")),
                                      positions=[record.get("positions") for record in records])
     per_entry = entries.pop("weights")
-    batch = records[0]["indices"].shape[1]
 
     def stacked(key: str) -> torch.Tensor:
         dtype = next((record[key].dtype for record in records if key in record), torch.float32)
-        parts = [record[key] if key in record else torch.zeros(n_seeds, batch, width, dtype=dtype, device=W_dec.device) for record in records]
+        parts = [record[key] if key in record else torch.zeros(n_seeds, record["indices"].shape[1], width, dtype=dtype, device=W_dec.device)
+                 for record in records]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     decoder_dense, encoder_dense = (stacked(key) for key in ("decoder_dense", "encoder_dense"))
