@@ -177,3 +177,14 @@ def test_wide_decode_and_dots_leave_rows_of_zero_codes_unread(skip, monkeypatch)
         assert torch.allclose(dots, expected_dots * (codes > 0), atol=1e-5) and (dots[codes == 0] == 0).all()
     else:
         assert torch.isnan(decoded).any()
+
+
+def test_kept_first_orders_slots_and_gives_each_group_its_range():
+    """By hand: token 0 keeps slots 0 and 2 (group 0), token 1 keeps slot 3 (group 0); two groups."""
+    keep = torch.tensor([[[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]]])
+    groups = torch.tensor([[[0, 1, 0, 1], [1, 0, 1, 0]]])
+    order, positions, starts, ends = selection.kept_first(keep, torch.tensor([[0, 2, 7]]), groups, 2)
+    assert order.tolist() == [[[0, 2, 1, 3], [3, 0, 1, 2]]]
+    assert positions.tolist() == [[0, 1, 4]]
+    assert starts.tolist() == [[[0, 2], [0, 1]]] and ends.tolist() == [[[2, 2], [1, 1]]]
+    assert keep.gather(-1, order).view(1, -1)[0, positions[0]].tolist() == [1.0, 1.0, 1.0]

@@ -9,12 +9,8 @@ import torch
 
 from sae_pipeline.sae.trainer import SeedBatchedTrainer, learning_rate
 from sae_pipeline.sae.losses import sparsity_regularizer, weight_penalty
-from sae_pipeline.sae.training_model import (
-    SeedBatchedSAE,
-    geometric_median,
-    initial_weights,
-    topk_indices,
-)
+from sae_pipeline.sae.initialization import geometric_median, initial_weights
+from sae_pipeline.sae.training_model import SeedBatchedSAE, topk_indices
 from sae_pipeline.settings import TrainSettings
 
 torch.set_num_threads(1)

@@ -122,3 +122,29 @@ def topk_program_runs(pre_activations: torch.Tensor, k: int, any_width: bool = F
 def _wide_rows(width: int, k: int) -> bool:
     """Whether rows of ``width`` entries are wide enough for the chunked top-k selection of :func:`topk_indices`."""
     return width % TOPK_CHUNK == 0 and width >= TOPK_CHUNK_MIN_RATIO * k * TOPK_CHUNK
+
+
+@torch.no_grad()
+def kept_first(keep: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor | None = None,
+               n_groups: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A slot order that puts each token's kept candidates first, so the sparse programs visit only those slots.
+
+    Args:
+        keep: float32 ``[S, B, C]`` from :func:`keep_candidates`; ``positions``: its kept positions ``[S, N]``.
+        groups: int64 ``[S, B, C]`` in ``0 .. n_groups - 1`` (Matryoshka's latent groups), when the kept slots
+            should also come group by group; None: one group.
+
+    Returns:
+        ``order`` int64 ``[S, B, C]`` (new slot j holds old slot ``order[..., j]``: kept ones first, in group order
+        and stably, the dropped ones last), ``positions`` in the new order ``[S, N]``, and each token's slot
+        range per group, int32 ``starts, ends [S, B, n_groups]``.
+    """
+    n_seeds, batch, cap = keep.shape
+    key = torch.where(keep > 0, groups if groups is not None else torch.zeros_like(keep, dtype=torch.int64), n_groups)
+    order = torch.sort(key, dim=-1, stable=True).indices
+    counts = torch.zeros(n_seeds, batch, n_groups + 1, dtype=torch.int32, device=keep.device).scatter_add_(
+        -1, key, torch.ones_like(key, dtype=torch.int32))[..., :n_groups]
+    ends = counts.cumsum(dim=-1, dtype=torch.int32)
+    inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(cap, device=keep.device).expand(n_seeds, batch, cap))
+    moved = positions - positions % cap + inverse.view(n_seeds, -1).gather(1, positions)
+    return order, moved, ends - counts, ends

@@ -63,8 +63,9 @@ from torch import nn
 from sae_pipeline.sae import kernels as sparse_kernels
 from sae_pipeline.sae import losses
 from sae_pipeline.sae.kernels import programs as kernel_programs
+from sae_pipeline.sae.initialization import initial_weights
 from sae_pipeline.sae.kernels import selected_preactivations, sparse_decode
-from sae_pipeline.sae.selection import dense_batch_codes, keep_candidates, topk_indices, topk_program_runs
+from sae_pipeline.sae.selection import dense_batch_codes, keep_candidates, kept_first, topk_indices, topk_program_runs
 from sae_pipeline.settings import TOPK_FAMILY, TrainSettings
 
 # Architectures whose codes are a batch-level top-k (sparse through per-token candidates, see sparse_codes).
@@ -83,41 +84,6 @@ RECORD_LOW_CENTERED = True
 # program counts firing, one zero fill for the counts and the loss terms left out (round 6; False: separate kernels).
 DECODE_ADDS_BIAS = True
 SHARED_ZERO_FILL = True
-
-
-@torch.no_grad()
-def geometric_median(points: torch.Tensor, iterations: int = 100, tolerance: float = 1e-6) -> torch.Tensor:
-    """Geometric median of ``points [n, d]`` by Weiszfeld's iteration (float64), returned as float32 ``[d]``."""
-    points = points.double()
-    median = points.mean(dim=0)
-    for _ in range(iterations):
-        distances = (points - median).norm(dim=1).clamp_min(1e-12)
-        weights = 1.0 / distances
-        updated = (weights[:, None] * points).sum(dim=0) / weights.sum()
-        moved = (updated - median).norm() / median.norm().clamp_min(1e-12)
-        median = updated
-        if moved < tolerance:
-            break
-    return median.float()
-
-
-def initial_weights(seed: int, d_in: int, d_sae: int, tied_init: bool, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_enc [d_in, d_sae], W_dec [d_sae, d_in])`` for one seed, float32 on ``device`` (the CPU by default).
-
-    Decoder rows are Gaussian directions of unit norm. With ``tied_init`` the encoder is the
-    decoder's transpose; otherwise its columns are independent unit-norm Gaussian directions.
-    The result depends only on ``seed`` (a private generator), never on the global RNG; drawn on
-    another device (fast for wide dictionaries) it depends on that device's generator too.
-    """
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    decoder = torch.randn(d_sae, d_in, generator=generator, device=device)
-    decoder = decoder / decoder.norm(dim=1, keepdim=True)
-    if tied_init:
-        encoder = decoder.t().clone()
-    else:
-        encoder = torch.randn(d_in, d_sae, generator=generator, device=device)
-        encoder = encoder / encoder.norm(dim=0, keepdim=True)
-    return encoder, decoder
 
 
 class SeedBatchedSAE(nn.Module):
@@ -299,22 +265,27 @@ class SeedBatchedSAE(nn.Module):
             else:
                 indices = topk_indices(pre, selected_k, bias=self.b_enc.detach() if sparse_gradients else None)
             if sparse_gradients:
+                candidates = self._arrange_candidates(pre, indices, selected) if batch_candidates else None
+                if candidates is not None:
+                    indices, selected = candidates["indices"], candidates["selected"]
                 record = self._deferred.record(indices) if self._deferred is not None else None
                 values = selected_preactivations(pre, centered, self.W_enc, self.b_enc, self.b_dec, indices, bias_separate=True,
                                                  encoder_table=encoder_table, record=record, selected=selected)
                 codes = values.relu()
-                if batch_candidates:
-                    keep, positions = keep_candidates(values.detach(), settings.k, self.threshold, settings.threshold_lr, self.capped_tokens)
-                    codes = codes * keep
+                slot_ranges = None
+                if candidates is not None:
+                    codes = codes * candidates["keep"]
+                    slot_ranges = candidates["starts"], candidates["ends"]
                     if record is not None:
-                        record["positions"] = positions
+                        record["positions"] = candidates["positions"]
                 if architecture == "matryoshka_batchtopk":
-                    x_hat, recon = self._nested_sparse_decode(x, codes, indices, decoder_table, record)
+                    x_hat, recon = self._nested_sparse_decode(x, codes, indices, candidates["groups"], slot_ranges, decoder_table, record)
                 else:
+                    slot_ranges = (slot_ranges[0][..., 0], slot_ranges[1][..., 0]) if slot_ranges is not None else None
                     if DECODE_ADDS_BIAS:
-                        x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record, bias=self.b_dec)
+                        x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record, bias=self.b_dec, slot_ranges=slot_ranges)
                     else:
-                        x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record) + self.b_dec.unsqueeze(1)
+                        x_hat = sparse_decode(codes, self.W_dec, indices, table=decoder_table, record=record, slot_ranges=slot_ranges) + self.b_dec.unsqueeze(1)
                     recon = losses.squared_error_mean(x_hat, x) if losses.FUSED_SQUARED_ERROR else (x_hat - x).square().sum(dim=-1).mean(dim=-1)
             else:
                 values = pre.gather(-1, indices)
@@ -395,29 +366,52 @@ class SeedBatchedSAE(nn.Module):
                 out["l0"] = l0
         return out
 
-    def _nested_sparse_decode(self, x: torch.Tensor, codes: torch.Tensor, indices: torch.Tensor, table: torch.Tensor | None,
+    @torch.no_grad()
+    def _arrange_candidates(self, pre: torch.Tensor, indices: torch.Tensor, selected: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """BatchTopK's selection from the candidates ``indices [S,B,C]`` (their values ``selected``, when the top-k
+        program wrote them, else read from ``pre`` plus b_enc): which are kept (:func:`keep_candidates`, updating the
+        threshold and the capped-token count), then every token's slots reordered kept first, Matryoshka's group by
+        group (:func:`kept_first`). Returns the reordered ``indices``, ``selected`` (or None), ``keep``, ``groups`` (Matryoshka:
+        each slot's latent group, else None), the kept ``positions`` and the slot ranges ``starts``, ``ends [S,B,G]``."""
+        settings = self.settings
+        values = selected
+        if values is None:
+            values = pre.gather(-1, indices).float() + self.b_enc.detach().float().gather(1, indices.flatten(1)).view_as(indices)
+        keep, positions = keep_candidates(values, settings.k, self.threshold, settings.threshold_lr, self.capped_tokens)
+        groups, n_groups = None, 1
+        if settings.architecture == "matryoshka_batchtopk":
+            groups = sum((indices >= bound).to(torch.int64) for bound in settings.matryoshka_prefixes)  # 0 .. G-1
+            n_groups = len(settings.matryoshka_prefixes) + 1
+        order, positions, starts, ends = kept_first(keep, positions, groups, n_groups)
+        return {"indices": indices.gather(-1, order), "selected": selected.gather(-1, order) if selected is not None else None,
+                "keep": keep.gather(-1, order), "groups": groups.gather(-1, order) if groups is not None else None,
+                "positions": positions, "starts": starts, "ends": ends}
+
+    def _nested_sparse_decode(self, x: torch.Tensor, codes: torch.Tensor, indices: torch.Tensor, groups: torch.Tensor,
+                              slot_ranges: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor | None,
                               record: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Matryoshka on the sparse kernels: ``(x_hat [S,B,d], recon [S])``, recon the sum over the nested prefixes
         (``matryoshka_prefixes`` and the full width) of each prefix's squared error.
 
-        The G groups of latents between two prefix bounds are decoded in one call as G*B rows (row ``q*B + b``: token
-        b's codes of group q, the others zero and unread); the prefix reconstructions are running sums of the groups',
-        so autograd gives group q the sum of the gradients of every prefix holding it. The gradient record then has
-        G*B rows too: each kept entry (``positions`` moved to its group's rows) meets its group's decode gradient, and
-        ``groups`` tells :func:`sae_pipeline.sae.kernels.updates.deferred_operands` to repeat the encoder's per-token
-        operands G times."""
-        bounds = [0, *self.settings.matryoshka_prefixes, self.d_sae]
-        n_groups = len(bounds) - 1
+        ``groups [S,B,C]``: each slot's latent group; ``slot_ranges``: ``(starts, ends) [S,B,G]``, where each token's
+        kept slots of each group lie (:meth:`_arrange_candidates`). The G groups are decoded in one call as G*B rows
+        (row ``q*B + b``: token b's codes of group q, the others zero and unvisited); the prefix reconstructions are
+        running sums of the groups', so autograd gives group q the sum of the gradients of every prefix holding it.
+        The gradient record then has G*B rows too: each kept entry (``positions`` moved to its group's rows) meets its
+        group's decode gradient, and ``groups`` tells :func:`sae_pipeline.sae.kernels.updates.deferred_operands` to
+        repeat the encoder's per-token operands G times."""
         n_seeds, batch, cap = indices.shape
-        group_of = sum((indices >= bound).to(torch.int64) for bound in bounds[1:-1])  # [S,B,C]: 0 .. G-1
-        grouped = torch.stack([codes * (group_of == group) for group in range(n_groups)], dim=1).view(n_seeds, n_groups * batch, cap)
+        n_groups = slot_ranges[0].shape[-1]
+        grouped = torch.stack([codes * (groups == group) for group in range(n_groups)], dim=1).view(n_seeds, n_groups * batch, cap)
         grouped_indices = indices.unsqueeze(1).expand(n_seeds, n_groups, batch, cap).reshape(n_seeds, n_groups * batch, cap)
+        grouped_ranges = tuple(bound.transpose(1, 2).reshape(n_seeds, n_groups * batch) for bound in slot_ranges)
         if record is not None:
             record["indices"], record["groups"] = grouped_indices, n_groups
             if "positions" in record:
-                kept_groups = group_of.view(n_seeds, -1).gather(1, record["positions"])
+                kept_groups = groups.view(n_seeds, -1).gather(1, record["positions"])
                 record["positions"] = record["positions"] + kept_groups * (batch * cap)
-        per_group = sparse_decode(grouped, self.W_dec, grouped_indices, table=table, record=record).view(n_seeds, n_groups, batch, self.d_in)
+        per_group = sparse_decode(grouped, self.W_dec, grouped_indices, table=table, record=record,
+                                  slot_ranges=grouped_ranges).view(n_seeds, n_groups, batch, self.d_in)
         x_hat = self.b_dec.unsqueeze(1).float()
         recon = 0.0
         for group in range(n_groups):

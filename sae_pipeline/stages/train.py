@@ -37,9 +37,10 @@ from sae_pipeline.data.shards import ActivationStore, ShardData
 from sae_pipeline.layout import SAE_CURVES, SAE_METRICS
 from sae_pipeline.runtime.devices import resolve_device
 from sae_pipeline.sae.metrics import firing_frequencies, reconstruction_metrics
+from sae_pipeline.sae.initialization import geometric_median
 from sae_pipeline.sae.model import SparseAutoencoder
 from sae_pipeline.sae.trainer import STEP_STATISTICS, SeedBatchedTrainer
-from sae_pipeline.sae.training_model import BATCH_TOPK, SeedBatchedSAE, geometric_median
+from sae_pipeline.sae.training_model import BATCH_TOPK, SeedBatchedSAE
 from sae_pipeline.settings import TrainSettings
 
 logger = logging.getLogger(__name__)

@@ -12,12 +12,15 @@ from sae_pipeline.sae.kernels.programs import triton
 FIRING_BLOCK = 1024
 
 
-def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def decode_rows(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None,
+                slot_ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``out[s,b] = sum_j values[s,b,j] * table[s, indices[s,b,j]]``: ``[S,B,K]`` x ``[S,n,d]`` -> float32 ``[S,B,d]``;
-    plus float32 ``bias [S,d]`` when given (inside the wide decode program; one float32 add either way)."""
+    plus float32 ``bias [S,d]`` when given (inside the wide decode program; one float32 add either way).
+    ``slot_ranges``: int32 ``(starts, ends) [S,B]``; values outside each row's slots ``starts .. ends`` must be 0
+    (the wide program reads only the ranges; elsewhere they are summed as they are)."""
     if programs.triton_usable(table):
         if programs.DECODE_WIDE_COLUMNS is not None:
-            return programs.decode_wide(values, indices, table, bias)
+            return programs.decode_wide(values, indices, table, bias, slot_ranges)
         decoded = programs.per_token_program("decode", values, indices, table, table.shape[2], max_column_blocks=programs.DECODE_COLUMN_BLOCKS)
     else:
         decoded = embedding_bag_rows(values.float(), indices, table.float())
@@ -35,13 +38,16 @@ def embedding_bag_rows(values: torch.Tensor, indices: torch.Tensor, table: torch
     return flat.view(n_seeds, batch, width)
 
 
-def selected_dots(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, zero_where: torch.Tensor | None = None) -> torch.Tensor:
+def selected_dots(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, zero_where: torch.Tensor | None = None,
+                  slot_ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``out[s,b,j] = <dense[s,b], table[s, indices[s,b,j]]>``: ``[S,B,d]`` x ``[S,n,d]`` -> float32 ``[S,B,K]``; with
-    ``zero_where [S,B,K]`` (the codes) 0 wherever it is 0, those rows unread by the wide program (``programs.SKIP_ZERO_CODES``)."""
+    ``zero_where [S,B,K]`` (the codes) 0 wherever it is 0, those rows unread by the wide program (``programs.SKIP_ZERO_CODES``),
+    which with ``slot_ranges`` (as for :func:`decode_rows`, ``zero_where`` 0 outside them) reads only the ranges."""
     n_seeds, batch, k = indices.shape
     width = table.shape[2]
     if programs.triton_usable(table) and programs.SELECTED_DOT_WIDE_COLUMNS is not None:
-        return programs.selected_dot_wide(dense, indices, table, zero_where if programs.SKIP_ZERO_CODES else None)
+        skip = zero_where is not None and programs.SKIP_ZERO_CODES
+        return programs.selected_dot_wide(dense, indices, table, zero_where if skip else None, slot_ranges if skip else None)
     if programs.triton_usable(table):
         dots = programs.per_token_program("selected_dot", dense, indices, table, k)
     else:
@@ -161,7 +167,7 @@ class DeferredWeightGradients:
 
 class _SparseDecode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, codes, W_dec, indices, table, record, bias):
+    def forward(ctx, codes, W_dec, indices, table, record, bias, slot_ranges):
         if table is None:
             # Under autocast the rows are read in its dtype, as a dense product would read them (half the bytes).
             low_dtype = autocast_dtype(W_dec.device.type)
@@ -170,15 +176,16 @@ class _SparseDecode(torch.autograd.Function):
         ctx.weight_dtype = W_dec.dtype
         ctx.d_sae = W_dec.shape[1]
         ctx.record = record
+        ctx.slot_ranges = slot_ranges
         ctx.save_for_backward(codes, table, indices)
-        return decode_rows(codes, indices, table, bias.detach() if bias is not None else None)
+        return decode_rows(codes, indices, table, bias.detach() if bias is not None else None, slot_ranges)
 
     @staticmethod
     def backward(ctx, grad_out):
         codes, table, indices = ctx.saved_tensors
         # A zero code's gradient is reported as 0 (its row unread): every caller's zero codes are ReLU-clamped or masked
         # (top-k, BatchTopK's dropped candidates, Matryoshka's other groups, AuxK's live latents), so nothing flows there.
-        grad_codes = selected_dots(grad_out, indices, table, zero_where=codes) if ctx.needs_input_grad[0] else None
+        grad_codes = selected_dots(grad_out, indices, table, zero_where=codes, slot_ranges=ctx.slot_ranges) if ctx.needs_input_grad[0] else None
         grad_W_dec = None
         if ctx.record is not None:
             # Detached, and the ctx lets go of the record: a record referring back to the graph would keep the
@@ -188,7 +195,8 @@ class _SparseDecode(torch.autograd.Function):
         elif ctx.needs_input_grad[1]:
             grad_W_dec = scatter_rows(codes, indices, ctx.d_sae, grad_out, low_precision=ctx.low_precision).to(ctx.weight_dtype)
         grad_bias = grad_out.sum(dim=1) if ctx.needs_input_grad[5] else None  # the sum autograd forms for a broadcast add
-        return grad_codes, grad_W_dec, None, None, None, grad_bias
+        ctx.slot_ranges = None
+        return grad_codes, grad_W_dec, None, None, None, grad_bias, None
 
 
 class _SelectedPreactivations(torch.autograd.Function):
@@ -224,7 +232,8 @@ class _SelectedPreactivations(torch.autograd.Function):
 
 
 def sparse_decode(codes: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tensor, table: torch.Tensor | None = None,
-                  record: dict | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+                  record: dict | None = None, bias: torch.Tensor | None = None,
+                  slot_ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Differentiable ``sum_j codes[s,b,j] * W_dec[s, indices[s,b,j]]``: codes ``[S,B,K]``, W_dec
     ``[S, d_sae, d]``, indices ``[S,B,K]`` int64 -> float32 ``[S,B,d]`` (plus float32 ``bias [S,d]``, differentiable,
     when given: the decoder bias added inside the decode, round 6).
@@ -232,8 +241,10 @@ def sparse_decode(codes: torch.Tensor, W_dec: torch.Tensor, indices: torch.Tenso
     ``table``: the rows to read instead of ``W_dec`` (a bf16 copy kept by the optimizer); ``record`` (from
     :class:`DeferredWeightGradients`): leave W_dec's gradient to :func:`sparse_adam_step` instead of returning it.
     The gradient of a zero code is returned as 0 (round 7): callers pass codes whose zeros get no gradient further
-    down (a ReLU or a mask), and rows of zero codes are then read neither forward nor backward."""
-    return _SparseDecode.apply(codes, W_dec, indices, table, record, bias)
+    down (a ReLU or a mask), and rows of zero codes are then read neither forward nor backward. ``slot_ranges``
+    (int32 ``(starts, ends) [S,B]``, codes 0 outside each row's slots ``starts .. ends``): the wide programs visit
+    only those slots (BatchTopK's kept candidates, sorted to the front of each token's slots)."""
+    return _SparseDecode.apply(codes, W_dec, indices, table, record, bias, slot_ranges)
 
 
 def selected_preactivations(pre: torch.Tensor, centered: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,

@@ -89,12 +89,12 @@ def triton_usable(tensor: torch.Tensor) -> bool:
 
 
 def _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS: tl.constexpr,
-                        SKIP_ZERO: tl.constexpr = False):
+                        SKIP_ZERO: tl.constexpr = False, END=None):
     """``values[t, j] * table_seed[indices[t, j], columns]`` for the ``ROWS`` selected slots from ``row_start``
-    (slots past ``K`` and masked columns give 0): the float32 ``[ROWS, COLUMNS]`` tile both decode programs sum.
-    ``SKIP_ZERO``: rows whose value is 0 are not read (they add 0 either way)."""
+    (slots past ``K``, or past ``END`` when given, and masked columns give 0): the float32 ``[ROWS, COLUMNS]`` tile
+    both decode programs sum. ``SKIP_ZERO``: rows whose value is 0 are not read (they add 0 either way)."""
     slots = row_start + tl.arange(0, ROWS)
-    slot_mask = slots < K
+    slot_mask = slots < K if END is None else slots < END
     rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
     weights = tl.load(values + token * K + slots, mask=slot_mask, other=0.0).to(tl.float32)
     row_mask = slot_mask & (weights != 0) if SKIP_ZERO else slot_mask
@@ -120,20 +120,25 @@ def _decode_program(values, indices, table, out, n_tokens, K, table_rows, D,
         tl.store(out + token * D + columns, total, mask=column_mask)
 
 
-def _decode_wide_program(values, indices, table, out, bias, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
-                         HAS_BIAS: tl.constexpr, SKIP_ZERO: tl.constexpr):
+def _decode_wide_program(values, indices, table, out, bias, starts, ends, n_tokens, K, table_rows, D, ROWS: tl.constexpr,
+                         COLUMNS: tl.constexpr, HAS_BIAS: tl.constexpr, SKIP_ZERO: tl.constexpr, HAS_RANGES: tl.constexpr):
     """One program per (seed, token) and block of ``COLUMNS`` columns (grid axis 1): ``out[t] = sum_j values[t, j] *
     table[seed, indices[t, j]]``, ``ROWS`` selected rows at a time added into a ``[ROWS, COLUMNS]`` tile, summed
     over its rows once at the end; with ``HAS_BIAS`` (round 6) plus ``bias[seed]`` (float32 ``[S, D]``), one float32 add;
-    with ``SKIP_ZERO`` (round 7) rows of zero values unread."""
+    with ``SKIP_ZERO`` (round 7) rows of zero values unread; with ``HAS_RANGES`` (round 7) only slots
+    ``starts[t] .. ends[t]`` (int32) summed, the others being zero."""
     token = tl.program_id(0).to(tl.int64)
     columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
     column_mask = columns < D
     seed = token // n_tokens
     table_seed = table + seed * table_rows * D
     total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
-    for row_start in range(0, K, ROWS):
-        total += _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS, SKIP_ZERO)
+    if HAS_RANGES:
+        first, end = tl.load(starts + token), tl.load(ends + token)
+    else:
+        first, end = 0, K
+    for row_start in range(first, end, ROWS):
+        total += _weighted_rows_tile(values, indices, table_seed, token, K, D, row_start, columns, column_mask, ROWS, SKIP_ZERO, end)
     decoded = tl.sum(total, axis=0)
     if HAS_BIAS:
         decoded += tl.load(bias + seed * D + columns, mask=column_mask, other=0.0)
@@ -161,11 +166,13 @@ def _selected_dot_program(dense, indices, table, out, n_tokens, K, table_rows, D
         tl.store(out + token * K + slots, dots, mask=slot_mask)
 
 
-def _selected_dot_wide_program(dense, indices, table, out, codes, n_tokens, K, table_rows, D, ROWS: tl.constexpr, COLUMNS: tl.constexpr,
-                               SKIP_ZERO: tl.constexpr):
+def _selected_dot_wide_program(dense, indices, table, out, codes, starts, ends, n_tokens, K, table_rows, D, ROWS: tl.constexpr,
+                               COLUMNS: tl.constexpr, SKIP_ZERO: tl.constexpr, HAS_RANGES: tl.constexpr):
     """One program per (seed, token) and group of ``ROWS`` selected rows (grid axis 1): ``out[t, j] = <dense[t],
     table[seed, indices[t, j]]>``, the products of ``COLUMNS`` columns at a time added into a ``[ROWS, COLUMNS]``
-    tile, summed over its columns once at the end; with ``SKIP_ZERO`` (round 7) 0 where ``codes[t, j]`` is 0, its row unread."""
+    tile, summed over its columns once at the end; with ``SKIP_ZERO`` (round 7) 0 where ``codes[t, j]`` is 0, its row
+    unread; with ``HAS_RANGES`` (round 7) 0 outside slots ``starts[t] .. ends[t]``, a group without such slots
+    reading nothing."""
     token = tl.program_id(0).to(tl.int64)
     slots = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     slot_mask = slots < K
@@ -174,8 +181,13 @@ def _selected_dot_wide_program(dense, indices, table, out, codes, n_tokens, K, t
     rows = tl.load(indices + token * K + slots, mask=slot_mask, other=0).to(tl.int64)
     if SKIP_ZERO:
         slot_mask = slot_mask & (tl.load(codes + token * K + slots, mask=slot_mask, other=0.0) != 0)
+    width = D
+    if HAS_RANGES:
+        first, end = tl.load(starts + token), tl.load(ends + token)
+        slot_mask = slot_mask & (slots >= first) & (slots < end)
+        width = tl.where((tl.program_id(1) * ROWS < end) & (tl.program_id(1) * ROWS + ROWS > first), D, 0)
     total = tl.zeros([ROWS, COLUMNS], dtype=tl.float32)
-    for column_start in range(0, D, COLUMNS):
+    for column_start in range(0, width, COLUMNS):
         columns = column_start + tl.arange(0, COLUMNS)
         column_mask = columns < D
         row = tl.load(dense + token * D + columns, mask=column_mask, other=0.0).to(tl.float32)
@@ -902,31 +914,47 @@ def per_token_program(name: str, operand: torch.Tensor, indices: torch.Tensor, t
     return out
 
 
-def decode_wide(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def decode_wide(values: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, bias: torch.Tensor | None = None,
+                slot_ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`_decode_wide_program` over ``values, indices [S,B,K]`` into ``table [S,n,d]``: float32 ``[S,B,d]``
     (blocks of ``DECODE_WIDE_COLUMNS`` columns, narrower for narrow rows; a warp per 256 columns), plus float32
-    ``bias [S,d]`` when given."""
+    ``bias [S,d]`` when given; ``slot_ranges``: int32 ``(starts, ends) [S,B]``, the only slots of each row that may
+    hold nonzero values."""
     n_seeds, batch, k = indices.shape
     n_rows, width = table.shape[1:]
     columns = min(DECODE_WIDE_COLUMNS, max(16, triton.next_power_of_2(width)))
     out = torch.empty(n_seeds, batch, width, dtype=torch.float32, device=table.device)
+    starts, ends = _ranges(slot_ranges, indices)
     launch("decode_wide", (n_seeds * batch, triton.cdiv(width, columns)), values.contiguous(), indices.contiguous(), table.contiguous(), out,
-           bias.float().contiguous() if bias is not None else out, batch, k, n_rows, width, ROWS=min(DECODE_ROWS, triton.next_power_of_2(k)),
-           COLUMNS=columns, HAS_BIAS=bias is not None, SKIP_ZERO=SKIP_ZERO_CODES, num_warps=max(1, min(8, columns // 256)))
+           bias.float().contiguous() if bias is not None else out, starts, ends, batch, k, n_rows, width,
+           ROWS=min(DECODE_ROWS, triton.next_power_of_2(k)), COLUMNS=columns, HAS_BIAS=bias is not None, SKIP_ZERO=SKIP_ZERO_CODES,
+           HAS_RANGES=slot_ranges is not None, num_warps=max(1, min(8, columns // 256)))
     return out
 
 
-def selected_dot_wide(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+def selected_dot_wide(dense: torch.Tensor, indices: torch.Tensor, table: torch.Tensor, codes: torch.Tensor | None = None,
+                      slot_ranges: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """:func:`_selected_dot_wide_program` over ``dense [S,B,d]``, ``indices [S,B,K]`` into ``table [S,n,d]``: float32
     ``[S,B,K]`` (``SELECTED_DOT_ROWS`` rows a program, blocks of ``SELECTED_DOT_WIDE_COLUMNS`` columns; a warp per 256);
-    0 where ``codes [S,B,K]`` (when given) is 0."""
+    0 where ``codes [S,B,K]`` (when given) is 0 and, with ``slot_ranges`` (as for :func:`decode_wide`), outside the ranges."""
     n_seeds, batch, k = indices.shape
     n_rows, width = table.shape[1:]
     columns = min(SELECTED_DOT_WIDE_COLUMNS, max(16, triton.next_power_of_2(width)))
     rows = min(SELECTED_DOT_ROWS, triton.next_power_of_2(k))
     out = torch.empty(n_seeds, batch, k, dtype=torch.float32, device=table.device)
     skip = codes is not None
+    starts, ends = _ranges(slot_ranges, indices)
     launch("selected_dot_wide", (n_seeds * batch, triton.cdiv(k, rows)), dense.contiguous(), indices.contiguous(), table.contiguous(), out,
-           codes.contiguous() if skip else out, batch, k, n_rows, width, ROWS=rows, COLUMNS=columns, SKIP_ZERO=skip,
-           num_warps=max(1, min(8, columns // 256)))
+           codes.contiguous() if skip else out, starts, ends, batch, k, n_rows, width, ROWS=rows, COLUMNS=columns, SKIP_ZERO=skip,
+           HAS_RANGES=slot_ranges is not None, num_warps=max(1, min(8, columns // 256)))
     return out
+
+
+def _ranges(slot_ranges: tuple[torch.Tensor, torch.Tensor] | None, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int32 ``(starts, ends)`` a wide program reads (``indices`` stands in for both when there are none)."""
+    if slot_ranges is None:
+        return indices, indices
+    starts, ends = slot_ranges
+    if starts.dtype != torch.int32 or ends.dtype != torch.int32 or starts.shape != indices.shape[:2] or ends.shape != indices.shape[:2]:
+        raise ValueError(f"slot_ranges: int32 (starts, ends) of shape {tuple(indices.shape[:2])} expected")
+    return starts.contiguous(), ends.contiguous()
