@@ -141,10 +141,13 @@ def kept_first(keep: torch.Tensor, positions: torch.Tensor, groups: torch.Tensor
     """
     n_seeds, batch, cap = keep.shape
     key = torch.where(keep > 0, groups if groups is not None else torch.zeros_like(keep, dtype=torch.int64), n_groups)
-    order = torch.sort(key, dim=-1, stable=True).indices
-    counts = torch.zeros(n_seeds, batch, n_groups + 1, dtype=torch.int32, device=keep.device).scatter_add_(
-        -1, key, torch.ones_like(key, dtype=torch.int32))[..., :n_groups]
-    ends = counts.cumsum(dim=-1, dtype=torch.int32)
-    inverse = torch.empty_like(order).scatter_(-1, order, torch.arange(cap, device=keep.device).expand(n_seeds, batch, cap))
-    moved = positions - positions % cap + inverse.view(n_seeds, -1).gather(1, positions)
-    return order, moved, ends - counts, ends
+    # A stable counting partition by key (n_groups + 1 values): no sort (torch.sort of the [S*B, C] rows cost 0.16 ms
+    # at 4096 x 160 on the H200). Slot j goes to its key's first slot plus the number of earlier slots with its key.
+    one_hot = (key.unsqueeze(-1) == torch.arange(n_groups + 1, device=key.device)).to(torch.int32)  # [S, B, C, G + 1] (no sync)
+    earlier = ((one_hot.cumsum(dim=2, dtype=torch.int32) - one_hot) * one_hot).sum(dim=-1)
+    counts = one_hot.sum(dim=2, dtype=torch.int32)  # [S, B, G + 1]
+    firsts = counts.cumsum(dim=-1, dtype=torch.int32) - counts
+    destination = (firsts.gather(-1, key) + earlier).long()
+    order = torch.empty_like(destination).scatter_(-1, destination, torch.arange(cap, device=keep.device).expand(n_seeds, batch, cap))
+    moved = positions - positions % cap + destination.view(n_seeds, -1).gather(1, positions)
+    return order, moved, firsts[..., :n_groups].contiguous(), (firsts + counts)[..., :n_groups].contiguous()
