@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sae_pipeline.sae import kernels as sparse_kernels
-from sae_pipeline.sae import selection
+from sae_pipeline.sae import selection, training_model
 from sae_pipeline.sae.kernels import programs as kernel_programs
 from sae_pipeline.sae.kernels import updates as kernel_updates
 from sae_pipeline.sae.trainer import SeedBatchedTrainer
@@ -73,17 +73,20 @@ def test_sort_with_positions_keeps_only_the_kept_entries_in_stable_order():
     assert entries["segments"][-1] == n_seeds * (9 + batch * 3)
 
 
-@pytest.mark.parametrize("architecture,aux", [("batchtopk", False), ("batchtopk", True), ("matryoshka_batchtopk", False), ("matryoshka_batchtopk", True)])
-def test_batchtopk_training_with_kernels_equals_dense_autograd_training(backend, architecture, aux, monkeypatch):
+@pytest.mark.parametrize("architecture,aux,kept_first", [("batchtopk", False, False), ("batchtopk", True, False), ("batchtopk", True, True),
+                                                        ("matryoshka_batchtopk", False, True), ("matryoshka_batchtopk", True, True)])
+def test_batchtopk_training_with_kernels_equals_dense_autograd_training(backend, architecture, aux, kept_first, monkeypatch):
     """Six Adam steps of BatchTopK or Matryoshka BatchTopK (prefixes 32 and 128 of 256 latents; AuxK from the third step
     when ``aux``): the kernels path, from 16 candidates a token (k 2, cap multiple 8; the top-k program selects them in
-    the interpreter), lands on the dense path's weights and threshold, and no token was capped.
+    the interpreter), lands on the dense path's weights and threshold, and no token was capped; ``kept_first``: the
+    kept candidates sorted to the front of each token's slots, the programs visiting only those.
 
     Untied initialisation: with W_enc = W_dec^T a token that keeps one latent has a residual orthogonal to its
     decoder row, so that latent's gradient is rounding noise (~1e-9), which Adam (below its eps) turns into
     updates of a sizeable share of the learning rate on either path. On the PyTorch path the first step's
     gradients, before Adam, are compared too."""
     monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", 16)
+    monkeypatch.setattr(training_model, "KEPT_FIRST_MIN_D_IN", 0 if kept_first else 10**6)  # Matryoshka always puts kept first
     generator = torch.Generator().manual_seed(1)
     pool = [torch.randn(32, 16, generator=generator) + 0.5 for _ in range(3)]
     trained, first_gradients = {}, {}

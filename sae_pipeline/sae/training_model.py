@@ -68,8 +68,9 @@ from sae_pipeline.sae.kernels import selected_preactivations, sparse_decode
 from sae_pipeline.sae.selection import dense_batch_codes, keep_candidates, kept_first, topk_indices, topk_program_runs
 from sae_pipeline.settings import TOPK_FAMILY, TrainSettings
 
-# Architectures whose codes are a batch-level top-k (sparse through per-token candidates, see sparse_codes).
-BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
+# Batch-level top-k architectures (sparse via candidates, see sparse_codes). BatchTopK puts each token's kept candidates
+# first from this d_in (H200, 16k latents: 3.39 -> 3.14 ms at d_in 2304, 1.42 -> 1.47 at 512); Matryoshka always.
+BATCH_TOPK, KEPT_FIRST_MIN_D_IN = ("batchtopk", "matryoshka_batchtopk"), 1024
 # Round 6 of issue 17 (top-k with the kernels, where the top-k program runs): the program also writes the selected
 # values (no gathers in selected_preactivations), and adds the firing counts (no zeros + compare + cast + scatter_add_
 # of a torch formula but the zero fill); the dead-latent counters advance in one program (any architecture, where
@@ -192,9 +193,7 @@ class SeedBatchedSAE(nn.Module):
     @property
     def candidates_per_token(self) -> int:
         """Entries selected per token: k (top-k), or BatchTopK's candidates ``min(cap multiple * k, d_sae)``."""
-        if self.settings.architecture == "topk":
-            return self.settings.k
-        return min(self.settings.batch_topk_cap_multiple * self.settings.k, self.d_sae)
+        return self.settings.k if self.settings.architecture == "topk" else min(self.settings.batch_topk_cap_multiple * self.settings.k, self.d_sae)
 
     @property
     def uses_sparse_decoder(self) -> bool:
@@ -275,7 +274,7 @@ class SeedBatchedSAE(nn.Module):
                 slot_ranges = None
                 if candidates is not None:
                     codes = codes * candidates["keep"]
-                    slot_ranges = candidates["starts"], candidates["ends"]
+                    slot_ranges = (candidates["starts"], candidates["ends"]) if "starts" in candidates else None
                     if record is not None:
                         record["positions"] = candidates["positions"]
                 if architecture == "matryoshka_batchtopk":
@@ -370,14 +369,16 @@ class SeedBatchedSAE(nn.Module):
     def _arrange_candidates(self, pre: torch.Tensor, indices: torch.Tensor, selected: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """BatchTopK's selection from the candidates ``indices [S,B,C]`` (their values ``selected``, when the top-k
         program wrote them, else read from ``pre`` plus b_enc): which are kept (:func:`keep_candidates`, updating the
-        threshold and the capped-token count), then every token's slots reordered kept first, Matryoshka's group by
-        group (:func:`kept_first`). Returns the reordered ``indices``, ``selected`` (or None), ``keep``, ``groups`` (Matryoshka:
+        threshold and the capped-token count), then (Matryoshka, or from ``KEPT_FIRST_MIN_D_IN``) every token's slots
+        reordered kept first, Matryoshka's group by group (:func:`kept_first`; else no ``starts`` / ``ends``). Returns the reordered ``indices``, ``selected`` (or None), ``keep``, ``groups`` (Matryoshka:
         each slot's latent group, else None), the kept ``positions`` and the slot ranges ``starts``, ``ends [S,B,G]``."""
         settings = self.settings
         values = selected
         if values is None:
             values = pre.gather(-1, indices).float() + self.b_enc.detach().float().gather(1, indices.flatten(1)).view_as(indices)
         keep, positions = keep_candidates(values, settings.k, self.threshold, settings.threshold_lr, self.capped_tokens)
+        if settings.architecture == "batchtopk" and self.d_in < KEPT_FIRST_MIN_D_IN:
+            return {"indices": indices, "selected": selected, "keep": keep, "groups": None, "positions": positions}
         groups, n_groups = None, 1
         if settings.architecture == "matryoshka_batchtopk":
             groups = sum((indices >= bound).to(torch.int64) for bound in settings.matryoshka_prefixes)  # 0 .. G-1
@@ -393,13 +394,11 @@ class SeedBatchedSAE(nn.Module):
         """Matryoshka on the sparse kernels: ``(x_hat [S,B,d], recon [S])``, recon the sum over the nested prefixes
         (``matryoshka_prefixes`` and the full width) of each prefix's squared error.
 
-        ``groups [S,B,C]``: each slot's latent group; ``slot_ranges``: ``(starts, ends) [S,B,G]``, where each token's
-        kept slots of each group lie (:meth:`_arrange_candidates`). The G groups are decoded in one call as G*B rows
-        (row ``q*B + b``: token b's codes of group q, the others zero and unvisited); the prefix reconstructions are
-        running sums of the groups', so autograd gives group q the sum of the gradients of every prefix holding it.
-        The gradient record then has G*B rows too: each kept entry (``positions`` moved to its group's rows) meets its
-        group's decode gradient, and ``groups`` tells :func:`sae_pipeline.sae.kernels.updates.deferred_operands` to
-        repeat the encoder's per-token operands G times."""
+        ``groups [S,B,C]``: each slot's latent group; ``slot_ranges``: ``(starts, ends) [S,B,G]``, each token's kept
+        slots per group. The G groups are decoded in one call as G*B rows (row ``q*B + b``: token b's codes of group q);
+        the prefix reconstructions are running sums of the groups', so autograd gives group q the sum of the gradients
+        of every prefix holding it. The gradient record has G*B rows too (``positions`` moved to the group's rows;
+        ``groups`` makes :func:`~sae_pipeline.sae.kernels.updates.deferred_operands` repeat the encoder operands)."""
         n_seeds, batch, cap = indices.shape
         n_groups = slot_ranges[0].shape[-1]
         grouped = torch.stack([codes * (groups == group) for group in range(n_groups)], dim=1).view(n_seeds, n_groups * batch, cap)
