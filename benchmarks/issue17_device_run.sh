@@ -88,6 +88,11 @@ for step in $STEPS; do
                 --architectures-max-d-sae 131072 --architectures "batchtopk,batchtopk:batch_topk_cap_multiple=0,batchtopk:batch_topk_cap_multiple=2,matryoshka_batchtopk,matryoshka_batchtopk:batch_topk_cap_multiple=0" \
                 --json $OUT/batch7_$d_in.json 2>&1 | tee $OUT/batch7_$d_in.log
             done ;;
+    final7) timeout ${TABLE_TIMEOUT:-420} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --sparsify-path /tmp/sparsify --saelens-path /tmp/saelens --min-seconds ${MIN_SECONDS:-0.4} --profile --profile-d-sae 16384 \
+              --profile-rows ${PROFILE_ROWS:-20} --architectures-max-d-sae 262144 \
+              --architectures "batchtopk,batchtopk:batch_topk_cap_multiple=0,matryoshka_batchtopk,matryoshka_batchtopk:batch_topk_cap_multiple=0" \
+              --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
     quality7) for architecture in batchtopk matryoshka_batchtopk; do
               timeout ${QUALITY_TIMEOUT:-200} python3 benchmarks/train_quality.py --architecture $architecture --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality7_$architecture.log
             done ;;
