@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from sae_pipeline.sae.kernels import entries as kernel_entries  # noqa: E402
 from sae_pipeline.sae.kernels import updates  # noqa: E402
 from sae_pipeline.sae.trainer import SeedBatchedTrainer  # noqa: E402
 from sae_pipeline.sae.training_model import SeedBatchedSAE  # noqa: E402
@@ -124,7 +125,7 @@ def size_report(d_in: int, d_sae: int, k: int, batch: int, device: torch.device,
         out = model(pool[3], statistics=False)
     deferred = out.pop("deferred_gradients")
     out["loss"].sum().backward()
-    operands = updates.deferred_operands(deferred, model.W_dec)
+    operands = kernel_entries.deferred_operands(deferred, model.W_dec)
     entries = operands[0]["keys"].numel()
     counts = operands[0]["segments"].diff()
     report["entries"] = entries

@@ -511,13 +511,13 @@ def gradient_check(sizes: dict, device: torch.device) -> str:
 
 def constant_module(name: str):
     """The first module holding constant ``name`` of :mod:`~sae_pipeline.sae.kernels.updates`,
-    :mod:`~sae_pipeline.sae.kernels.programs` (the top-k constants), :mod:`~sae_pipeline.sae.training_model`,
+    :mod:`~sae_pipeline.sae.kernels.entries` (the entry sort), :mod:`~sae_pipeline.sae.kernels.programs` (the top-k constants), :mod:`~sae_pipeline.sae.training_model`,
     :mod:`~sae_pipeline.sae.losses` and :mod:`~sae_pipeline.sae.kernels.ops` (the last three: upper-case names only);
     None if none has it."""
     from sae_pipeline.sae import losses, training_model
-    from sae_pipeline.sae.kernels import ops, programs, updates
+    from sae_pipeline.sae.kernels import entries, ops, programs, updates
 
-    candidates = (updates, programs) + ((training_model, losses, ops) if name.isupper() else ())
+    candidates = (updates, entries, programs) + ((training_model, losses, ops) if name.isupper() else ())
     return next((module for module in candidates if hasattr(module, name)), None)
 
 

@@ -59,7 +59,7 @@ def test_sort_with_positions_keeps_only_the_kept_entries_in_stable_order():
     records = [torch.randint(0, d_sae, (n_seeds, batch, k), generator=generator) for k in (4, 3)]
     weights = [torch.randn(n_seeds, batch, k, generator=generator) for k in (4, 3)]
     kept = torch.stack([torch.randperm(batch * 4, generator=generator)[:9].sort().values for _ in range(n_seeds)])
-    entries = kernel_updates.sort_entries_by_latent(records, d_sae, weights=(weights,), positions=[kept, None])
+    entries = sparse_kernels.sort_entries_by_latent(records, d_sae, weights=(weights,), positions=[kept, None])
     expected = []  # (key, row, weight) in the stable order: the kept entries of record 0, then all of record 1
     for seed in range(n_seeds):
         listed = [(seed * d_sae + int(records[0][seed].flatten()[p]), int(p) // 4, float(weights[0][seed].flatten()[p])) for p in kept[seed]]
@@ -73,19 +73,22 @@ def test_sort_with_positions_keeps_only_the_kept_entries_in_stable_order():
     assert entries["segments"][-1] == n_seeds * (9 + batch * 3)
 
 
-@pytest.mark.parametrize("architecture,aux,kept_first", [("batchtopk", False, False), ("batchtopk", True, False), ("batchtopk", True, True),
-                                                        ("matryoshka_batchtopk", False, True), ("matryoshka_batchtopk", True, True)])
-def test_batchtopk_training_with_kernels_equals_dense_autograd_training(backend, architecture, aux, kept_first, monkeypatch):
+@pytest.mark.parametrize("architecture,aux,kept_first,crossover", [
+    ("batchtopk", False, False, 16), ("batchtopk", True, False, 16), ("batchtopk", True, True, 16),
+    ("matryoshka_batchtopk", False, True, 16), ("matryoshka_batchtopk", True, True, 16), ("matryoshka_batchtopk", True, True, 0)])
+def test_batchtopk_training_with_kernels_equals_dense_autograd_training(backend, architecture, aux, kept_first, crossover, monkeypatch):
     """Six Adam steps of BatchTopK or Matryoshka BatchTopK (prefixes 32 and 128 of 256 latents; AuxK from the third step
     when ``aux``): the kernels path, from 16 candidates a token (k 2, cap multiple 8; the top-k program selects them in
     the interpreter), lands on the dense path's weights and threshold, and no token was capped; ``kept_first``: the
-    kept candidates sorted to the front of each token's slots, the programs visiting only those.
+    kept candidates sorted to the front of each token's slots, the programs visiting only those; ``crossover`` 0: the
+    deferred weight gradients from dense products over the kept entries (``GRAD_DENSE_ENTRIES_PER_LATENT``).
 
     Untied initialisation: with W_enc = W_dec^T a token that keeps one latent has a residual orthogonal to its
     decoder row, so that latent's gradient is rounding noise (~1e-9), which Adam (below its eps) turns into
     updates of a sizeable share of the learning rate on either path. On the PyTorch path the first step's
     gradients, before Adam, are compared too."""
     monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", 16)
+    monkeypatch.setattr(kernel_updates, "GRAD_DENSE_ENTRIES_PER_LATENT", crossover)
     monkeypatch.setattr(training_model, "KEPT_FIRST_MIN_D_IN", 0 if kept_first else 10**6)  # Matryoshka always puts kept first
     generator = torch.Generator().manual_seed(1)
     pool = [torch.randn(32, 16, generator=generator) + 0.5 for _ in range(3)]

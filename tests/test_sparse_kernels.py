@@ -14,6 +14,7 @@ import torch
 
 from sae_pipeline.sae import kernels as sparse_kernels
 from sae_pipeline.sae.kernels import programs as kernel_programs
+from sae_pipeline.sae.kernels import entries as kernel_entries
 from sae_pipeline.sae.kernels import updates as kernel_updates
 from sae_pipeline.sae.trainer import SeedBatchedTrainer
 from sae_pipeline.sae.training_model import SeedBatchedSAE, topk_indices
@@ -542,11 +543,11 @@ def test_counting_sort_equals_torch_sort(n_seeds, batch, ks, d_sae, layout, valu
         weights = tuple([None if values == "missing" and name == "encoder" else torch.randn(n_seeds, batch, k, generator=generator).to(dtype)
                          for k, dtype in zip(ks, (torch.float32, torch.bfloat16))] for name in ("decoder", "encoder"))
     monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
-    monkeypatch.setattr(kernel_updates, "COUNTING_SORT", False)
+    monkeypatch.setattr(kernel_entries, "COUNTING_SORT", False)
     want = sparse_kernels.sort_entries_by_latent(indices, d_sae, weights)
-    monkeypatch.setattr(kernel_updates, "COUNTING_SORT", True)
-    monkeypatch.setattr(kernel_updates, "COUNTING_SORT_DIGIT_BITS", digit_bits)
-    monkeypatch.setattr(kernel_updates, "COUNTING_SORT_CHUNK", chunk)
+    monkeypatch.setattr(kernel_entries, "COUNTING_SORT", True)
+    monkeypatch.setattr(kernel_entries, "COUNTING_SORT_DIGIT_BITS", digit_bits)
+    monkeypatch.setattr(kernel_entries, "COUNTING_SORT_CHUNK", chunk)
     launched = []
     launch = kernel_programs.launch
     monkeypatch.setattr(kernel_programs, "launch", lambda name, *args, **meta: (launched.append(name), launch(name, *args, **meta))[1])
@@ -564,7 +565,7 @@ def test_counting_sort_equals_torch_sort(n_seeds, batch, ks, d_sae, layout, valu
         assert (got["segments"].diff() == 0).any()  # empty latents occur
 
 
-@pytest.mark.parametrize("switch,program", [("COUNTING_SORT", "sort_place"), ("ADAM_BIASES_ONE_LAUNCH", "adam_pair")])
+@pytest.mark.parametrize("switch,program", [("COUNTING_SORT", "sort_place"), ("ADAM_BIASES_ONE_LAUNCH", "adam_pair")])  # kernels.entries / updates
 @pytest.mark.parametrize("aux", [False, True])
 def test_training_with_round_6_switches_on_equals_training_with_them_off(aux, switch, program, monkeypatch):
     """Training with the sparse update lands on bit-identical weights and Adam state with ``switch`` (the counting
@@ -579,7 +580,7 @@ def test_training_with_round_6_switches_on_equals_training_with_them_off(aux, sw
     launch = kernel_programs.launch
     monkeypatch.setattr(kernel_programs, "launch", lambda name, *args, **meta: (launched.append(name), launch(name, *args, **meta))[1])
     for counting in (False, True):
-        monkeypatch.setattr(kernel_updates, switch, counting)
+        monkeypatch.setattr(kernel_entries if switch == "COUNTING_SORT" else kernel_updates, switch, counting)
         launched.clear()
         settings = TrainSettings.from_mapping(dict(architecture="topk", k=3, d_sae=64, batch_size=32, total_tokens=32 * 100, warmup_steps=0,
                                                    sparse_decoder="kernels", dead_window_tokens=64 if aux else 10**9, aux_k=8, grad_clip_norm=1.0))

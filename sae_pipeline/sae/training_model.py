@@ -96,7 +96,7 @@ class SeedBatchedSAE(nn.Module):
         threshold ``[S]`` (buffer): batch-top-k inference threshold.
         tokens_since_fired ``[S, d_sae]`` int64 (buffer): tokens since each latent last fired.
         capped_tokens ``[S]`` int64 (buffer): BatchTopK on the sparse path, tokens whose candidates were all kept
-            (where the per-token cap may have bound; :func:`batch_topk.keep_candidates`).
+            (where the per-token cap may have bound; :func:`~sae_pipeline.sae.selection.keep_candidates`).
     """
 
     def __init__(self, settings: TrainSettings, d_in: int, seeds: Sequence[int], b_dec: torch.Tensor | None = None,
@@ -398,7 +398,7 @@ class SeedBatchedSAE(nn.Module):
         slots per group. The G groups are decoded in one call as G*B rows (row ``q*B + b``: token b's codes of group q);
         the prefix reconstructions are running sums of the groups', so autograd gives group q the sum of the gradients
         of every prefix holding it. The gradient record has G*B rows too (``positions`` moved to the group's rows;
-        ``groups`` makes :func:`~sae_pipeline.sae.kernels.updates.deferred_operands` repeat the encoder operands)."""
+        ``groups`` makes :func:`~sae_pipeline.sae.kernels.entries.deferred_operands` repeat the encoder operands)."""
         n_seeds, batch, cap = indices.shape
         n_groups = slot_ranges[0].shape[-1]
         grouped = torch.stack([codes * (groups == group) for group in range(n_groups)], dim=1).view(n_seeds, n_groups * batch, cap)

@@ -46,7 +46,8 @@ from sae_pipeline.sae.kernels.ops import (
     topk_columns,
 )
 from sae_pipeline.sae.kernels.programs import triton, triton_interpreting
-from sae_pipeline.sae.kernels.updates import latent_gradients, sort_entries_by_latent, sparse_adam_step
+from sae_pipeline.sae.kernels.entries import sort_entries_by_latent
+from sae_pipeline.sae.kernels.updates import latent_gradients, sparse_adam_step
 
 __all__ = [
     "DeferredWeightGradients", "advance_tokens_since_fired", "autocast_dtype", "decode_rows", "embedding_bag_rows",
