@@ -72,7 +72,8 @@ def keep_candidates(values: torch.Tensor, k: int, threshold: torch.Tensor, rate:
     positions = positions.sort(dim=-1).values  # token order: the gradient sums run in the same order every step
     update_threshold(threshold, kept_values, rate)
     keep = torch.zeros_like(flat).scatter_(-1, positions, 1.0).view(n_seeds, batch, cap)
-    if capped_tokens is not None:  # a token's next value is at most its smallest candidate: it could displace a kept one only if that is larger
+    # A token's next value is at most its smallest candidate: it could displace a kept value only if that candidate is larger.
+    if capped_tokens is not None:
         above_smallest_kept = flat.view(n_seeds, batch, cap).amin(dim=-1) > kept_values.amin(dim=-1, keepdim=True)
         capped_tokens.add_(((keep.amin(dim=-1) > 0) & above_smallest_kept).sum(dim=-1))
     return keep, positions

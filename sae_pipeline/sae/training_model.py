@@ -367,16 +367,16 @@ class SeedBatchedSAE(nn.Module):
 
     @torch.no_grad()
     def _arrange_candidates(self, pre: torch.Tensor, indices: torch.Tensor, selected: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """BatchTopK's selection from the candidates ``indices [S,B,C]`` (their values ``selected``, when the top-k
-        program wrote them, else read from ``pre`` plus b_enc): which are kept (:func:`keep_candidates`, updating the
-        threshold and the capped-token count), then (Matryoshka, or from ``KEPT_FIRST_MIN_D_IN``) every token's slots
-        reordered kept first, Matryoshka's group by group (:func:`kept_first`; else no ``starts`` / ``ends``). Returns the reordered ``indices``, ``selected`` (or None), ``keep``, ``groups`` (Matryoshka:
-        each slot's latent group, else None), the kept ``positions`` and the slot ranges ``starts``, ``ends [S,B,G]``."""
+        """BatchTopK's selection from the candidates ``indices [S,B,C]``: their values (``selected``, as the top-k program
+        wrote them, else ``pre`` plus b_enc gathered here, as selected_preactivations would), which are kept
+        (:func:`keep_candidates`: threshold and capped-token count updated), then (Matryoshka, or from
+        ``KEPT_FIRST_MIN_D_IN``) every token's slots reordered kept first, group by group (:func:`kept_first`; else no
+        ``starts`` / ``ends``). Returns ``indices``, ``selected`` (the values), ``keep``, ``groups`` (Matryoshka: each
+        slot's latent group, else None), all in the slot order used, the kept ``positions`` and ``starts``, ``ends [S,B,G]``."""
         settings = self.settings
-        values = selected
-        if values is None:
-            values = pre.gather(-1, indices).float() + self.b_enc.detach().float().gather(1, indices.flatten(1)).view_as(indices)
-        keep, positions = keep_candidates(values, settings.k, self.threshold, settings.threshold_lr, self.capped_tokens)
+        if selected is None:
+            selected = pre.gather(-1, indices).float() + self.b_enc.detach().float().gather(1, indices.flatten(1)).view_as(indices)
+        keep, positions = keep_candidates(selected, settings.k, self.threshold, settings.threshold_lr, self.capped_tokens)
         if settings.architecture == "batchtopk" and self.d_in < KEPT_FIRST_MIN_D_IN:
             return {"indices": indices, "selected": selected, "keep": keep, "groups": None, "positions": positions}
         groups, n_groups = None, 1
@@ -384,7 +384,7 @@ class SeedBatchedSAE(nn.Module):
             groups = sum((indices >= bound).to(torch.int64) for bound in settings.matryoshka_prefixes)  # 0 .. G-1
             n_groups = len(settings.matryoshka_prefixes) + 1
         order, positions, starts, ends = kept_first(keep, positions, groups, n_groups)
-        return {"indices": indices.gather(-1, order), "selected": selected.gather(-1, order) if selected is not None else None,
+        return {"indices": indices.gather(-1, order), "selected": selected.gather(-1, order),
                 "keep": keep.gather(-1, order), "groups": groups.gather(-1, order) if groups is not None else None,
                 "positions": positions, "starts": starts, "ends": ends}
 
@@ -404,11 +404,9 @@ class SeedBatchedSAE(nn.Module):
         grouped = torch.stack([codes * (groups == group) for group in range(n_groups)], dim=1).view(n_seeds, n_groups * batch, cap)
         grouped_indices = indices.unsqueeze(1).expand(n_seeds, n_groups, batch, cap).reshape(n_seeds, n_groups * batch, cap)
         grouped_ranges = tuple(bound.transpose(1, 2).reshape(n_seeds, n_groups * batch) for bound in slot_ranges)
-        if record is not None:
+        if record is not None:  # the kept positions (set by forward) move to their group's rows
             record["indices"], record["groups"] = grouped_indices, n_groups
-            if "positions" in record:
-                kept_groups = groups.view(n_seeds, -1).gather(1, record["positions"])
-                record["positions"] = record["positions"] + kept_groups * (batch * cap)
+            record["positions"] = record["positions"] + groups.view(n_seeds, -1).gather(1, record["positions"]) * (batch * cap)
         per_group = sparse_decode(grouped, self.W_dec, grouped_indices, table=table, record=record,
                                   slot_ranges=grouped_ranges).view(n_seeds, n_groups, batch, self.d_in)
         x_hat = self.b_dec.unsqueeze(1).float()
