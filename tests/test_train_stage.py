@@ -262,3 +262,19 @@ def test_normalized_activations_train_the_same_sae_at_any_scale(tmp_path):
     assert large["fvu"] == pytest.approx(small["fvu"], rel=1e-3) and small["fvu"] < 0.2
     np.testing.assert_allclose(large_tensors["W_enc"], small_tensors["W_enc"] / 1000, rtol=1e-3, atol=1e-9)
     np.testing.assert_allclose(large_tensors["W_dec"], small_tensors["W_dec"] * 1000, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("cap_multiple, selection", [(0, "dense"), (1, "candidates")])
+def test_batchtopk_metrics_say_how_the_batch_was_selected(planted_cache, tmp_path, cap_multiple, selection):
+    """metrics.json names BatchTopK's selection; from candidates it gives their number and the capped tokens, which
+    with one candidate a token (k of them) are counted on the planted rows, whose latents spread unevenly over tokens."""
+    cache, _ = planted_cache
+    config = {**PLANTED_SETTINGS, "architecture": "batchtopk", "total_tokens": 256 * 20, "sparse_decoder": "kernels",
+              "batch_topk_cap_multiple": cap_multiple}
+    metrics = train_saes(cache, tmp_path / "out", config, [0], tmp_path / "state", threads=1, progress=False)[0]
+    assert metrics["batch_topk_selection"] == selection
+    if selection == "candidates":
+        assert metrics["batch_topk_candidates"] == FEATURES_PER_ROW
+        assert 0 < metrics["batch_topk_capped_tokens"] <= 256 * 20
+    else:
+        assert "batch_topk_capped_tokens" not in metrics
