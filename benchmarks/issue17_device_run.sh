@@ -93,13 +93,12 @@ for step in $STEPS; do
               --profile-rows ${PROFILE_ROWS:-20} --architectures-max-d-sae 262144 \
               --architectures "batchtopk,batchtopk:batch_topk_cap_multiple=0,matryoshka_batchtopk,matryoshka_batchtopk:batch_topk_cap_multiple=0" \
               --json $OUT/table.json 2>&1 | tee $OUT/table.log ;;
-    round8) S="GRAD_MANY_ENTRIES_PROGRAM='slots'"
-            timeout ${TABLE_TIMEOUT:-420} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae ${D_SAE:-16384,65536} --k 40,64 \
-              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} --profile --profile-d-sae 16384 --profile-rows ${PROFILE_ROWS:-12} \
-              --variant "s8x4:$S" --variant "s16x2:$S,GRAD_SLOTS_LATENTS=16,GRAD_SLOTS_ENTRIES=2" --variant "s4x8:$S,GRAD_SLOTS_LATENTS=4,GRAD_SLOTS_ENTRIES=8" \
-              --variant "s8x4c256:$S,GRAD_SLOTS_COLUMNS=256,GRAD_SLOTS_WARPS=8" --variant "s8x8w8:$S,GRAD_SLOTS_ENTRIES=8,GRAD_SLOTS_WARPS=8" \
-              --variant "s16x4w8:$S,GRAD_SLOTS_LATENTS=16,GRAD_SLOTS_WARPS=8" \
-              --json $OUT/variants_8.json 2>&1 | tee $OUT/variants_8.log ;;
+    round8b) timeout ${TABLE_TIMEOUT:-400} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} --profile --profile-rows ${PROFILE_ROWS:-12} \
+              --variant st1:GRAD_ONE_PASS_STAGES=1 --variant st2:GRAD_ONE_PASS_STAGES=2 --variant st4:GRAD_ONE_PASS_STAGES=4 \
+              --variant st5:GRAD_ONE_PASS_STAGES=5 --variant l64:GRAD_LATENTS=64 --variant l16:GRAD_LATENTS=16 \
+              --variant c256:GRAD_COLUMNS=128 --variant c64:GRAD_COLUMNS=32 --variant e128s2:GRAD_ONE_PASS_ENTRIES=128,GRAD_ONE_PASS_STAGES=2 \
+              --json $OUT/variants_8b.json 2>&1 | tee $OUT/variants_8b.log ;;
     quality7) for architecture in batchtopk matryoshka_batchtopk; do
               timeout ${QUALITY_TIMEOUT:-200} python3 benchmarks/train_quality.py --architecture $architecture --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality7_$architecture.log
             done ;;

@@ -216,9 +216,7 @@ def _distinct_indices(generator, n_seeds, batch, k, d_sae, heavy=3):
     (False, 256, False, 64, 4, None), (True, 256, False, 64, 4, None), (False, 24, False, 64, 4, None), (True, 7, False, 64, 4, None),
     (False, 256, True, 64, 4, None), (True, 256, True, 64, 4, None), (False, 24, False, 16, 2, None), (True, 256, False, 16, 1, None),
     (False, 7, False, 16, 8, None),
-    (False, 256, False, 64, 4, 64), (True, 256, False, 64, 4, 16), (False, 24, False, 16, 4, 16), (True, 7, False, 16, 4, 64),
-    (False, 256, False, 64, 4, ("slots", 8, 4)), (True, 256, False, 64, 4, ("slots", 8, 4)), (False, 24, False, 16, 4, ("slots", 4, 2)),
-    (True, 7, False, 16, 4, ("slots", 16, 1)), (False, 5, False, 32, 4, ("slots", 2, 8))])
+    (False, 256, False, 64, 4, 64), (True, 256, False, 64, 4, 16), (False, 24, False, 16, 4, 16), (True, 7, False, 16, 4, 64)])
 def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, dense, columns, per_program, one_pass, monkeypatch):
     """Both weight gradients and the per-latent statistics from entries sorted by latent, for two sets of
     entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low;
@@ -227,23 +225,14 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
     ``dense``: past the entries-per-latent crossover the Triton path forms them by products instead;
     ``columns`` 16: d = 70 in 5 column blocks, looped over by programs of ``per_program`` (groups of 2, 2, 1; 5 alone; 1 each);
     ``one_pass``: round 1's one-pass program instead (chosen: every block average exceeds threshold 0), with that many
-    entries per product (16: several products per item; 64: one, mostly masked); ``("slots", latents, entries)``:
-    round 8's slots program instead, blocks of that many latents gathering that many entries each a step, ``columns``
-    columns a program (d = 70: 2 to 5 column blocks)."""
+    entries per product (16: several products per item; 64: one, mostly masked)."""
     monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", chunk)
     monkeypatch.setattr(kernel_updates, "GRAD_DENSE_ENTRIES_PER_LATENT", 0 if dense else 12)
     monkeypatch.setattr(kernel_updates, "GRAD_MAX_SLOTS", 4096)
     monkeypatch.setattr(kernel_updates, "GRAD_COLUMNS", columns)
     monkeypatch.setattr(kernel_updates, "GRAD_PROGRAM_COLUMN_BLOCKS", per_program)
     monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES_PER_BLOCK", None if one_pass is None else 0)
-    slots = isinstance(one_pass, tuple)
-    if slots:
-        monkeypatch.setattr(kernel_updates, "GRAD_MANY_ENTRIES_PROGRAM", "slots")
-        monkeypatch.setattr(kernel_updates, "GRAD_SLOTS_LATENTS", one_pass[1])
-        monkeypatch.setattr(kernel_updates, "GRAD_SLOTS_ENTRIES", one_pass[2])
-        monkeypatch.setattr(kernel_updates, "GRAD_SLOTS_COLUMNS", columns)
-    elif one_pass is not None:
-        monkeypatch.setattr(kernel_updates, "GRAD_MANY_ENTRIES_PROGRAM", "one_pass")
+    if one_pass is not None:
         monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES", one_pass)
     launched = []
     launch = kernel_programs.launch
@@ -265,8 +254,7 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
     if backend == "triton-interpreter" and not dense:
         launched = [name for name in launched if not name.startswith("sort_")]  # the entry sort's programs
         gradient_programs = [name for name in launched if name != "work_items"]  # the work items' own program first
-        program = "latent_gradients" if one_pass is None else "latent_gradients_slots" if slots else "latent_gradients_one_pass"
-        assert launched[0] == "work_items" and gradient_programs[0] == program, launched
+        assert launched[0] == "work_items" and gradient_programs[0] == ("latent_gradients" if one_pass is None else "latent_gradients_one_pass"), launched
     rounded = (lambda t: t.bfloat16().float()) if low_precision else (lambda t: t)
     ref_dec = sum(torch.bmm(rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w)).transpose(1, 2), rounded(d)) for s, w, d in zip(sets, a, dec_dense))
     ref_enc = sum(torch.bmm(rounded(e).transpose(1, 2), rounded(torch.zeros(n_seeds, batch, d_sae).scatter_(-1, s, w))) for s, w, e in zip(sets, c, enc_dense))

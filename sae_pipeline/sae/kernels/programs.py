@@ -404,16 +404,6 @@ def _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_l
     tl.store(statistics + 3, tl.sum(acc_enc * acc_enc, axis=0), mask=latent_mask)
 
 
-def _store_partial_tiles(acc_dec, acc_enc, slot, columns, column_mask, partial_dec, partial_enc, D, LATENTS: tl.constexpr):
-    """Store one work item's float32 tiles of a shared block in partial slot ``slot``: ``partial_dec[slot]``
-    (``[LATENTS, D]``) and ``partial_enc[slot]`` (``[D, LATENTS]``), at ``columns``, for :func:`_combine_gradients_program`."""
-    slot = slot.to(tl.int64)
-    tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
-    tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
-    tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
-    tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
-
-
 def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, segments, keys, rows, decoder_weights, encoder_weights,
                               decoder_dense, encoder_dense, W_dec, grad_dec, grad_enc, row_statistics, partial_dec, partial_enc,
                               d_sae, D, n_rows, total_latents, total_blocks, n_column_blocks,
@@ -469,7 +459,10 @@ def _latent_gradients_program(item_block, item_chunk, block_items, block_slot, s
                 _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
                                       W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC, True)
             else:
-                _store_partial_tiles(acc_dec, acc_enc, slot, columns, column_mask, partial_dec, partial_enc, D, LATENTS)
+                tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+                tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
+                tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+                tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
 
 
 def _gradient_tiles(keys, rows, decoder_weights, encoder_weights, decoder_dense, encoder_dense, lo, hi, global_latents,
@@ -540,67 +533,11 @@ def _latent_gradients_one_pass_program(item_block, item_chunk, block_items, bloc
             _store_gradient_tiles(acc_dec, acc_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
                                   W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC, False)
         else:
-            _store_partial_tiles(acc_dec, acc_enc, tl.load(block_slot + block) + chunk, columns, column_mask, partial_dec, partial_enc, D, LATENTS)
-
-
-def _latent_gradients_slots_program(item_block, item_chunk, block_items, block_slot, segments, keys, rows, decoder_weights,
-                                    encoder_weights, decoder_dense, encoder_dense, W_dec, grad_dec, grad_enc, row_statistics,
-                                    partial_dec, partial_enc, d_sae, D, n_rows, total_latents, total_blocks,
-                                    LATENTS: tl.constexpr, ENTRIES: tl.constexpr, COLUMNS: tl.constexpr, CHUNK: tl.constexpr,
-                                    LOW_PRECISION: tl.constexpr, WITH_W_DEC: tl.constexpr):
-    """Round 8's shape of :func:`_latent_gradients_program`, without products: one program per (work item, block of
-    ``COLUMNS`` columns) whose ``LATENTS`` latents each hold ``ENTRIES`` slots of a ``[LATENTS * ENTRIES, COLUMNS]``
-    tile. Every step, each latent gathers its next ``ENTRIES`` entries' dense rows (of the item's range, sorted by
-    latent) into its slots, weighted, and adds them into float32 tiles (as the wide decode adds selected rows);
-    the loop runs to the block's most-firing latent, and each latent's slots are summed once at the end. No one-hot
-    operands or shared-memory staging: the tiles go from the gathers to the stores in registers. Weights are
-    rounded to bf16 with ``LOW_PRECISION`` (their products with the bf16 rows are exact in float32, as in a bf16
-    product). Same inputs and outputs as the other shapes (partial tiles of shared blocks for
-    :func:`_combine_gradients_program`)."""
-    item = tl.program_id(0)
-    column_block = tl.program_id(1).to(tl.int64)
-    block = tl.load(item_block + item).to(tl.int64)
-    if block < total_blocks:
-        chunk = tl.load(item_chunk + item)
-        n_blocks = tl.cdiv(d_sae, LATENTS)
-        seed = block // n_blocks
-        first = (block % n_blocks) * LATENTS
-        latents = first + tl.arange(0, LATENTS)
-        latent_mask = latents < d_sae
-        global_latents = seed * d_sae + latents
-        columns = column_block * COLUMNS + tl.arange(0, COLUMNS)
-        column_mask = columns < D
-        slot_latents = first + tl.arange(0, LATENTS * ENTRIES) // ENTRIES
-        slot_offsets = tl.arange(0, LATENTS * ENTRIES) % ENTRIES
-        slot_mask = slot_latents < d_sae
-        lo = tl.load(segments + seed * d_sae + first) + chunk * CHUNK
-        hi = tl.minimum(tl.load(segments + seed * d_sae + tl.minimum(first + LATENTS, d_sae)), lo + CHUNK)
-        starts = tl.maximum(tl.load(segments + seed * d_sae + slot_latents, mask=slot_mask, other=0), lo)
-        ends = tl.minimum(tl.load(segments + seed * d_sae + slot_latents + 1, mask=slot_mask, other=0), hi)
-        longest = tl.max(ends - starts, axis=0)
-        dense_offset = seed * n_rows * D
-        acc_dec = tl.zeros([LATENTS * ENTRIES, COLUMNS], dtype=tl.float32)
-        acc_enc = tl.zeros([LATENTS * ENTRIES, COLUMNS], dtype=tl.float32)
-        for step in range(0, longest, ENTRIES):
-            entries = starts + step + slot_offsets
-            entry_mask = entries < ends
-            row = tl.load(rows + entries, mask=entry_mask, other=0).to(tl.int64)
-            a = tl.load(decoder_weights + entries, mask=entry_mask, other=0.0)
-            c = tl.load(encoder_weights + entries, mask=entry_mask, other=0.0)
-            if LOW_PRECISION:
-                a = a.to(tl.bfloat16).to(tl.float32)
-                c = c.to(tl.bfloat16).to(tl.float32)
-            gather_mask = entry_mask[:, None] & column_mask[None, :]
-            offsets = dense_offset + row[:, None] * D + columns[None, :]
-            acc_dec += a[:, None] * tl.load(decoder_dense + offsets, mask=gather_mask, other=0.0).to(tl.float32)
-            acc_enc += c[:, None] * tl.load(encoder_dense + offsets, mask=gather_mask, other=0.0).to(tl.float32)
-        tile_dec = tl.sum(tl.reshape(acc_dec, [LATENTS, ENTRIES, COLUMNS]), axis=1)
-        tile_enc = tl.trans(tl.sum(tl.reshape(acc_enc, [LATENTS, ENTRIES, COLUMNS]), axis=1))
-        if tl.load(block_items + block) == 1:
-            _store_gradient_tiles(tile_dec, tile_enc, seed, latents, latent_mask, global_latents, columns, column_mask, column_block,
-                                  W_dec, grad_dec, grad_enc, row_statistics, d_sae, D, total_latents, LATENTS, WITH_W_DEC, True)
-        else:
-            _store_partial_tiles(tile_dec, tile_enc, tl.load(block_slot + block) + chunk, columns, column_mask, partial_dec, partial_enc, D, LATENTS)
+            slot = (tl.load(block_slot + block) + chunk).to(tl.int64)
+            tile = slot * LATENTS * D + tl.arange(0, LATENTS)[:, None] * D + columns[None, :]
+            tl.store(partial_dec + tile, acc_dec, mask=column_mask[None, :])
+            tile_t = slot * LATENTS * D + columns[:, None] * LATENTS + tl.arange(0, LATENTS)[None, :]
+            tl.store(partial_enc + tile_t, acc_enc, mask=column_mask[:, None])
 
 
 def _combine_gradients_program(shared_blocks, block_items, block_slot, W_dec, grad_dec, grad_enc, row_statistics,
@@ -940,14 +877,13 @@ def _programs(interpreting: bool) -> tuple[dict, dict]:
     # The interpreter runs helpers as plain Python (with triton.language patched); compiled programs need them jitted.
     helpers = {name: _source(globals()[name]) if interpreting else triton.jit(_source(globals()[name]))
                for name in ("_weighted_rows_tile", "_sortable_keys", "_kth_largest_key", "_top_k_slots", "_adam_moments", "_adam_scalars",
-                            "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_store_partial_tiles", "_gradient_tiles",
+                            "_entry_operands", "_accumulate_entries", "_store_gradient_tiles", "_gradient_tiles",
                             "_entry_source", "_sort_pass_keys", "_record_values", "_adam_flat_block")}
     programs = {name: triton.jit(_source(function)) for name, function in
                 (("decode", _decode_program), ("decode_wide", _decode_wide_program), ("selected_dot", _selected_dot_program),
                  ("selected_dot_wide", _selected_dot_wide_program), ("topk", _topk_program),
                  ("tokens_since_fired", _tokens_since_fired_program),
                  ("latent_gradients", _latent_gradients_program), ("latent_gradients_one_pass", _latent_gradients_one_pass_program),
-                 ("latent_gradients_slots", _latent_gradients_slots_program),
                  ("combine_gradients", _combine_gradients_program),
                  ("adam_rows", _adam_rows_program), ("adam_flat", _adam_flat_program), ("adam_pair", _adam_pair_program),
                  ("clip_statistics", _clip_statistics_program), ("clip_scale", _clip_scale_program),

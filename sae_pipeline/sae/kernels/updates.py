@@ -46,14 +46,8 @@ GRAD_LOOPING_WARPS = 4
 # (d_in 512 and 2304) and leaves 262k unchanged (benchmarks/issue17_logs/round3_table.log).
 GRAD_ONE_PASS_ENTRIES_PER_BLOCK = 64
 GRAD_ONE_PASS_ENTRIES = 64
-# Round 8: the program for latent blocks of many entries (past GRAD_ONE_PASS_ENTRIES_PER_BLOCK): "one_pass" (round 1's
-# products above) or "slots" (programs._latent_gradients_slots_program: no products; blocks of GRAD_SLOTS_LATENTS
-# latents, each gathering GRAD_SLOTS_ENTRIES of its entries a step, GRAD_SLOTS_COLUMNS columns, GRAD_SLOTS_WARPS warps).
-GRAD_MANY_ENTRIES_PROGRAM = "one_pass"
-GRAD_SLOTS_LATENTS = 8
-GRAD_SLOTS_ENTRIES = 4
-GRAD_SLOTS_COLUMNS = 128
-GRAD_SLOTS_WARPS = 4
+# Software-pipelining stages of the one-pass program (Triton's num_stages; None: Triton's default).
+GRAD_ONE_PASS_STAGES = None
 # Under bf16 autocast the weight gradients are stored in bf16, rounded as the dense path's bf16 products round
 # them (half the bytes written by the gradient program and read by Adam); float32 else, or when this is off.
 GRAD_STORE_LOW_PRECISION = True
@@ -119,14 +113,13 @@ def _block_bounds(n_seeds: int, d_sae: int, latents: int, device: torch.device) 
     return seed * d_sae + first, seed * d_sae + (first + latents).clamp(max=d_sae)
 
 
-def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_entries: int, latents: int | None = None) -> dict:
-    """Work items of :func:`_latent_gradients_program`: each block of ``latents`` latents (``GRAD_LATENTS`` when
-    None) is cut into items of at most ``chunk`` entries (one item for an empty block). Static sizes (for CUDA
-    graphs): ``capacity`` items, those past the real count marked by block ``total_blocks``; ``slots`` partial tiles for shared blocks."""
-    latents = latents or GRAD_LATENTS
+def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_entries: int) -> dict:
+    """Work items of :func:`_latent_gradients_program`: each latent block is cut into items of at most
+    ``chunk`` entries (one item for an empty block). Static sizes (for CUDA graphs): ``capacity`` items,
+    those past the real count marked by block ``total_blocks``; ``slots`` partial tiles for shared blocks."""
     chunk = max(GRAD_CHUNK, triton.next_power_of_2(triton.cdiv(n_entries, GRAD_MAX_SLOTS // 2)))
     if WORK_ITEMS_PROGRAM and programs.triton_usable(segments):
-        per_seed = triton.cdiv(d_sae, latents)
+        per_seed = triton.cdiv(d_sae, GRAD_LATENTS)
         total_blocks = n_seeds * per_seed
         capacity = total_blocks + triton.cdiv(n_entries, chunk)
         max_shared = max(1, min(total_blocks, n_entries // chunk))
@@ -136,11 +129,11 @@ def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_ent
         item_block, item_chunk = buffer[3 * total_blocks:3 * total_blocks + capacity], buffer[3 * total_blocks + capacity:3 * total_blocks + 2 * capacity]
         shared_blocks = buffer[3 * total_blocks + 2 * capacity:]
         programs.launch("work_items", (1,), segments, inclusive, item_block, item_chunk, block_items, block_slot, shared_blocks, d_sae, per_seed,
-                        total_blocks, capacity, max_shared, chunk, LATENTS=latents, BLOCK=WORK_ITEMS_BLOCK, num_warps=4)
+                        total_blocks, capacity, max_shared, chunk, LATENTS=GRAD_LATENTS, BLOCK=WORK_ITEMS_BLOCK, num_warps=4)
         return {"item_block": item_block, "item_chunk": item_chunk, "block_items": block_items, "block_slot": block_slot,
                 "shared_blocks": shared_blocks, "capacity": capacity, "total_blocks": total_blocks, "chunk": chunk,
                 "slots": max(1, 2 * triton.cdiv(n_entries, chunk))}
-    first, after = _block_bounds(n_seeds, d_sae, latents, segments.device)
+    first, after = _block_bounds(n_seeds, d_sae, GRAD_LATENTS, segments.device)
     total_blocks = first.numel()
     counts = (segments[after] - segments[first]).long()
     n_items = ((counts + chunk - 1) // chunk).clamp_min(1)
@@ -168,13 +161,10 @@ def _counting(n: int, device: torch.device) -> torch.Tensor:
 
 def gradient_program_shape(n_entries: int, n_blocks: int) -> str:
     """Which gradient program :func:`latent_gradients` launches for ``n_entries`` sorted entries over ``n_blocks``
-    blocks of ``GRAD_LATENTS`` latents: past ``GRAD_ONE_PASS_ENTRIES_PER_BLOCK`` entries per block on average
-    ``GRAD_MANY_ENTRIES_PROGRAM`` (``"one_pass"``, round 1's shape, or ``"slots"``, round 8's), else ``"looping"``
-    (``GRAD_PROGRAM_COLUMN_BLOCKS`` column blocks per program)."""
+    latent blocks: ``"one_pass"`` (round 1's shape) past ``GRAD_ONE_PASS_ENTRIES_PER_BLOCK`` entries per block on
+    average, else ``"looping"`` (``GRAD_PROGRAM_COLUMN_BLOCKS`` column blocks per program)."""
     if GRAD_ONE_PASS_ENTRIES_PER_BLOCK is not None and n_entries > GRAD_ONE_PASS_ENTRIES_PER_BLOCK * max(1, n_blocks):
-        if GRAD_MANY_ENTRIES_PROGRAM not in ("one_pass", "slots"):
-            raise ValueError(f"GRAD_MANY_ENTRIES_PROGRAM: 'one_pass' or 'slots', not {GRAD_MANY_ENTRIES_PROGRAM!r}")
-        return GRAD_MANY_ENTRIES_PROGRAM
+        return "one_pass"
     return "looping"
 
 
@@ -222,38 +212,34 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
             grad_enc_rows.view(n_seeds, d_sae, width).square().sum(-1),
         ], dim=-1)
         return grad_dec, grad_enc, statistics.view(1, n_seeds * d_sae, 4) if per_column_block else statistics
-    shape = gradient_program_shape(entries["keys"].numel(), n_seeds * triton.cdiv(d_sae, GRAD_LATENTS))
-    latents = GRAD_SLOTS_LATENTS if shape == "slots" else GRAD_LATENTS
-    wanted_columns = GRAD_SLOTS_COLUMNS if shape == "slots" else GRAD_COLUMNS * (2 if width >= GRAD_WIDE_D else 1)
-    columns = min(wanted_columns, max(16, triton.next_power_of_2(width)))
+    columns = min(GRAD_COLUMNS * (2 if width >= GRAD_WIDE_D else 1), max(16, triton.next_power_of_2(width)))
     column_blocks = triton.cdiv(width, columns)
     groups = triton.cdiv(column_blocks, max(1, GRAD_PROGRAM_COLUMN_BLOCKS))
     per_program = triton.cdiv(column_blocks, groups)  # the groups as even as they come
-    items = _gradient_work_items(entries["segments"], n_seeds, d_sae, entries["keys"].numel(), latents)
+    items = _gradient_work_items(entries["segments"], n_seeds, d_sae, entries["keys"].numel())
+    one_pass = gradient_program_shape(entries["keys"].numel(), items["total_blocks"]) == "one_pass"
     grad_dec = torch.empty(n_seeds, d_sae, width, dtype=gradient_dtype, device=W_dec.device)
     grad_enc = torch.empty(n_seeds, width, d_sae, dtype=gradient_dtype, device=W_dec.device)
     statistics = torch.empty(column_blocks, n_seeds * d_sae, 4, dtype=torch.float32, device=W_dec.device)
-    partial_dec = torch.empty(items["slots"], latents, width, dtype=torch.float32, device=W_dec.device)
+    partial_dec = torch.empty(items["slots"], GRAD_LATENTS, width, dtype=torch.float32, device=W_dec.device)
     partial_enc = torch.empty_like(partial_dec)
-    warps = GRAD_WARPS or {"looping": GRAD_LOOPING_WARPS, "slots": GRAD_SLOTS_WARPS}.get(shape, 8 if columns >= 128 else 4)
+    warps = GRAD_WARPS or (GRAD_LOOPING_WARPS if not one_pass else 8 if columns >= 128 else 4)
     operands = (items["item_block"], items["item_chunk"], items["block_items"], items["block_slot"], entries["segments"], entries["keys"],
                 entries["rows"], decoder_weights.float().contiguous(), encoder_weights.float().contiguous(), decoder_dense, encoder_dense,
                 W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1],
                 n_seeds * d_sae, items["total_blocks"])
-    if shape == "slots":
-        programs.launch("latent_gradients_slots", (items["capacity"], column_blocks), *operands, LATENTS=latents, ENTRIES=GRAD_SLOTS_ENTRIES,
-                        COLUMNS=columns, CHUNK=items["chunk"], LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, num_warps=warps)
-    elif shape == "one_pass":
+    if one_pass:
         programs.launch("latent_gradients_one_pass", (items["capacity"], column_blocks), *operands,
                 LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ONE_PASS_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"],
-                LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
+                LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps,
+                **({"num_stages": GRAD_ONE_PASS_STAGES} if GRAD_ONE_PASS_STAGES else {}))
     else:
         programs.launch("latent_gradients", (items["capacity"], groups), *operands, column_blocks,
                 LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"], COLUMN_BLOCKS=per_program,
                 LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
     programs.launch("combine_gradients", (items["shared_blocks"].numel(), column_blocks), items["shared_blocks"], items["block_items"],
             items["block_slot"], W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, n_seeds * d_sae,
-            items["total_blocks"], LATENTS=latents, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
+            items["total_blocks"], LATENTS=GRAD_LATENTS, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
     return grad_dec, grad_enc, statistics if per_column_block else statistics.sum(dim=0).view(n_seeds, d_sae, 4)
 
 
