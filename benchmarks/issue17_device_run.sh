@@ -99,6 +99,29 @@ for step in $STEPS; do
               --variant st5:GRAD_ONE_PASS_STAGES=5 --variant l64:GRAD_LATENTS=64 --variant l16:GRAD_LATENTS=16 \
               --variant c256:GRAD_COLUMNS=128 --variant c64:GRAD_COLUMNS=32 --variant e128s2:GRAD_ONE_PASS_ENTRIES=128,GRAD_ONE_PASS_STAGES=2 \
               --json $OUT/variants_8b.json 2>&1 | tee $OUT/variants_8b.log ;;
+    round8c) timeout ${TABLE_TIMEOUT:-330} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} --profile --profile-d-sae 16384 --profile-rows ${PROFILE_ROWS:-4} \
+              --variant st1:GRAD_ONE_PASS_STAGES=1 --variant o16:GRAD_ONE_PASS_LATENTS=16 --variant o16st1:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1 \
+              --variant o16st2:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=2 --variant o16st1e32:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32 \
+              --variant o16st1w4:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_WARPS=4 \
+              --json $OUT/variants_8c.json 2>&1 | tee $OUT/variants_8c.log
+              timeout ${WIDE_TIMEOUT:-200} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 131072,262144 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} \
+              --variant l16:GRAD_LATENTS=16 --variant o16st1:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1 \
+              --json $OUT/variants_8c_wide.json 2>&1 | tee $OUT/variants_8c_wide.log ;;
+    round8d) timeout ${TABLE_TIMEOUT:-330} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} --profile --profile-d-sae 16384 --profile-rows ${PROFILE_ROWS:-4} \
+              --variant b:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32 --variant bw4:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32,GRAD_WARPS=4 --variant be16:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=16 \
+              --variant bc128:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32,GRAD_COLUMNS=128 --variant bc32:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32,GRAD_COLUMNS=32 --variant bc128w4:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32,GRAD_COLUMNS=128,GRAD_WARPS=4 \
+              --json $OUT/variants_8d.json 2>&1 | tee $OUT/variants_8d.log
+              timeout ${WIDE_TIMEOUT:-200} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 131072,262144 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} \
+              --variant b:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32 --variant bth32:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32,GRAD_ONE_PASS_ENTRIES_PER_BLOCK=32 --variant bth16:GRAD_ONE_PASS_LATENTS=16,GRAD_ONE_PASS_STAGES=1,GRAD_ONE_PASS_ENTRIES=32,GRAD_ONE_PASS_ENTRIES_PER_BLOCK=16 \
+              --json $OUT/variants_8d_wide.json 2>&1 | tee $OUT/variants_8d_wide.log ;;
+    round8e) timeout ${TABLE_TIMEOUT:-330} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} \
+              --variant r7:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=64,GRAD_ONE_PASS_ENTRIES=64,GRAD_ONE_PASS_STAGES=None,GRAD_ONE_PASS_LATENTS=None,GRAD_ONE_PASS_COLUMNS=64,GRAD_ONE_PASS_WARPS=8 --variant c64w8:GRAD_ONE_PASS_COLUMNS=64,GRAD_ONE_PASS_WARPS=8 --variant c64:GRAD_ONE_PASS_COLUMNS=64 \
+              --variant th8:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=8 --json $OUT/variants_8e.json 2>&1 | tee $OUT/variants_8e.log ;;
     quality7) for architecture in batchtopk matryoshka_batchtopk; do
               timeout ${QUALITY_TIMEOUT:-200} python3 benchmarks/train_quality.py --architecture $architecture --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality7_$architecture.log
             done ;;

@@ -216,7 +216,8 @@ def _distinct_indices(generator, n_seeds, batch, k, d_sae, heavy=3):
     (False, 256, False, 64, 4, None), (True, 256, False, 64, 4, None), (False, 24, False, 64, 4, None), (True, 7, False, 64, 4, None),
     (False, 256, True, 64, 4, None), (True, 256, True, 64, 4, None), (False, 24, False, 16, 2, None), (True, 256, False, 16, 1, None),
     (False, 7, False, 16, 8, None),
-    (False, 256, False, 64, 4, 64), (True, 256, False, 64, 4, 16), (False, 24, False, 16, 4, 16), (True, 7, False, 16, 4, 64)])
+    (False, 256, False, 64, 4, 64), (True, 256, False, 64, 4, 16), (False, 24, False, 16, 4, 16), (True, 7, False, 16, 4, 64),
+    (True, 256, False, 64, 4, "64/16"), (False, 7, False, 16, 4, "16/16")])
 def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, dense, columns, per_program, one_pass, monkeypatch):
     """Both weight gradients and the per-latent statistics from entries sorted by latent, for two sets of
     entries (top-k and AuxK-like) stacked, against dense scattered products (bf16-rounded operands when low;
@@ -225,15 +226,19 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
     ``dense``: past the entries-per-latent crossover the Triton path forms them by products instead;
     ``columns`` 16: d = 70 in 5 column blocks, looped over by programs of ``per_program`` (groups of 2, 2, 1; 5 alone; 1 each);
     ``one_pass``: round 1's one-pass program instead (chosen: every block average exceeds threshold 0), with that many
-    entries per product (16: several products per item; 64: one, mostly masked)."""
+    entries per product (16: several products per item; 64: one, mostly masked); "entries/latents": with blocks of 16
+    latents (GRAD_ONE_PASS_LATENTS; partial tiles of 16 rows)."""
     monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", chunk)
     monkeypatch.setattr(kernel_updates, "GRAD_DENSE_ENTRIES_PER_LATENT", 0 if dense else 12)
     monkeypatch.setattr(kernel_updates, "GRAD_MAX_SLOTS", 4096)
     monkeypatch.setattr(kernel_updates, "GRAD_COLUMNS", columns)
+    monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_COLUMNS", columns)
     monkeypatch.setattr(kernel_updates, "GRAD_PROGRAM_COLUMN_BLOCKS", per_program)
     monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES_PER_BLOCK", None if one_pass is None else 0)
     if one_pass is not None:
-        monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES", one_pass)
+        one_pass, _, one_pass_latents = str(one_pass).partition("/")
+        monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES", int(one_pass))
+        monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_LATENTS", int(one_pass_latents) if one_pass_latents else 32)
     launched = []
     launch = kernel_programs.launch
     monkeypatch.setattr(kernel_programs, "launch", lambda name, *args, **meta: (launched.append(name), launch(name, *args, **meta))[1])
@@ -274,7 +279,8 @@ def test_latent_gradients_equal_dense_products(backend, low_precision, chunk, de
 
 def test_gradient_program_shape_follows_entries_per_block(monkeypatch):
     """Round 1's one-pass program past GRAD_ONE_PASS_ENTRIES_PER_BLOCK entries per latent block on average (from
-    the shapes alone: top-k k 40, batch 4096 gives ~320 a block at 16,384 latents, 20 at 262,144); never when None."""
+    the shapes alone: top-k k 40, batch 4096 gives ~320 a block of 32 latents at 16,384 latents, 20 at 262,144);
+    never when None."""
     monkeypatch.setattr(kernel_updates, "GRAD_ONE_PASS_ENTRIES_PER_BLOCK", 64)
     blocks_16k, blocks_262k = 16384 // kernel_updates.GRAD_LATENTS, 262144 // kernel_updates.GRAD_LATENTS
     assert kernel_updates.gradient_program_shape(4096 * 40, blocks_16k) == "one_pass"
@@ -330,9 +336,9 @@ def test_adam_programs_read_bf16_gradients_as_their_float32_values(width):
 
 
 @pytest.mark.parametrize("block", [4, 1024])  # 4: the running sums carried over many steps of the loops
-@pytest.mark.parametrize("n_seeds,d_sae,chunk", [(2, 200, 4), (1, 64, 16), (3, 100, 2)])
-def test_work_items_program_equals_the_torch_formulas(n_seeds, d_sae, chunk, block, monkeypatch):
-    """The one-program work items (blocks of 32 latents cut into items of ``chunk`` entries, shared blocks, padding
+@pytest.mark.parametrize("n_seeds,d_sae,chunk,latents", [(2, 200, 4, 32), (1, 64, 16, 32), (3, 100, 2, 32), (2, 200, 4, 16)])
+def test_work_items_program_equals_the_torch_formulas(n_seeds, d_sae, chunk, latents, block, monkeypatch):
+    """The one-program work items (blocks of ``latents`` latents cut into items of ``chunk`` entries, shared blocks, padding
     past the real count) equal the torch formulas' on latents of very uneven counts (empty blocks, hot latents)."""
     if not interpreter_works():
         pytest.skip("Triton's CPU interpreter needs triton>=3.9 (installed by .ci/run)")
@@ -344,11 +350,11 @@ def test_work_items_program_equals_the_torch_formulas(n_seeds, d_sae, chunk, blo
     n_entries = int(counts.sum())
     monkeypatch.setattr(kernel_updates, "GRAD_CHUNK", chunk)
     monkeypatch.setattr(kernel_updates, "WORK_ITEMS_PROGRAM", False)
-    want = kernel_updates._gradient_work_items(segments, n_seeds, d_sae, n_entries)
+    want = kernel_updates._gradient_work_items(segments, n_seeds, d_sae, n_entries, latents)
     monkeypatch.setattr(kernel_updates, "WORK_ITEMS_PROGRAM", True)
     monkeypatch.setattr(kernel_updates, "WORK_ITEMS_BLOCK", block)
     monkeypatch.setattr(kernel_programs, "INTERPRET_ON_CPU", True)
-    got = kernel_updates._gradient_work_items(segments, n_seeds, d_sae, n_entries)
+    got = kernel_updates._gradient_work_items(segments, n_seeds, d_sae, n_entries, latents)
     assert (want["block_items"] > 1).any() and want["item_block"].eq(want["total_blocks"]).any()  # shared blocks and padding occur
     assert want.keys() == got.keys()
     for key, value in want.items():

@@ -19,8 +19,8 @@ from sae_pipeline.sae.kernels.programs import triton
 # Latent-sorted weight gradients: latents per block, entries per product, columns of d per block (wider from
 # GRAD_WIDE_D on), column blocks one program loops over at most (its first entries' one-hot operands built once),
 # entries per work item (at least; more when there are many entries, so that the partial tiles of shared blocks
-# need at most GRAD_MAX_SLOTS slots), warps per program (None: GRAD_LOOPING_WARPS for the looping program; for the
-# one-pass program 8 for 128-column blocks, else 4).
+# need at most GRAD_MAX_SLOTS slots), warps per program (None: GRAD_LOOPING_WARPS for the looping program,
+# GRAD_ONE_PASS_WARPS for the one-pass one; the GRAD_ONE_PASS_* constants shape the latter).
 # 4 column blocks and 32 entries per product: on the H200 (benchmarks/ISSUE17_NOTES.md, round 2) the program took
 # 5.04 ms in the 262,144 x 2304 step (5.37 with one column block and 64 entries, float32 stores), but 0.28 and
 # 1.12 ms at 16,384 latents (d_in 512 / 2304; 0.19 and 0.83 before): blocks there hold ~320 entries.
@@ -35,19 +35,29 @@ GRAD_MAX_SLOTS = 1024
 GRAD_WARPS = None
 # Warps of the looping program (and its combining program) where GRAD_WARPS is None. On the H200 (round 4,
 # benchmarks/issue17_logs/round4b_variants.log, in the step) 4 instead of 8: the program 0.662 -> 0.513 ms at
-# 131,072 x 512 and 2.944 -> 2.176 at 131,072 x 2304 (step 0.95x / 0.93x). The one-pass program keeps 8 (with 4:
-# 0.176 -> 0.189 ms at 16,384 x 512, 0.782 -> 0.828 at 16,384 x 2304).
+# 131,072 x 512 and 2.944 -> 2.176 at 131,072 x 2304 (step 0.95x / 0.93x). (The one-pass program in round 4's shape
+# kept 8: with 4, 0.176 -> 0.189 ms at 16,384 x 512; in round 8's shape 4 won, GRAD_ONE_PASS_WARPS.)
 GRAD_LOOPING_WARPS = 4
-# Program shape per call: where the latent blocks average more than this many entries (entries / blocks, known
-# from the shapes, so CUDA graphs hold), round 1's one-pass program (one column block per program, GRAD_ONE_PASS_ENTRIES
-# entries per product; programs._latent_gradients_one_pass_program) instead of the looping one; None: never.
-# Top-k k 40, batch 4096: ~320 entries per block at 16,384 latents, 80 at 65,536, 20 at 262,144. Timed in-step, side
-# by side, on the H200 (round 3): one-pass from 64 entries makes the step 0.90x at 16k and 0.95x at 65k latents
-# (d_in 512 and 2304) and leaves 262k unchanged (benchmarks/issue17_logs/round3_table.log).
-GRAD_ONE_PASS_ENTRIES_PER_BLOCK = 64
-GRAD_ONE_PASS_ENTRIES = 64
-# Software-pipelining stages of the one-pass program (Triton's num_stages; None: Triton's default).
-GRAD_ONE_PASS_STAGES = None
+# Program shape per call: where the latent blocks (of GRAD_LATENTS) average more than this many entries (entries /
+# blocks, known from the shapes, so CUDA graphs hold), round 1's one-pass program (one column block per program,
+# GRAD_ONE_PASS_ENTRIES entries per product; programs._latent_gradients_one_pass_program) instead of the looping one;
+# None: never. Top-k k 40, batch 4096: ~320 entries per block at 16,384 latents, 80 at 65,536, 20 at 262,144.
+# Round 3 (the one-pass program then in blocks of 32 latents) put the crossover at 64; with round 8's one-pass shape
+# below, one-pass at 16 made the step 0.94-0.97x at 131,072 and 262,144 latents (k 40 and 64, d_in 512 and 2304;
+# benchmarks/issue17_logs/round8_one_pass_threshold_wide.log), so every width of the issue's table runs it.
+GRAD_ONE_PASS_ENTRIES_PER_BLOCK = 16
+# The one-pass program's shape: entries per product, Triton's num_stages (None: Triton's default), latents per block
+# (and per work item; None: GRAD_LATENTS), columns per block (doubled from GRAD_WIDE_D on, as GRAD_COLUMNS is) and
+# warps. Round 8 on the H200, timed in-step against round 7's shape (64 entries, default stages, 32 latents, 64
+# columns, 8 warps): the program 0.177 -> ~0.10 ms at 16,384 x 512 (k 40) and 1.106 -> ~0.57 at 16,384 x 2304 (k 64);
+# the step 0.91x, 0.85x, 0.83x, 0.79x at 16,384 latents (d_in 512 / 2304, k 40 / 64) and 0.86-0.92x at 65,536
+# (benchmarks/issue17_logs/round8_one_pass_latents_variants.log, round8_one_pass_shape_variants.log). One stage (no
+# cp.async pipelining of the gathered rows) was itself 0.93x; Triton's default (3) and 4-5 slower.
+GRAD_ONE_PASS_ENTRIES = 32
+GRAD_ONE_PASS_STAGES = 1
+GRAD_ONE_PASS_LATENTS = 16
+GRAD_ONE_PASS_COLUMNS = 128
+GRAD_ONE_PASS_WARPS = 4
 # Under bf16 autocast the weight gradients are stored in bf16, rounded as the dense path's bf16 products round
 # them (half the bytes written by the gradient program and read by Adam); float32 else, or when this is off.
 GRAD_STORE_LOW_PRECISION = True
@@ -113,13 +123,13 @@ def _block_bounds(n_seeds: int, d_sae: int, latents: int, device: torch.device) 
     return seed * d_sae + first, seed * d_sae + (first + latents).clamp(max=d_sae)
 
 
-def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_entries: int) -> dict:
-    """Work items of :func:`_latent_gradients_program`: each latent block is cut into items of at most
+def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_entries: int, latents: int) -> dict:
+    """Work items of :func:`_latent_gradients_program`: each block of ``latents`` latents is cut into items of at most
     ``chunk`` entries (one item for an empty block). Static sizes (for CUDA graphs): ``capacity`` items,
     those past the real count marked by block ``total_blocks``; ``slots`` partial tiles for shared blocks."""
     chunk = max(GRAD_CHUNK, triton.next_power_of_2(triton.cdiv(n_entries, GRAD_MAX_SLOTS // 2)))
     if WORK_ITEMS_PROGRAM and programs.triton_usable(segments):
-        per_seed = triton.cdiv(d_sae, GRAD_LATENTS)
+        per_seed = triton.cdiv(d_sae, latents)
         total_blocks = n_seeds * per_seed
         capacity = total_blocks + triton.cdiv(n_entries, chunk)
         max_shared = max(1, min(total_blocks, n_entries // chunk))
@@ -129,11 +139,11 @@ def _gradient_work_items(segments: torch.Tensor, n_seeds: int, d_sae: int, n_ent
         item_block, item_chunk = buffer[3 * total_blocks:3 * total_blocks + capacity], buffer[3 * total_blocks + capacity:3 * total_blocks + 2 * capacity]
         shared_blocks = buffer[3 * total_blocks + 2 * capacity:]
         programs.launch("work_items", (1,), segments, inclusive, item_block, item_chunk, block_items, block_slot, shared_blocks, d_sae, per_seed,
-                        total_blocks, capacity, max_shared, chunk, LATENTS=GRAD_LATENTS, BLOCK=WORK_ITEMS_BLOCK, num_warps=4)
+                        total_blocks, capacity, max_shared, chunk, LATENTS=latents, BLOCK=WORK_ITEMS_BLOCK, num_warps=4)
         return {"item_block": item_block, "item_chunk": item_chunk, "block_items": block_items, "block_slot": block_slot,
                 "shared_blocks": shared_blocks, "capacity": capacity, "total_blocks": total_blocks, "chunk": chunk,
                 "slots": max(1, 2 * triton.cdiv(n_entries, chunk))}
-    first, after = _block_bounds(n_seeds, d_sae, GRAD_LATENTS, segments.device)
+    first, after = _block_bounds(n_seeds, d_sae, latents, segments.device)
     total_blocks = first.numel()
     counts = (segments[after] - segments[first]).long()
     n_items = ((counts + chunk - 1) // chunk).clamp_min(1)
@@ -212,25 +222,28 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
             grad_enc_rows.view(n_seeds, d_sae, width).square().sum(-1),
         ], dim=-1)
         return grad_dec, grad_enc, statistics.view(1, n_seeds * d_sae, 4) if per_column_block else statistics
-    columns = min(GRAD_COLUMNS * (2 if width >= GRAD_WIDE_D else 1), max(16, triton.next_power_of_2(width)))
+    n_entries = entries["keys"].numel()
+    one_pass = gradient_program_shape(n_entries, n_seeds * triton.cdiv(d_sae, GRAD_LATENTS)) == "one_pass"
+    latents = (GRAD_ONE_PASS_LATENTS or GRAD_LATENTS) if one_pass else GRAD_LATENTS
+    columns = min((GRAD_ONE_PASS_COLUMNS if one_pass else GRAD_COLUMNS) * (2 if width >= GRAD_WIDE_D else 1),
+                  max(16, triton.next_power_of_2(width)))
     column_blocks = triton.cdiv(width, columns)
     groups = triton.cdiv(column_blocks, max(1, GRAD_PROGRAM_COLUMN_BLOCKS))
     per_program = triton.cdiv(column_blocks, groups)  # the groups as even as they come
-    items = _gradient_work_items(entries["segments"], n_seeds, d_sae, entries["keys"].numel())
-    one_pass = gradient_program_shape(entries["keys"].numel(), items["total_blocks"]) == "one_pass"
+    items = _gradient_work_items(entries["segments"], n_seeds, d_sae, n_entries, latents)
     grad_dec = torch.empty(n_seeds, d_sae, width, dtype=gradient_dtype, device=W_dec.device)
     grad_enc = torch.empty(n_seeds, width, d_sae, dtype=gradient_dtype, device=W_dec.device)
     statistics = torch.empty(column_blocks, n_seeds * d_sae, 4, dtype=torch.float32, device=W_dec.device)
-    partial_dec = torch.empty(items["slots"], GRAD_LATENTS, width, dtype=torch.float32, device=W_dec.device)
+    partial_dec = torch.empty(items["slots"], latents, width, dtype=torch.float32, device=W_dec.device)
     partial_enc = torch.empty_like(partial_dec)
-    warps = GRAD_WARPS or (GRAD_LOOPING_WARPS if not one_pass else 8 if columns >= 128 else 4)
+    warps = GRAD_WARPS or (GRAD_ONE_PASS_WARPS if one_pass else GRAD_LOOPING_WARPS)
     operands = (items["item_block"], items["item_chunk"], items["block_items"], items["block_slot"], entries["segments"], entries["keys"],
                 entries["rows"], decoder_weights.float().contiguous(), encoder_weights.float().contiguous(), decoder_dense, encoder_dense,
                 W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, decoder_dense.shape[1],
                 n_seeds * d_sae, items["total_blocks"])
     if one_pass:
         programs.launch("latent_gradients_one_pass", (items["capacity"], column_blocks), *operands,
-                LATENTS=GRAD_LATENTS, ENTRIES=GRAD_ONE_PASS_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"],
+                LATENTS=latents, ENTRIES=GRAD_ONE_PASS_ENTRIES, COLUMNS=columns, CHUNK=items["chunk"],
                 LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps,
                 **({"num_stages": GRAD_ONE_PASS_STAGES} if GRAD_ONE_PASS_STAGES else {}))
     else:
@@ -239,7 +252,7 @@ def latent_gradients(entries: dict[str, torch.Tensor], decoder_weights: torch.Te
                 LOW_PRECISION=low_precision, WITH_W_DEC=with_W_dec, EMULATE_BF16=programs.triton_interpreting(), num_warps=warps)
     programs.launch("combine_gradients", (items["shared_blocks"].numel(), column_blocks), items["shared_blocks"], items["block_items"],
             items["block_slot"], W_dec.contiguous(), grad_dec, grad_enc, statistics, partial_dec, partial_enc, d_sae, width, n_seeds * d_sae,
-            items["total_blocks"], LATENTS=GRAD_LATENTS, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
+            items["total_blocks"], LATENTS=latents, COLUMNS=columns, WITH_W_DEC=with_W_dec, num_warps=warps)
     return grad_dec, grad_enc, statistics if per_column_block else statistics.sum(dim=0).view(n_seeds, d_sae, 4)
 
 
