@@ -122,6 +122,16 @@ for step in $STEPS; do
               --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} \
               --variant r7:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=64,GRAD_ONE_PASS_ENTRIES=64,GRAD_ONE_PASS_STAGES=None,GRAD_ONE_PASS_LATENTS=None,GRAD_ONE_PASS_COLUMNS=64,GRAD_ONE_PASS_WARPS=8 --variant c64w8:GRAD_ONE_PASS_COLUMNS=64,GRAD_ONE_PASS_WARPS=8 --variant c64:GRAD_ONE_PASS_COLUMNS=64 \
               --variant th8:GRAD_ONE_PASS_ENTRIES_PER_BLOCK=8 --json $OUT/variants_8e.json 2>&1 | tee $OUT/variants_8e.log ;;
+    round8f) timeout ${TABLE_TIMEOUT:-200} python3 benchmarks/train_throughput.py --d-in 512 --d-sae 16384 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.3} --profile --profile-rows ${PROFILE_ROWS:-10} \
+              --variant dr16:DECODE_ROWS=16 --variant dr4:DECODE_ROWS=4 --variant dc128:DECODE_WIDE_COLUMNS=128 \
+              --variant sr16:SELECTED_DOT_ROWS=16 --variant sr4:SELECTED_DOT_ROWS=4 --variant sc128:SELECTED_DOT_WIDE_COLUMNS=128 \
+              --variant tc32:TOPK_CHUNK=32 --variant tc8:TOPK_CHUNK=8 --variant tw2:TOPK_WARPS=2 \
+              --json $OUT/variants_8f.json 2>&1 | tee $OUT/variants_8f.log ;;
+    round8g) timeout ${TABLE_TIMEOUT:-330} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384,65536,131072,262144 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} --profile --profile-d-sae 16384,262144 --profile-rows ${PROFILE_ROWS:-2} \
+              --variant dr4:DECODE_ROWS=4 --variant dr4sc128:DECODE_ROWS=4,SELECTED_DOT_WIDE_COLUMNS=128 --variant dc128:DECODE_WIDE_COLUMNS=128 \
+              --json $OUT/variants_8g.json 2>&1 | tee $OUT/variants_8g.log ;;
     quality7) for architecture in batchtopk matryoshka_batchtopk; do
               timeout ${QUALITY_TIMEOUT:-200} python3 benchmarks/train_quality.py --architecture $architecture --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality7_$architecture.log
             done ;;

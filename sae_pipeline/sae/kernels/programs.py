@@ -35,12 +35,16 @@ DECODE_COLUMN_BLOCKS = 4
 # thread holds every row of its 8 columns and the sum stays inside the thread (the [64, 128] tiles of the
 # program above are split over rows across warps: a shared-memory reduction per column block, 2x the
 # selected-dot program's time at d_in 512 on the H200). None: the program above.
+# Round 8 (H200, benchmarks/issue17_logs/round8_forward_variants.log): 4 rows instead of 8, the decode 0.053 -> 0.030 ms
+# at 16,384 x 512, k 64 (0.024 either way at k 40); with SELECTED_DOT_WIDE_COLUMNS 128 the step 0.97-0.99x at k 64,
+# unchanged at k 40, over the 16 sizes of the issue's table (round8_decode_rows_variants.log).
 DECODE_WIDE_COLUMNS = 256
-DECODE_ROWS = 8
+DECODE_ROWS = 4
 # Wide selected dots (round 4), the decode's layout for the decode's backward: one program per (token, group of
 # SELECTED_DOT_ROWS selected rows), columns in blocks of this many added into a [rows, columns] tile, summed over
 # the columns once at the end. None: the per-token program (a [64, 128] tile per column block, K padded to 64).
-SELECTED_DOT_WIDE_COLUMNS = 256
+# (Round 8: 128 columns instead of 256, the program 0.048 -> 0.043 ms at 16,384 x 512, k 64, 0.032 -> 0.029 at k 40.)
+SELECTED_DOT_WIDE_COLUMNS = 128
 SELECTED_DOT_ROWS = 8
 # Round 7: the wide decode reads no row whose code is 0, and the wide selected dots (given the codes) none either,
 # writing 0 there (BatchTopK's dropped candidates and Matryoshka's other groups are zero codes). False: every row read.
