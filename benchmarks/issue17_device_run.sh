@@ -132,6 +132,11 @@ for step in $STEPS; do
               --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.25} --profile --profile-d-sae 16384,262144 --profile-rows ${PROFILE_ROWS:-2} \
               --variant dr4:DECODE_ROWS=4 --variant dr4sc128:DECODE_ROWS=4,SELECTED_DOT_WIDE_COLUMNS=128 --variant dc128:DECODE_WIDE_COLUMNS=128 \
               --json $OUT/variants_8g.json 2>&1 | tee $OUT/variants_8g.log ;;
+    round8h) timeout ${TABLE_TIMEOUT:-200} python3 benchmarks/train_throughput.py --d-in 512,2304 --d-sae 16384 --k 40,64 \
+              --no-sparsify --no-saelens --min-seconds ${MIN_SECONDS:-0.3} --profile --profile-rows ${PROFILE_ROWS:-2} \
+              --variant c256:GRAD_ONE_PASS_COLUMNS=256 --variant c256w8:GRAD_ONE_PASS_COLUMNS=256,GRAD_ONE_PASS_WARPS=8 \
+              --variant e16w8:GRAD_ONE_PASS_ENTRIES=16,GRAD_ONE_PASS_WARPS=8 --variant st2:GRAD_ONE_PASS_STAGES=2 \
+              --json $OUT/variants_8h.json 2>&1 | tee $OUT/variants_8h.log ;;
     quality7) for architecture in batchtopk matryoshka_batchtopk; do
               timeout ${QUALITY_TIMEOUT:-200} python3 benchmarks/train_quality.py --architecture $architecture --widths 4096,16384 --seeds 1 2>&1 | tee $OUT/quality7_$architecture.log
             done ;;
